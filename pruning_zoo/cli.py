@@ -1,0 +1,228 @@
+"""The `pruning-zoo` command line."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pruning_zoo import plugins
+from pruning_zoo.budget import parse_budget
+from pruning_zoo.errors import InvalidParameterError, PruningZooError
+from pruning_zoo.strategy import describe_field, param_schema
+from pruning_zoo.suite import Suite, builtin_suite_files, load_suite, validate_suite
+
+app = typer.Typer(
+    name="pruning-zoo",
+    help="Compare visual-token pruning strategies for vision-language models on equal terms.\n\n"
+    "Start with `pruning-zoo list` to see the strategies, model families and suites installed, then "
+    "`pruning-zoo run --suite NAME --dry-run` to see what a sweep would evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+#: Shown in `list` to make each strategy's plan concrete: LLaVA-1.5-7B's 576 visual tokens and 32 layers.
+REFERENCE_BUDGET, REFERENCE_TOKENS, REFERENCE_LAYERS = 64, 576, 32
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Print pruning-zoo's input errors as one clear line and exit 2, without a traceback."""
+    try:
+        yield
+    except PruningZooError as error:
+        Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=2) from None
+
+
+@app.command("list")
+def list_command() -> None:
+    """Show the installed strategies (with their source distribution, stages and parameters), the model
+    families the engine supports, and the suites that `run` accepts."""
+    with user_errors():
+        console = Console()
+        strategies = Table(
+            title=f"Strategies (stages shown for {REFERENCE_BUDGET} of {REFERENCE_TOKENS} visual tokens, "
+            f"{REFERENCE_LAYERS} layers)"
+        )
+        for column in ("name", "budget counts", "stages", "parameters", "from"):
+            strategies.add_column(column, overflow="fold")
+        for entry in plugins.strategies():
+            strategy_class = entry.value
+            try:
+                stages = strategy_class().plan(REFERENCE_BUDGET, REFERENCE_TOKENS, REFERENCE_LAYERS)
+                stage_text = "; ".join(str(stage) for stage in stages) or "(keeps every token)"
+            except PruningZooError as error:
+                stage_text = f"(cannot plan: {error})"
+            params = "\n".join(
+                f"{name}={schema.get('default')!r}: {describe_field(strategy_class.Params, name, default=False)}"
+                for name, schema in param_schema(strategy_class.Params).items()
+            )
+            strategies.add_row(
+                entry.name,
+                strategy_class.budget_meaning.value.replace("_", " "),
+                stage_text,
+                params or "-",
+                str(entry.source),
+            )
+        console.print(strategies)
+
+        families = Table(title="Model families")
+        for column in ("name", "transformers class", "config model_type", "description", "from"):
+            families.add_column(column, overflow="fold")
+        for entry in plugins.model_families():
+            family = entry.value
+            families.add_row(
+                family.name, family.model_class, ", ".join(family.model_types), family.description, str(entry.source)
+            )
+        console.print(families)
+
+        suites = Table(title="Suites (`pruning-zoo run --suite NAME`)")
+        for column in ("name", "tasks", "models", "strategies", "budgets"):
+            suites.add_column(column, overflow="fold")
+        for name, path in sorted(builtin_suite_files().items()):
+            try:
+                suite = load_suite(str(path))
+            except PruningZooError as error:  # e.g. a strategy left out by PRUNING_ZOO_PLUGINS
+                suites.add_row(name, f"(unusable: {error})", "", "", "")
+                continue
+            suites.add_row(
+                name,
+                ", ".join(suite.tasks),
+                ", ".join(suite.models),
+                ", ".join(suite.strategies),
+                ", ".join(map(str, suite.budgets)),
+            )
+        console.print(suites)
+
+
+def _split(text: str | None) -> list[str] | None:
+    return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
+
+
+def parse_param_overrides(items: list[str]) -> dict[str, dict[str, str]]:
+    """['fastv.k=3', 'random.seed=1'] -> {'fastv': {'k': '3'}, 'random': {'seed': '1'}}."""
+    overrides: dict[str, dict[str, str]] = {}
+    for item in items:
+        target, equals, value = item.partition("=")
+        strategy, dot, key = target.partition(".")
+        if not (equals and dot and strategy and key):
+            raise InvalidParameterError(
+                f"--param {item!r} is not STRATEGY.PARAMETER=VALUE; for example --param fastv.k=3"
+            )
+        overrides.setdefault(strategy.strip(), {})[key.strip()] = value.strip()
+    return overrides
+
+
+def apply_overrides(
+    suite: Suite,
+    model: list[str] | None,
+    tasks: list[str] | None,
+    strategies: list[str] | None,
+    budgets: list[str] | None,
+    params: list[str],
+    limit: int | None,
+    batch_size: int | None,
+) -> Suite:
+    """The suite with the command line's options replacing its fields, validated again as a whole."""
+    data: dict[str, Any] = suite.model_dump()
+    if model is not None:
+        data["models"] = model
+    if tasks is not None:
+        data["tasks"] = tasks
+    if strategies is not None:
+        data["strategies"] = {name: suite.strategies.get(name, {}) for name in strategies}
+    if budgets is not None:
+        data["budgets"] = [parse_budget(budget) for budget in budgets]
+    for strategy, values in parse_param_overrides(params).items():
+        if strategy not in data["strategies"]:
+            raise InvalidParameterError(
+                f"--param names strategy {strategy!r}, which this run does not include; "
+                f"its strategies are: {', '.join(data['strategies'])}"
+            )
+        data["strategies"][strategy] = {**data["strategies"][strategy], **values}
+    if limit is not None:
+        data["limit"] = limit
+    if batch_size is not None:
+        data["batch_size"] = batch_size
+    return validate_suite(data, origin=f"{suite.name} (with command-line options)")
+
+
+@app.command()
+def run(
+    suite: Annotated[str, typer.Option(help="Built-in suite name (see `pruning-zoo list`) or a suite YAML file.")],
+    model: Annotated[
+        list[str] | None, typer.Option(help="Model to evaluate (hub id or local path); repeat for several.")
+    ] = None,
+    tasks: Annotated[str | None, typer.Option(help="Comma-separated task names, replacing the suite's.")] = None,
+    strategies: Annotated[
+        str | None, typer.Option(help="Comma-separated strategy names, replacing the suite's (e.g. none,fastv).")
+    ] = None,
+    budgets: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated budgets: token counts per image (64) or ratios in (0, 1] (0.25)."),
+    ] = None,
+    param: Annotated[
+        list[str] | None, typer.Option(help="Strategy parameter, STRATEGY.NAME=VALUE (e.g. fastv.k=3); repeatable.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="At most this many documents per task.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Prompts per forward pass.")] = None,
+    output: Annotated[Path, typer.Option(help="Folder for results, one sub-folder per cell.")] = Path("results"),
+    dry_run: Annotated[bool, typer.Option(help="Validate everything and print the sweep's cells; run nothing.")] = False,
+) -> None:
+    """Evaluate a suite's strategies across its tasks, models and budgets."""
+    with user_errors():
+        console = Console()
+        resolved = apply_overrides(
+            load_suite(suite), model, _split(tasks), _split(strategies), _split(budgets), param or [], limit, batch_size
+        )
+        if output.exists() and not output.is_dir():
+            raise PruningZooError(f"--output {output} exists and is not a folder; choose a folder path")
+        table = Table(title=f"Suite {resolved.name}: {len(resolved.cells())} cells -> {output}")
+        for column in ("model", "task", "strategy", "budget", "parameters"):
+            table.add_column(column, overflow="fold")
+        for model_name, task, strategy, budget in resolved.cells():
+            params = ", ".join(f"{k}={v}" for k, v in resolved.strategies[strategy].items())
+            table.add_row(model_name, task, strategy, str(budget), params or "defaults")
+        console.print(table)
+        if not dry_run:
+            raise PruningZooError(
+                "this version validates suites but does not yet evaluate them (the lmms-eval runner is not "
+                "built); use --dry-run to check a suite"
+            )
+
+
+@app.command()
+def leaderboard(
+    results: Annotated[list[Path], typer.Argument(help="Result folders written by `pruning-zoo run`.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the markdown tables and plots.")] = Path(
+        "leaderboard"
+    ),
+) -> None:
+    """Build the leaderboard (markdown tables and plots) from stored results."""
+    with user_errors():
+        for folder in results:
+            if not folder.is_dir():
+                raise PruningZooError(
+                    f"results folder {folder} does not exist; pass folders written by `pruning-zoo run --output`"
+                )
+        if output.exists() and not output.is_dir():
+            raise PruningZooError(f"-o {output} exists and is not a folder; choose a folder path")
+        raise PruningZooError(
+            "this version checks leaderboard arguments but cannot build leaderboards yet (no stored results "
+            "format exists before the suite runner)"
+        )
+
+
+def main() -> None:  # pragma: no cover - console-script shim
+    app(prog_name="pruning-zoo")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

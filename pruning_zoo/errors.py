@@ -1,0 +1,46 @@
+"""Errors a user can act on: each says what was wrong, what was expected and what to do."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class PruningZooError(Exception):
+    """Base class of every error pruning-zoo raises on bad input; the CLI prints it without a traceback."""
+
+
+class UnknownNameError(PruningZooError, KeyError):
+    """A strategy, model family, suite or plugin name that is not registered."""
+
+    def __init__(self, kind: str, name: str, known: Iterable[str]):
+        self.kind, self.name, self.known = kind, name, sorted(known)
+        super().__init__(unknown_name_message(kind, name, self.known))
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0]
+
+
+class InvalidParameterError(PruningZooError, ValueError):
+    """A strategy parameter, budget or option value outside what is allowed."""
+
+
+class PluginError(PruningZooError):
+    """A plugin that cannot be loaded, or that registers something wrongly."""
+
+
+def closest(name: str, known: Iterable[str]) -> str | None:
+    """The known name closest to `name`, comparing case-insensitively; None if nothing is close."""
+    by_lower = {k.lower(): k for k in known}
+    match = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.6)
+    return by_lower[match[0]] if match else None
+
+
+def unknown_name_message(kind: str, name: str, known: Iterable[str]) -> str:
+    known = sorted(known)
+    message = f"unknown {kind} {name!r}"
+    suggestion = closest(name, known)
+    if suggestion is not None:
+        message += f"; did you mean {suggestion!r}?"
+    listed = ", ".join(known) if known else "(none registered)"
+    return f"{message} known: {listed}"

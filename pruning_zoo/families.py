@@ -1,0 +1,52 @@
+"""Model families: the transformers VLM classes pruning-zoo knows how to hook, one adapter each."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pruning_zoo.hookspecs import hookimpl
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    """A family of VLMs sharing one transformers model class and so one adapter."""
+
+    #: Registry name used by suites and `--family`.
+    name: str
+    #: `config.model_type` values of checkpoints in this family.
+    model_types: tuple[str, ...]
+    #: The transformers class users load with `from_pretrained`.
+    model_class: str
+    description: str
+
+
+LLAVA = ModelFamily(
+    name="llava",
+    model_types=("llava",),
+    model_class="LlavaForConditionalGeneration",
+    description="LLaVA-1.5: CLIP ViT-L/14-336 (576 patches + CLS), MLP projector, Llama/Vicuna decoder",
+)
+LLAVA_NEXT = ModelFamily(
+    name="llava_next",
+    model_types=("llava_next",),
+    model_class="LlavaNextForConditionalGeneration",
+    description="LLaVA-NeXT: any-resolution crops of a CLIP tower, with image-newline tokens",
+)
+QWEN2_VL = ModelFamily(
+    name="qwen2_vl",
+    model_types=("qwen2_vl",),
+    model_class="Qwen2VLForConditionalGeneration",
+    description="Qwen2-VL: native-resolution ViT, 2x2 merged patches, no CLS, 3-D M-RoPE positions",
+)
+QWEN2_5_VL = ModelFamily(
+    name="qwen2_5_vl",
+    model_types=("qwen2_5_vl",),
+    model_class="Qwen2_5_VLForConditionalGeneration",
+    description="Qwen2.5-VL: windowed-attention ViT, 2x2 merged patches, no CLS, 3-D M-RoPE positions",
+)
+
+
+@hookimpl
+def register_model_families(register):
+    for family in (LLAVA, LLAVA_NEXT, QWEN2_VL, QWEN2_5_VL):
+        register(family)

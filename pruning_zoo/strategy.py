@@ -1,0 +1,208 @@
+"""The one interface every pruning method implements.
+
+A strategy is a small object: it says where it acts (`plan`), scores the visual tokens of one image at each
+of those stages (`score`) and turns scores into the tokens to keep (`select`, top-k in original order unless
+overridden). The engine does everything else: it locates the image tokens, hands the strategy what it asked
+to observe, applies the selection to the model and records the budget it achieved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Literal
+
+import pydantic
+import torch
+from pydantic.dataclasses import dataclass as params_dataclass
+
+from pruning_zoo.budget import BudgetMeaning
+from pruning_zoo.errors import InvalidParameterError, PruningZooError, closest
+
+__all__ = [
+    "BudgetMeaning",
+    "PruningStrategy",
+    "ScoreContext",
+    "Selection",
+    "Stage",
+    "StrategyParams",
+    "params_dataclass",
+    "top_k_in_order",
+]
+
+
+@params_dataclass(frozen=True, config=pydantic.ConfigDict(extra="forbid"))
+class StrategyParams:
+    """Base of every strategy's parameters: a validated, frozen dataclass.
+
+    Subclass it with `@params_dataclass(frozen=True)`, give each field the paper's default and a
+    `pydantic.Field(description=...)` that cites where the default comes from.
+    """
+
+    positions: Literal["keep", "renumber"] = pydantic.Field(
+        default="renumber",
+        description="position ids of kept tokens after a drop: 'keep' the original ones (gaps) or "
+        "'renumber' them contiguously",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One place where a strategy prunes, and how many visual tokens per image survive it."""
+
+    #: None: after the vision encoder and projector, before the LLM. k: after decoder layer k (0-indexed),
+    #: so layers 0..k see the tokens and layer k+1 onwards runs without the dropped ones.
+    after_layer: int | None
+    #: Visual tokens per image kept by this stage.
+    keep: int
+
+    @property
+    def in_llm(self) -> bool:
+        return self.after_layer is not None
+
+    def __str__(self) -> str:
+        where = "before the LLM" if self.after_layer is None else f"after layer {self.after_layer}"
+        return f"{where}: keep {self.keep}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """The visual tokens one stage keeps for one image."""
+
+    #: Indices into the stage's visual tokens, ascending (original order), one per kept token.
+    keep: torch.Tensor
+    #: Replacement features for the kept slots (a merge plan, e.g. VisionZip's contextual tokens), shaped
+    #: [len(keep), dim]; None keeps the tokens as they are.
+    features: torch.Tensor | None = None
+
+
+@dataclasses.dataclass
+class ScoreContext:
+    """What the engine hands a strategy about one image at one stage."""
+
+    stage: Stage
+    #: This image's visual tokens as they stand at the stage, [n, dim]: projected features before the LLM,
+    #: hidden states inside it.
+    tokens: torch.Tensor
+    #: Decoder layers of the language model.
+    num_layers: int
+    #: (rows, cols) when `tokens` are one full patch grid in raster order, else None.
+    grid: tuple[int, int] | None = None
+    #: Seeded per image by the engine, for strategies that draw at random.
+    generator: torch.Generator | None = None
+    #: Named extra tensors the strategy declared in `observes`, computed by the engine on first use.
+    observations: Mapping[str, Callable[[], torch.Tensor]] = dataclasses.field(default_factory=dict)
+
+    def observe(self, name: str) -> torch.Tensor:
+        if name not in self.observations:
+            raise PruningZooError(
+                f"observation {name!r} is not available {self.stage}; the strategy must list it in "
+                f"`observes` and the model family must provide it. available here: "
+                f"{', '.join(sorted(self.observations)) or '(none)'}"
+            )
+        return self.observations[name]()
+
+
+def top_k_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores, sorted ascending so kept tokens keep their original order."""
+    return torch.topk(scores, k, sorted=False).indices.sort().values
+
+
+class PruningStrategy(ABC):
+    """Base class of every strategy. A subclass sets the class attributes and implements plan and score."""
+
+    #: Registry name, lower-case (`pruning-zoo list` shows it; suites and the CLI use it).
+    name: ClassVar[str]
+    #: The parameter dataclass, a subclass of StrategyParams.
+    Params: ClassVar[type[StrategyParams]] = StrategyParams
+    #: What the budget counts; the leaderboard reports both, but compares by this one.
+    budget_meaning: ClassVar[BudgetMeaning]
+    #: Names of engine observations `score` uses (see ScoreContext.observe).
+    observes: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, params: StrategyParams | Mapping[str, Any] | None = None):
+        if isinstance(params, StrategyParams):
+            if not isinstance(params, self.Params):
+                raise InvalidParameterError(
+                    f"strategy {self.name!r} takes {self.Params.__name__}, not {type(params).__name__}"
+                )
+            self.params = params
+        else:
+            self.params = build_params(self.name, self.Params, params or {})
+
+    @abstractmethod
+    def plan(self, budget: int, num_visual: int, num_layers: int) -> tuple[Stage, ...]:
+        """The stages, in forward order, that bring `num_visual` tokens per image down to `budget`.
+
+        `budget` is already resolved to a token count and means what `budget_meaning` says.
+        """
+
+    @abstractmethod
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        """One score per visual token of the image, shaped [n]; higher is kept first by `select`."""
+
+    def select(self, scores: torch.Tensor, keep: int, ctx: ScoreContext) -> Selection:
+        """Turn scores into the kept tokens. Default: top-k, original order kept."""
+        return Selection(keep=top_k_in_order(scores, keep))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.params})"
+
+
+def build_params(strategy: str, params_class: type[StrategyParams], values: Mapping[str, Any]):
+    """Validate user-given parameter values (already typed, or strings from the CLI) into `params_class`."""
+    known = [f.name for f in dataclasses.fields(params_class)]
+    for key in values:
+        if key not in known:
+            suggestion = closest(key, known)
+            hint = f"; did you mean {suggestion!r}?" if suggestion else ";"
+            raise InvalidParameterError(
+                f"strategy {strategy!r} has no parameter {key!r}{hint} its parameters: {', '.join(known)}"
+            )
+    try:
+        return params_class(**values)
+    except pydantic.ValidationError as error:
+        first = error.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        raise InvalidParameterError(
+            f"invalid value {first.get('input')!r} for parameter {strategy}.{field}: {first['msg']}; "
+            f"allowed: {describe_field(params_class, field)}"
+        ) from None
+
+
+def param_schema(params_class: type[StrategyParams]) -> dict[str, dict[str, Any]]:
+    """JSON schema of each parameter (type, bounds, choices, default, description), by name."""
+    return pydantic.TypeAdapter(params_class).json_schema()["properties"]
+
+
+def describe_field(params_class: type[StrategyParams], field: str, default: bool = True) -> str:
+    """A short phrase for what a parameter accepts, e.g. 'integer >= 1 (default 2)'."""
+    schema = param_schema(params_class).get(field, {})
+    if "enum" in schema:
+        text = "one of " + ", ".join(repr(v) for v in schema["enum"])
+    elif "const" in schema:
+        text = repr(schema["const"])
+    elif "anyOf" in schema:
+        text = " or ".join(_describe_type(option) for option in schema["anyOf"])
+    else:
+        text = _describe_type(schema)
+    if default and "default" in schema:
+        text += f" (default {schema['default']!r})"
+    return text
+
+
+def _describe_type(schema: Mapping[str, Any]) -> str:
+    text = schema.get("type", "value")
+    bounds = [
+        ("minimum", ">="),
+        ("exclusiveMinimum", ">"),
+        ("maximum", "<="),
+        ("exclusiveMaximum", "<"),
+    ]
+    for key, symbol in bounds:
+        if key in schema:
+            text += f" {symbol} {schema[key]}"
+    if "enum" in schema:
+        text = "one of " + ", ".join(repr(v) for v in schema["enum"])
+    return text

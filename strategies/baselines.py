@@ -1,0 +1,97 @@
+"""Baselines every method is compared against: keep all, a seeded random subset, spatial average pooling."""
+
+from __future__ import annotations
+
+import math
+
+import pydantic
+import torch
+import torch.nn.functional as F
+
+from pruning_zoo.hookspecs import hookimpl
+from pruning_zoo.strategy import (
+    BudgetMeaning,
+    PruningStrategy,
+    ScoreContext,
+    Selection,
+    Stage,
+    StrategyParams,
+    params_dataclass,
+)
+
+
+class KeepAll(PruningStrategy):
+    """Keep every visual token: the unpruned reference. It must reproduce the model's logits exactly."""
+
+    name = "none"
+    budget_meaning = BudgetMeaning.ENTERING_LLM
+
+    def plan(self, budget: int, num_visual: int, num_layers: int) -> tuple[Stage, ...]:
+        return ()
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        return torch.ones(ctx.tokens.shape[0])
+
+
+@params_dataclass(frozen=True)
+class RandomParams(StrategyParams):
+    seed: int = pydantic.Field(default=0, description="seed of the subset draw; the same seed gives the same subsets")
+
+
+class RandomSubset(PruningStrategy):
+    """A uniform random subset of each image's visual tokens before the LLM, seeded.
+
+    Each call draws afresh from one generator seeded at construction, so a strategy object built with the
+    same seed selects the same tokens for the same sequence of images.
+    """
+
+    name = "random"
+    Params = RandomParams
+    budget_meaning = BudgetMeaning.ENTERING_LLM
+
+    def __init__(self, params=None):
+        super().__init__(params)
+        self._generator = torch.Generator().manual_seed(self.params.seed)
+
+    def plan(self, budget: int, num_visual: int, num_layers: int) -> tuple[Stage, ...]:
+        return (Stage(after_layer=None, keep=budget),)
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        return torch.rand(ctx.tokens.shape[0], generator=self._generator)
+
+
+class GridPool(PruningStrategy):
+    """Spatial average pooling of each image's patch grid down to the budget, before the LLM.
+
+    The grid is pooled (adaptive average pooling) to the smallest square grid s x s with s*s >= budget; when
+    the budget is not a perfect square, `budget` of the s*s pooled tokens are kept, evenly spaced in raster
+    order, so the budget is honoured exactly. Tokens that do not form one grid (several crops, newline
+    tokens) are pooled as a sequence. Pooled tokens take the first `budget` slots, renumbered contiguously.
+    """
+
+    name = "pool"
+    budget_meaning = BudgetMeaning.ENTERING_LLM
+
+    def plan(self, budget: int, num_visual: int, num_layers: int) -> tuple[Stage, ...]:
+        return (Stage(after_layer=None, keep=budget),)
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        # Pooling weighs every token equally; select() does the work.
+        return torch.zeros(ctx.tokens.shape[0])
+
+    def select(self, scores: torch.Tensor, keep: int, ctx: ScoreContext) -> Selection:
+        side = math.isqrt(keep - 1) + 1
+        if ctx.grid is not None:
+            rows, cols = ctx.grid
+            grid = ctx.tokens.T.reshape(1, -1, rows, cols).float()
+            pooled = F.adaptive_avg_pool2d(grid, (side, side)).flatten(2)[0].T
+        else:
+            pooled = F.adaptive_avg_pool1d(ctx.tokens.T[None].float(), side * side)[0].T
+        chosen = torch.linspace(0, side * side - 1, keep).round().long()
+        return Selection(keep=torch.arange(keep), features=pooled[chosen].to(ctx.tokens.dtype))
+
+
+@hookimpl
+def register_strategies(register):
+    for strategy in (KeepAll, RandomSubset, GridPool):
+        register(strategy)

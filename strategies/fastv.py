@@ -1,0 +1,70 @@
+"""FastV (Chen et al., ECCV 2024; code pkunlp-icler/FastV): drop the least-attended image tokens after
+layer K-1, scored by the attention the last prompt token pays them at that layer."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pydantic
+import torch
+
+from pruning_zoo.errors import InvalidParameterError
+from pruning_zoo.hookspecs import hookimpl
+from pruning_zoo.strategy import BudgetMeaning, PruningStrategy, ScoreContext, Stage, StrategyParams, params_dataclass
+
+
+@params_dataclass(frozen=True)
+class FastVParams(StrategyParams):
+    k: int = pydantic.Field(
+        default=2,
+        ge=1,
+        description="full layers K: layers 0..K-1 see every token, the pruned sequence enters layer K "
+        "(paper: K=2; lmms-eval and the HF demo use K=3)",
+    )
+    score: Literal["last_token", "received_mean"] = pydantic.Field(
+        default="last_token",
+        description="'last_token': mean over heads of the last prompt token's attention at layer K-1 (the "
+        "code); 'received_mean': mean attention each image token receives from all tokens (paper text)",
+    )
+    positions: Literal["keep", "renumber"] = pydantic.Field(
+        default="keep", description="kept tokens keep their original position ids, with gaps (the code)"
+    )
+
+
+class FastV(PruningStrategy):
+    """FastV. The budget is the average number of visual tokens per decoder layer (how papers compare
+    in-LLM methods): with N tokens, L layers and K full layers, k kept tokens average (K*N + (L-K)*k)/L,
+    so k = round((budget*L - K*N) / (L-K)). The drop happens once, at prefill; decoding does not re-prune.
+    """
+
+    name = "fastv"
+    Params = FastVParams
+    budget_meaning = BudgetMeaning.PER_LAYER_AVERAGE
+    observes = frozenset({"last_token_attention", "received_attention"})
+
+    def plan(self, budget: int, num_visual: int, num_layers: int) -> tuple[Stage, ...]:
+        k = self.params.k
+        if k >= num_layers:
+            raise InvalidParameterError(
+                f"fastv.k={k} must be below the model's {num_layers} decoder layers"
+            )
+        if budget == num_visual:
+            return ()
+        keep = round((budget * num_layers - k * num_visual) / (num_layers - k))
+        if keep < 1:
+            lowest = (k * num_visual + (num_layers - k)) / num_layers
+            raise InvalidParameterError(
+                f"fastv cannot average {budget} visual tokens per layer: its first {k} layers see all "
+                f"{num_visual}, so the lowest reachable average is {lowest:.1f}; raise the budget or lower fastv.k"
+            )
+        return (Stage(after_layer=k - 1, keep=keep),)
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        observation = "last_token_attention" if self.params.score == "last_token" else "received_attention"
+        # [heads, n] post-softmax probabilities onto this image's tokens; FastV averages over heads.
+        return ctx.observe(observation).float().mean(dim=0)
+
+
+@hookimpl
+def register_strategies(register):
+    register(FastV)

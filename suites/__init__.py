@@ -1,0 +1,1 @@
+"""Suite definitions: YAML data files read by pruning_zoo.suites."""

@@ -1,0 +1,96 @@
+import dataclasses
+
+import pydantic
+import pytest
+import torch
+
+import pruning_zoo
+from pruning_zoo.budget import parse_budget, resolve_budget
+from pruning_zoo.strategy import Stage, StrategyParams, build_params, describe_field, params_dataclass, top_k_in_order
+
+
+@params_dataclass(frozen=True)
+class ExampleParams(StrategyParams):
+    layer: int = pydantic.Field(default=2, ge=0, le=31)
+    alpha: float = pydantic.Field(default=0.5, gt=0.0, lt=1.0)
+
+
+def test_top_k_keeps_original_order():
+    scores = torch.tensor([0.1, 0.9, 0.3, 0.8, 0.2])
+    assert top_k_in_order(scores, 3).tolist() == [1, 2, 3]
+
+
+def test_params_coerce_strings_from_the_command_line():
+    params = build_params("example", ExampleParams, {"layer": "5", "alpha": "0.25", "positions": "keep"})
+    assert (params.layer, params.alpha, params.positions) == (5, 0.25, "keep")
+
+
+def test_params_are_frozen():
+    params = build_params("example", ExampleParams, {})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.layer = 3
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"layer": 40}, r"invalid value 40 for parameter example.layer: .*less than or equal to 31; allowed: integer >= 0 <= 31 \(default 2\)"),
+        ({"alpha": "high"}, r"invalid value 'high' for parameter example.alpha: .*allowed: number > 0.0 < 1.0"),
+        ({"positions": "shift"}, r"example.positions.*allowed: one of 'keep', 'renumber'"),
+        ({"layr": 1}, r"strategy 'example' has no parameter 'layr'; did you mean 'layer'\? its parameters: positions, layer, alpha"),
+        ({"zzz": 1}, r"has no parameter 'zzz'; its parameters"),
+    ],
+)
+def test_invalid_params_name_the_parameter_value_and_what_is_allowed(values, message):
+    with pytest.raises(pruning_zoo.InvalidParameterError, match=message):
+        build_params("example", ExampleParams, values)
+
+
+def test_describe_field():
+    assert describe_field(ExampleParams, "layer") == "integer >= 0 <= 31 (default 2)"
+
+
+def test_budget_parsing_and_resolution():
+    assert parse_budget("64") == 64 and parse_budget("0.25") == 0.25
+    assert resolve_budget(64, 576) == 64
+    assert resolve_budget(0.25, 576) == 144
+    assert resolve_budget(1e-6, 576) == 1
+    assert resolve_budget(576, 576) == 576
+
+
+@pytest.mark.parametrize(
+    "budget, message",
+    [
+        (0, "at least 1 visual token"),
+        (-3, "at least 1 visual token"),
+        (1.5, "outside \\(0, 1\\]"),
+        (0.0, "outside \\(0, 1\\]"),
+        (577, "larger than the 576 visual tokens"),
+        (True, "must be an int token count"),
+    ],
+)
+def test_bad_budgets_are_clear_errors(budget, message):
+    with pytest.raises(pruning_zoo.InvalidParameterError, match=message):
+        resolve_budget(budget, 576)
+
+
+def test_unparsable_budget():
+    with pytest.raises(pruning_zoo.InvalidParameterError, match="'lots' is not a number"):
+        parse_budget("lots")
+
+
+def test_stage_describes_itself():
+    assert str(Stage(after_layer=None, keep=64)) == "before the LLM: keep 64"
+    assert str(Stage(after_layer=1, keep=30)) == "after layer 1: keep 30"
+    assert Stage(after_layer=1, keep=30).in_llm and not Stage(after_layer=None, keep=3).in_llm
+
+
+def test_a_missing_observation_is_a_clear_error():
+    ctx = pruning_zoo.ScoreContext(stage=Stage(None, 2), tokens=torch.zeros(4, 2), num_layers=2)
+    with pytest.raises(pruning_zoo.PruningZooError, match="observation 'keys' is not available before the LLM"):
+        ctx.observe("keys")
+
+
+def test_params_of_the_wrong_class_are_refused():
+    with pytest.raises(pruning_zoo.InvalidParameterError, match="fastv' takes FastVParams, not RandomParams"):
+        pruning_zoo.get_strategy("fastv").__class__(pruning_zoo.get_strategy("random").params)
