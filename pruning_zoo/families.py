@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from pruning_zoo.adapters.base import ModelAdapter
+from pruning_zoo.adapters.llava import LlavaAdapter
+from pruning_zoo.adapters.llava_next import LlavaNextAdapter
+from pruning_zoo.adapters.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 from pruning_zoo.hookspecs import hookimpl
 
 
@@ -18,6 +22,8 @@ class ModelFamily:
     #: The transformers class users load with `from_pretrained`.
     model_class: str
     description: str
+    #: Builds the family's adapter around a loaded model.
+    adapter: type[ModelAdapter] = ModelAdapter
 
 
 LLAVA = ModelFamily(
@@ -25,24 +31,28 @@ LLAVA = ModelFamily(
     model_types=("llava",),
     model_class="LlavaForConditionalGeneration",
     description="LLaVA-1.5: CLIP ViT-L/14-336 (576 patches + CLS), MLP projector, Llama/Vicuna decoder",
+    adapter=LlavaAdapter,
 )
 LLAVA_NEXT = ModelFamily(
     name="llava_next",
     model_types=("llava_next",),
     model_class="LlavaNextForConditionalGeneration",
     description="LLaVA-NeXT: any-resolution crops of a CLIP tower, with image-newline tokens",
+    adapter=LlavaNextAdapter,
 )
 QWEN2_VL = ModelFamily(
     name="qwen2_vl",
     model_types=("qwen2_vl",),
     model_class="Qwen2VLForConditionalGeneration",
     description="Qwen2-VL: native-resolution ViT, 2x2 merged patches, no CLS, 3-D M-RoPE positions",
+    adapter=Qwen2VLAdapter,
 )
 QWEN2_5_VL = ModelFamily(
     name="qwen2_5_vl",
     model_types=("qwen2_5_vl",),
     model_class="Qwen2_5_VLForConditionalGeneration",
     description="Qwen2.5-VL: windowed-attention ViT, 2x2 merged patches, no CLS, 3-D M-RoPE positions",
+    adapter=Qwen2_5_VLAdapter,
 )
 
 

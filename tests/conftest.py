@@ -10,3 +10,13 @@ def fresh_plugins(monkeypatch):
     yield monkeypatch
     monkeypatch.undo()
     plugins.reset()
+
+
+import tiny_models  # noqa: E402  (tests/ is on sys.path under pytest's rootdir conftest)
+
+
+@pytest.fixture(scope="session", params=sorted(tiny_models.FAMILIES))
+def family_model(request, tmp_path_factory):
+    """(family, model) for every supported family: a tiny random model saved and loaded with from_pretrained."""
+    family = tiny_models.FAMILIES[request.param]
+    return family, family.build(tmp_path_factory.mktemp(request.param))

@@ -1,0 +1,80 @@
+"""What the engine needs to know about a model family, behind one small interface.
+
+Everything model-specific lives in an adapter; the engine and the strategies never look at the model class.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pruning_zoo.errors import PruningZooError
+
+
+class ModelAdapter:
+    """Adapter for a transformers `...ForConditionalGeneration` VLM whose decoder layers follow the Llama
+    layout (input_layernorm, self_attn.{q,k}_proj, post_attention_layernorm, mlp) and whose rotary
+    embedding is folded into (cos, sin) tensors with the sequence on dim -2."""
+
+    #: Whether 'renumber' position ids are defined for this family's position scheme.
+    supports_renumbered_positions = True
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    # -- structure -----------------------------------------------------------------------------------
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def text_config(self):
+        return self.model.config.get_text_config()
+
+    @property
+    def num_layers(self) -> int:
+        return self.text_config.num_hidden_layers
+
+    @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    def attention_implementation(self) -> str:
+        return self.text_config._attn_implementation or "sdpa"
+
+    # -- images --------------------------------------------------------------------------------------
+    def image_positions(self, input_ids: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Per sample, the sequence positions of each image's visual tokens: contiguous runs of the image
+        placeholder token (never hard-coded offsets)."""
+        result = []
+        for row in input_ids:
+            positions = (row == self.image_token_id).nonzero().flatten()
+            if positions.numel() == 0:
+                result.append([])
+                continue
+            breaks = (positions[1:] != positions[:-1] + 1).nonzero().flatten() + 1
+            result.append(list(torch.tensor_split(positions, breaks.tolist())))
+        return result
+
+    def image_grids(self, counts: list[int]) -> list[tuple[int, int] | None]:
+        """(rows, cols) of each image's visual tokens in raster order, or None where they form no single grid."""
+        return [None] * len(counts)
+
+    def vision_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
+        """Hooks that watch the vision tower (for per-image geometry); none by default."""
+        return []
+
+    # -- positions -----------------------------------------------------------------------------------
+    def rotary_embedding(self, hidden_states: torch.Tensor, position_ids: torch.Tensor):
+        return self.language_model.rotary_emb(hidden_states, position_ids)
+
+    def check_positions(self, positions: str) -> None:
+        if positions == "renumber" and not self.supports_renumbered_positions:
+            raise PruningZooError(
+                f"positions='renumber' is not defined for {type(self.model).__name__}'s multi-axis positions; "
+                "set the strategy's positions parameter to 'keep'"
+            )

@@ -1,0 +1,424 @@
+"""The pruning engine: apply a strategy to an unmodified transformers VLM for the span of a `with` block.
+
+    with prune(model, get_strategy("fastv"), budget=64) as run:
+        output = model.generate(**inputs)
+    run.records[-1].images[0].average_per_layer
+
+Hooks, all registered on entry and removed on exit:
+- on the VLM's base model: read `input_ids` to locate each image's placeholder tokens;
+- on the language model (before layer 0): the pre-LLM stage shrinks `inputs_embeds`, the attention mask and
+  the position ids, so the model builds its own causal mask and rotary tables for the short sequence; at
+  decode it translates generate's full-length mask and positions to the pruned cache;
+- on every decoder layer: after a stage at layer k, layer k+1 drops tokens from the hidden states and every
+  later layer gets the matching rows and columns of the mask, rotary tables and position ids (the model
+  computes those once per forward for the full sequence). Layers 0..k keep their full KV cache and
+  layers > k a pruned one, so generate() with the cache decodes exactly what the pruned sequence gives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from pruning_zoo.adapters import ModelAdapter, adapter_for
+from pruning_zoo.budget import Budget, check_budget, resolve_budget
+from pruning_zoo.errors import InvalidParameterError, PruningZooError
+from pruning_zoo.observe import AttentionProbe
+from pruning_zoo.sequence import Survivors, causal_mask, gather_positions, mask_invalid_keys
+from pruning_zoo.strategy import PruningStrategy, ScoreContext, Selection, Stage
+
+
+@dataclasses.dataclass
+class ImageRecord:
+    """The budget one image achieved in one forward."""
+
+    sample: int
+    num_visual: int
+    #: Visual tokens of this image in each decoder layer.
+    kept_per_layer: list[int]
+
+    @property
+    def entering_llm(self) -> int:
+        return self.kept_per_layer[0]
+
+    @property
+    def average_per_layer(self) -> float:
+        return sum(self.kept_per_layer) / len(self.kept_per_layer)
+
+
+@dataclasses.dataclass
+class ForwardRecord:
+    """What one prefill forward computed: per image budgets and, per sample, tokens in each layer."""
+
+    images: list[ImageRecord]
+    #: Per sample, the non-padding tokens (text and visual) each decoder layer processed.
+    tokens_per_layer: list[list[int]]
+
+
+@contextlib.contextmanager
+def prune(model: nn.Module, strategy: PruningStrategy, budget: Budget) -> Iterator[PruningRun]:
+    """Prune `model`'s visual tokens with `strategy` at `budget` for the span of the block."""
+    run = PruningRun(adapter_for(model), strategy, budget)
+    handles = run.attach()
+    try:
+        yield run
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclasses.dataclass
+class _Image:
+    sample: int
+    num_visual: int
+    #: Positions of this image's visual tokens in the current sequence.
+    positions: torch.Tensor
+    stages: tuple[Stage, ...]
+    kept_per_layer: list[int]
+    grid: tuple[int, int] | None
+
+
+class PruningRun:
+    """The state of one `prune` block: hooks, the current forward's images, and the records."""
+
+    def __init__(self, adapter: ModelAdapter, strategy: PruningStrategy, budget: Budget):
+        check_budget(budget)
+        self.adapter, self.strategy, self.budget = adapter, strategy, budget
+        self.records: list[ForwardRecord] = []
+        self._input_ids: torch.Tensor | None = None
+        self._prefilling = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._images: list[_Image] = []
+        #: The pre-LLM prune, in input_ids coordinates (used to translate decode steps).
+        self._entry: Survivors | None = None
+        #: After an in-LLM prune: the first layer it applies to -> survivors in language-model coordinates.
+        self._layer_survivors: dict[int, Survivors] = {}
+        self._stage_layers: set[int] = set()
+        self._captured: dict[int, tuple[torch.Tensor, dict]] = {}
+        self._current: Survivors | None = None
+        self._current_kwargs: dict | None = None
+        self._entry_length = 0
+        self._attention_mask_2d: torch.Tensor | None = None
+
+    # -- hooks -----------------------------------------------------------------------------------------
+    def attach(self) -> list[torch.utils.hooks.RemovableHandle]:
+        handles = [self.adapter.model.model.register_forward_pre_hook(self._read_input_ids, with_kwargs=True)]
+        handles += self.adapter.vision_hooks()
+        handles.append(
+            self.adapter.language_model.register_forward_pre_hook(self._enter_language_model, with_kwargs=True)
+        )
+        for index, layer in enumerate(self.adapter.layers):
+            handles.append(layer.register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
+        return handles
+
+    def _read_input_ids(self, module, args, kwargs):
+        self._input_ids = kwargs.get("input_ids", args[0] if args else None)
+
+    def _enter_language_model(self, module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        ids = self._input_ids
+        cache = kwargs.get("past_key_values")
+        cache_is_empty = cache is None or cache.get_seq_length() == 0
+        if embeds is None or ids is None or ids.shape[1] != embeds.shape[1]:
+            ids = None
+        self._prefilling = cache_is_empty
+        if cache_is_empty:
+            self._reset()
+            if ids is None or not bool((ids == self.adapter.image_token_id).any()):
+                return None
+            return args, self._prefill(ids, kwargs)
+        if self._entry is not None:
+            return args, self._translate_decode_inputs(kwargs)
+        return None
+
+    def _layer_hook(self, index: int) -> Callable:
+        def hook(module, args, kwargs):
+            if self._prefilling and index - 1 in self._stage_layers:
+                args = (self._prune_in_llm(index, args[0], kwargs), *args[1:])
+            kwargs = self._layer_kwargs(index, args[0], kwargs)
+            if self._prefilling and index in self._stage_layers:
+                self._captured[index] = (args[0], kwargs)
+            return args, kwargs
+
+        return hook
+
+    # -- prefill -----------------------------------------------------------------------------------------
+    def _prefill(self, input_ids: torch.Tensor, kwargs: dict) -> dict:
+        num_layers = self.adapter.num_layers
+        positions = self.adapter.image_positions(input_ids)
+        counts = [int(p.numel()) for sample in positions for p in sample]
+        grids = iter(self.adapter.image_grids(counts))
+        for sample, sample_positions in enumerate(positions):
+            for image_positions in sample_positions:
+                num_visual = int(image_positions.numel())
+                stages = self.strategy.plan(resolve_budget(self.budget, num_visual), num_visual, num_layers)
+                check_plan(self.strategy.name, stages, num_visual, num_layers)
+                self._images.append(
+                    _Image(sample, num_visual, image_positions, stages, [num_visual] * num_layers, next(grids))
+                )
+        if any(image.stages for image in self._images):
+            self.adapter.check_positions(self.strategy.params.positions)
+        self._stage_layers = {s.after_layer for image in self._images for s in image.stages if s.in_llm}
+        self._attention_mask_2d = kwargs.get("attention_mask")
+
+        if any(not s.in_llm for image in self._images for s in image.stages):
+            kwargs = self._prune_before_llm(input_ids, kwargs)
+        self._entry_length = kwargs["inputs_embeds"].shape[1]
+        self._record_tokens_entering()
+        return kwargs
+
+    def _select(self, image: _Image, stage: Stage, tokens: torch.Tensor, observations: dict) -> Selection:
+        ctx = ScoreContext(
+            stage=stage,
+            tokens=tokens,
+            num_layers=self.adapter.num_layers,
+            grid=image.grid if not stage.in_llm else None,
+            observations=observations,
+        )
+        scores = self.strategy.score(ctx)
+        if scores.shape != (tokens.shape[0],):
+            raise PruningZooError(
+                f"strategy {self.strategy.name!r} returned scores of shape {tuple(scores.shape)} {stage}; "
+                f"expected one score per visual token, shape ({tokens.shape[0]},)"
+            )
+        selection = self.strategy.select(scores, stage.keep, ctx)
+        check_selection(self.strategy.name, selection, stage, tokens)
+        return selection
+
+    def _prune_before_llm(self, input_ids: torch.Tensor, kwargs: dict) -> dict:
+        embeds = kwargs["inputs_embeds"].clone()
+        keep = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+        for image in self._images:
+            stage = next((s for s in image.stages if not s.in_llm), None)
+            if stage is None:
+                continue
+            tokens = embeds[image.sample, image.positions]
+            selection = self._select(image, stage, tokens, observations={})
+            kept = image.positions[selection.keep.to(image.positions.device)]
+            if selection.features is not None:
+                embeds[image.sample, kept] = selection.features.to(embeds.dtype)
+            dropped = torch.ones_like(image.positions, dtype=torch.bool)
+            dropped[selection.keep] = False
+            keep[image.sample, image.positions[dropped]] = False
+            image.positions = kept
+            image.kept_per_layer = [stage.keep] * self.adapter.num_layers
+        survivors = Survivors.from_keep_mask(keep)
+        self._entry = survivors
+        self._relocate_images(survivors)
+
+        kwargs = dict(kwargs)
+        kwargs["inputs_embeds"] = survivors.gather(embeds, dim=1)
+        mask = kwargs.get("attention_mask")
+        if mask is None and survivors.has_fillers:
+            mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
+        if mask is not None:
+            kwargs["attention_mask"] = survivors.gather(mask, dim=1) * survivors.valid.to(mask.dtype)
+        kwargs["position_ids"] = self._entry_positions(kwargs.get("position_ids"), survivors, input_ids.shape[1])
+        return kwargs
+
+    def _entry_positions(self, position_ids, survivors: Survivors, length: int) -> torch.Tensor:
+        if position_ids is None:  # the model would count 0..L-1; make that explicit before dropping
+            position_ids = torch.arange(length, device=survivors.index.device)[None]
+        gathered = survivors.gather(position_ids, dim=-1) if position_ids.dim() == 2 else torch.stack(
+            [survivors.gather(axis, dim=-1) for axis in position_ids]
+        )
+        if self.strategy.params.positions == "renumber":
+            gathered = gathered - survivors.dropped_before()
+        return gathered
+
+    def _relocate_images(self, survivors: Survivors) -> None:
+        """Re-express image positions in the coordinates of the pruned sequence."""
+        lookup = torch.full((survivors.index.shape[0], survivors.source_length), -1, dtype=torch.long)
+        lookup.scatter_(1, survivors.index.cpu(), torch.arange(survivors.index.shape[1]).expand_as(survivors.index))
+        for image in self._images:
+            image.positions = lookup[image.sample, image.positions.cpu()].to(survivors.index.device)
+
+    def _prune_in_llm(self, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """Drop visual tokens after layer index-1 from the hidden states entering layer `index`."""
+        stage_layer = index - 1
+        probe = AttentionProbe(
+            adapter=self.adapter,
+            stage_layer=stage_layer,
+            stage_input=self._captured.pop(stage_layer),
+            stage_output=hidden,
+            next_layer_kwargs=self._layer_kwargs(index, hidden, kwargs),
+            key_valid=self._current_valid(),
+        )
+        hidden = hidden.clone()
+        keep = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        for image in self._images:
+            stage = next((s for s in image.stages if s.after_layer == stage_layer), None)
+            if stage is None:
+                continue
+            tokens = hidden[image.sample, image.positions]
+            selection = self._select(image, stage, tokens, probe.observations(image.sample, image.positions))
+            if selection.features is not None:
+                hidden[image.sample, image.positions[selection.keep]] = selection.features.to(hidden.dtype)
+            dropped = torch.ones_like(image.positions, dtype=torch.bool)
+            dropped[selection.keep] = False
+            keep[image.sample, image.positions[dropped]] = False
+            image.positions = image.positions[selection.keep]
+            image.kept_per_layer[index:] = [stage.keep] * (self.adapter.num_layers - index)
+        step = Survivors.from_keep_mask(keep)
+        self._relocate_images(step)
+        self._current = step if self._current is None else self._current.then(step)
+        self._current_kwargs = None
+        self._layer_survivors[index] = self._current
+        self._record_layer_tokens(index)
+        return step.gather(hidden, dim=1)
+
+    def _valid_at_entry(self) -> torch.Tensor:
+        """[B, L] which positions entering the language model are real tokens (not padding, not fillers)."""
+        mask = self._attention_mask_2d
+        if self._entry is not None:
+            valid = self._entry.valid
+            return valid if mask is None else self._entry.gather(mask, dim=1).bool() & valid
+        if mask is not None:
+            return mask.bool()
+        return torch.ones(self._input_ids.shape, dtype=torch.bool, device=self._input_ids.device)
+
+    def _current_valid(self) -> torch.Tensor:
+        """[B, L] which positions of the current sequence are real tokens."""
+        valid = self._valid_at_entry()
+        if self._current is not None:
+            valid = valid.gather(1, self._current.index) & self._current.valid
+        return valid
+
+    # -- per-layer inputs -------------------------------------------------------------------------------
+    def _layer_kwargs(self, index: int, hidden: torch.Tensor, kwargs: dict) -> dict:
+        survivors = self._survivors_for_layer(index)
+        if survivors is None:
+            return kwargs
+        if self._prefilling:
+            if self._current_kwargs is None:
+                self._current_kwargs = self._prefill_layer_kwargs(survivors, hidden, kwargs)
+            return {**kwargs, **self._current_kwargs}
+        return {**kwargs, **self._decode_layer_kwargs(survivors, hidden, kwargs)}
+
+    def _survivors_for_layer(self, index: int) -> Survivors | None:
+        first = [layer for layer in self._layer_survivors if layer <= index]
+        return self._layer_survivors[max(first)] if first else None
+
+    def _prefill_layer_kwargs(self, survivors: Survivors, hidden: torch.Tensor, kwargs: dict) -> dict:
+        result = {}
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            mask = mask_invalid_keys(survivors.gather(survivors.gather(mask, dim=2), dim=3), survivors.valid)
+        elif survivors.has_fillers:
+            mask = causal_mask(survivors.index, survivors.index, survivors.valid, self._mask_dtype(hidden))
+        result["attention_mask"] = mask
+        position_ids = kwargs.get("position_ids")
+        if position_ids is not None:
+            result["position_ids"] = survivors.gather(position_ids, dim=-1)
+        cos, sin = kwargs["position_embeddings"]
+        if self.strategy.params.positions == "renumber":
+            if position_ids is None:
+                position_ids = torch.arange(self._entry_length, device=hidden.device)[None]
+            renumbered = survivors.gather(position_ids, dim=-1) - survivors.dropped_before()
+            result["position_embeddings"] = self.adapter.rotary_embedding(hidden, renumbered)
+            result["position_ids"] = renumbered
+        else:
+            result["position_embeddings"] = (survivors.gather(cos, dim=-2), survivors.gather(sin, dim=-2))
+        return result
+
+    def _decode_layer_kwargs(self, survivors: Survivors, hidden: torch.Tensor, kwargs: dict) -> dict:
+        result = {}
+        mask = kwargs.get("attention_mask")
+        # Layer 0 (never pruned inside the LLM) has already cached this step: it holds the whole key axis.
+        total = mask.shape[-1] if mask is not None else kwargs["past_key_values"].get_seq_length(0)
+        columns, valid = survivors.columns_with_new(total)
+        if mask is not None:
+            result["attention_mask"] = mask_invalid_keys(gather_positions(mask, columns, dim=3), valid)
+        elif survivors.has_fillers:
+            queries = torch.arange(total - hidden.shape[1], total, device=hidden.device).expand(columns.shape[0], -1)
+            result["attention_mask"] = causal_mask(queries, columns, valid, self._mask_dtype(hidden))
+        if self.strategy.params.positions == "renumber":
+            position_ids = kwargs.get("position_ids")
+            if position_ids is None:
+                raise PruningZooError("renumbered positions need explicit position_ids when decoding (generate passes them)")
+            renumbered = position_ids - survivors.total_dropped()[:, None]
+            result["position_embeddings"] = self.adapter.rotary_embedding(hidden, renumbered)
+            result["position_ids"] = renumbered
+        return result
+
+    def _mask_dtype(self, hidden: torch.Tensor):
+        return hidden.dtype if self.adapter.attention_implementation() == "eager" else torch.bool
+
+    # -- decode at the language-model entry ---------------------------------------------------------------
+    def _translate_decode_inputs(self, kwargs: dict) -> dict:
+        """Map generate's full-length mask and positions onto the cache pruned before the LLM."""
+        survivors = self._entry
+        kwargs = dict(kwargs)
+        mask = kwargs.get("attention_mask")
+        new_tokens = kwargs["inputs_embeds"].shape[1]
+        if mask is not None:
+            columns, valid = survivors.columns_with_new(mask.shape[1])
+            kwargs["attention_mask"] = gather_positions(mask, columns, dim=1) * valid.to(mask.dtype)
+        elif survivors.has_fillers:
+            cached = kwargs["past_key_values"].get_seq_length(0)
+            total = survivors.source_length + (cached - survivors.index.shape[1]) + new_tokens
+            columns, valid = survivors.columns_with_new(total)
+            kwargs["attention_mask"] = valid.long()
+        position_ids = kwargs.get("position_ids")
+        if position_ids is not None and self.strategy.params.positions == "renumber":
+            kwargs["position_ids"] = position_ids - survivors.total_dropped()[:, None]
+        return kwargs
+
+    # -- records -----------------------------------------------------------------------------------------
+    def _record_tokens_entering(self) -> None:
+        layers = self.adapter.num_layers
+        counts = self._valid_at_entry().sum(dim=1).tolist()
+        self.records.append(
+            ForwardRecord(
+                # kept_per_layer is shared with the image, so later in-LLM stages update the record.
+                images=[ImageRecord(image.sample, image.num_visual, image.kept_per_layer) for image in self._images],
+                tokens_per_layer=[[int(count)] * layers for count in counts],
+            )
+        )
+
+    def _record_layer_tokens(self, index: int) -> None:
+        counts = self._current_valid().sum(dim=1).tolist()
+        for sample, count in enumerate(counts):
+            self.records[-1].tokens_per_layer[sample][index:] = [int(count)] * (self.adapter.num_layers - index)
+
+def check_plan(name: str, stages: tuple[Stage, ...], num_visual: int, num_layers: int) -> None:
+    """A plan is stages in forward order, each keeping between 1 and the tokens left, inside the model."""
+    left, last = num_visual, -2
+    for stage in stages:
+        layer = -1 if stage.after_layer is None else stage.after_layer
+        if stage.after_layer is not None and not 0 <= stage.after_layer <= num_layers - 2:
+            raise InvalidParameterError(
+                f"strategy {name!r} plans a stage after layer {stage.after_layer}, outside this model's decoder "
+                f"layers 0..{num_layers - 2} (a stage after the last of its {num_layers} layers prunes nothing)"
+            )
+        if layer <= last:
+            raise PruningZooError(f"strategy {name!r} planned stages out of forward order: {stages}")
+        if not 1 <= stage.keep <= left:
+            raise InvalidParameterError(
+                f"strategy {name!r} plans to keep {stage.keep} tokens {stage}, but between 1 and {left} are left"
+            )
+        left, last = stage.keep, layer
+
+
+def check_selection(name: str, selection: Selection, stage: Stage, tokens: torch.Tensor) -> None:
+    keep = selection.keep
+    if keep.shape != (stage.keep,):
+        raise PruningZooError(
+            f"strategy {name!r} selected {tuple(keep.shape)} tokens {stage}; expected exactly {stage.keep}"
+        )
+    if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= tokens.shape[0] or bool((keep[1:] <= keep[:-1]).any())):
+        raise PruningZooError(
+            f"strategy {name!r} selected invalid indices {stage}: they must be ascending, unique and below "
+            f"{tokens.shape[0]}"
+        )
+    if selection.features is not None and selection.features.shape != (stage.keep, tokens.shape[1]):
+        raise PruningZooError(
+            f"strategy {name!r} merged features of shape {tuple(selection.features.shape)} {stage}; "
+            f"expected ({stage.keep}, {tokens.shape[1]})"
+        )

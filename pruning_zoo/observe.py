@@ -1,0 +1,92 @@
+"""What strategies observe inside the LLM: attention onto an image's tokens, computed from a layer's own
+q/k projections and rotary tables for the chosen query rows only, so the model keeps SDPA or FlashAttention."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from pruning_zoo.adapters import ModelAdapter
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def attention_probabilities(
+    layer: torch.nn.Module,
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    rows: torch.Tensor,
+    key_valid: torch.Tensor,
+) -> torch.Tensor:
+    """Post-softmax attention [heads, len(rows), L] of one sample at `layer`, fp32, causal and padding masks
+    applied, exactly as the layer's attention would compute it for those query rows.
+
+    hidden: [L, d] the layer's input; cos, sin: [L, head_dim] its rotary tables; key_valid: [L].
+    """
+    attention = layer.self_attn
+    head_dim = attention.head_dim
+    normed = layer.input_layernorm(hidden)
+    queries = attention.q_proj(normed[rows]).view(len(rows), -1, head_dim).transpose(0, 1)
+    keys = attention.k_proj(normed).view(hidden.shape[0], -1, head_dim).transpose(0, 1)
+    queries = queries * cos[rows] + rotate_half(queries) * sin[rows]
+    keys = keys * cos + rotate_half(keys) * sin
+    keys = keys.repeat_interleave(queries.shape[0] // keys.shape[0], dim=0)  # grouped-query attention
+    scores = (queries.float() @ keys.float().transpose(-1, -2)) * attention.scaling
+    positions = torch.arange(hidden.shape[0], device=hidden.device)
+    allowed = (positions[None, :] <= rows[:, None]) & key_valid[None, :]
+    return scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+
+
+class AttentionProbe:
+    """Observations offered at an in-LLM stage after layer `stage_layer` (names strategies list in `observes`):
+
+    - last_token_attention: [heads, n] attention of the last prompt token onto the image at the stage layer;
+    - received_attention: [heads, n] attention the image's tokens receive, averaged over all query rows;
+    - instruction_attention: [heads, n] averaged over the query rows after the image, at the stage layer;
+    - next_layer_instruction_attention: the same rows, but the stage layer's output through the next layer's
+      norm, projections and rotary tables (TransPrune's IGA).
+    """
+
+    def __init__(self, adapter: ModelAdapter, stage_layer: int, stage_input, stage_output, next_layer_kwargs, key_valid):
+        self.adapter = adapter
+        self.stage_layer = stage_layer
+        self.stage_hidden, self.stage_kwargs = stage_input
+        self.next_hidden, self.next_kwargs = stage_output, next_layer_kwargs
+        self.key_valid = key_valid
+
+    def observations(self, sample: int, positions: torch.Tensor) -> dict:
+        def rows_after_image() -> torch.Tensor:
+            valid = self.key_valid[sample].nonzero().flatten()
+            return valid[valid > positions.max()]
+
+        def last_row() -> torch.Tensor:
+            return self.key_valid[sample].nonzero().flatten()[-1:]
+
+        def all_rows() -> torch.Tensor:
+            return self.key_valid[sample].nonzero().flatten()
+
+        def at_stage(rows) -> torch.Tensor:
+            return self._mean_onto(self.stage_layer, self.stage_hidden, self.stage_kwargs, sample, rows(), positions)
+
+        def at_next(rows) -> torch.Tensor:
+            return self._mean_onto(self.stage_layer + 1, self.next_hidden, self.next_kwargs, sample, rows(), positions)
+
+        return {
+            "last_token_attention": functools.partial(at_stage, last_row),
+            "received_attention": functools.partial(at_stage, all_rows),
+            "instruction_attention": functools.partial(at_stage, rows_after_image),
+            "next_layer_instruction_attention": functools.partial(at_next, rows_after_image),
+        }
+
+    def _mean_onto(self, layer_index, hidden, kwargs, sample, rows, positions) -> torch.Tensor:
+        cos, sin = kwargs["position_embeddings"]
+        pick = sample if cos.shape[0] > 1 else 0
+        probabilities = attention_probabilities(
+            self.adapter.layers[layer_index], hidden[sample], cos[pick], sin[pick], rows, self.key_valid[sample]
+        )
+        return probabilities[:, :, positions].mean(dim=1)

@@ -1,0 +1,294 @@
+"""The engine over tiny models of every family: exact keep-all, cache-consistent generation, hook removal,
+batches with padding and different visual-token counts, progressive stages, achieved budgets and errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import pruning_zoo
+from pruning_zoo.engine import prune
+from pruning_zoo.strategy import BudgetMeaning, PruningStrategy, Selection, Stage, top_k_in_order
+
+STEPS = 4
+
+
+def positions_for(family) -> dict:
+    # 3-D M-RoPE positions have no contiguous renumbering: Qwen families keep original positions.
+    return {"positions": "keep"} if family.name.startswith("qwen") else {}
+
+
+class Progressive(PruningStrategy):
+    """Test strategy: a pre-LLM stage and two in-LLM stages, scored by token feature sums."""
+
+    name = "progressive"
+    budget_meaning = BudgetMeaning.ENTERING_LLM
+
+    def plan(self, budget, num_visual, num_layers):
+        return (
+            Stage(after_layer=None, keep=min(num_visual, 2 * budget)),
+            Stage(after_layer=0, keep=min(num_visual, budget + budget // 2)),
+            Stage(after_layer=2, keep=budget),
+        )
+
+    def score(self, ctx):
+        return ctx.tokens.float().sum(-1)
+
+
+class Recording(PruningStrategy):
+    """Wraps a strategy and records every selection, in call order."""
+
+    name = "recording"
+    budget_meaning = BudgetMeaning.ENTERING_LLM
+
+    def __init__(self, inner: PruningStrategy):
+        super().__init__()
+        self.inner, self.params, self.selections = inner, inner.params, []
+
+    def plan(self, budget, num_visual, num_layers):
+        return self.inner.plan(budget, num_visual, num_layers)
+
+    def score(self, ctx):
+        return self.inner.score(ctx)
+
+    def select(self, scores, keep, ctx):
+        selection = self.inner.select(scores, keep, ctx)
+        self.selections.append(selection)
+        return selection
+
+
+class Replay(Recording):
+    """Replays recorded selections, forward after forward, so a recomputation prunes exactly the same tokens."""
+
+    def __init__(self, recording: Recording):
+        PruningStrategy.__init__(self)
+        self.inner, self.params, self.recorded, self.calls = recording.inner, recording.params, recording.selections, 0
+
+    def select(self, scores, keep, ctx):
+        selection = self.recorded[self.calls % len(self.recorded)]
+        self.calls += 1
+        return selection
+
+
+def strategies_for(family):
+    keep = positions_for(family)
+    return [
+        ("random", pruning_zoo.get_strategy("random", **keep), 0.5),
+        ("pool", pruning_zoo.get_strategy("pool", **keep), 0.5),
+        ("fastv-k1", pruning_zoo.get_strategy("fastv", k=1), 0.6),
+        ("fastv-k2-renumber", pruning_zoo.get_strategy("fastv", k=2, **({"positions": "renumber"} | keep)), 0.75),
+        ("progressive", Progressive(keep), 3),
+    ]
+
+
+def greedy(model):
+    config = copy.deepcopy(model.generation_config)
+    config.update(max_new_tokens=STEPS, do_sample=False)
+    return config
+
+
+def _steps_until_eos(tokens: torch.Tensor, eos) -> int:
+    eos = {eos} if isinstance(eos, int) else set(eos or ())
+    for step, token in enumerate(tokens.tolist()):
+        if token in eos:
+            return step + 1
+    return len(tokens)
+
+
+def position_ids_like_generate(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+
+
+def recompute_without_cache(model, family, inputs, strategy, budget, steps):
+    """Greedy decoding by re-running the whole pruned sequence at every step, no KV cache."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    logits = []
+    for _ in range(steps):
+        step_inputs = dict(extra, input_ids=ids, attention_mask=mask, use_cache=False)
+        if "mm_token_type_ids" in inputs:
+            types = inputs["mm_token_type_ids"]
+            step_inputs["mm_token_type_ids"] = torch.cat([types, torch.zeros(types.shape[0], ids.shape[1] - types.shape[1], dtype=types.dtype)], 1)
+        else:
+            step_inputs["position_ids"] = position_ids_like_generate(mask)
+        with prune(model, strategy, budget):
+            last = model(**step_inputs).logits[:, -1]
+        logits.append(last)
+        ids = torch.cat([ids, last.argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids[:, -steps:], torch.stack(logits, 1)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_keep_all_reproduces_the_unpruned_logits_exactly(family_model, batch_size):
+    family, model = family_model
+    inputs = family.inputs(batch_size)
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        with prune(model, pruning_zoo.get_strategy("none"), 1.0) as run:
+            pruned = model(**inputs).logits
+    assert torch.equal(reference, pruned)
+    (record,) = run.records
+    assert [image.entering_llm for image in record.images] == [image.num_visual for image in record.images]
+
+
+def test_keep_all_is_exact_with_eager_attention_too(family_model):
+    family, model = family_model
+    inputs = family.inputs(3)
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            reference = model(**inputs).logits
+            with prune(model, pruning_zoo.get_strategy("none"), 1.0):
+                assert torch.equal(reference, model(**inputs).logits)
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.parametrize("case", range(5), ids=["random", "pool", "fastv-k1", "fastv-k2-renumber", "progressive"])
+def test_cached_generation_equals_recomputing_the_pruned_sequence(family_model, case):
+    family, model = family_model
+    label, strategy, budget = strategies_for(family)[case]
+    inputs = family.inputs(3)
+    recording = Recording(strategy)
+    with torch.no_grad():
+        with prune(model, recording, budget) as run:
+            generated = model.generate(**inputs, generation_config=greedy(model), output_logits=True,
+                                       return_dict_in_generate=True)
+        tokens, logits = recompute_without_cache(model, family, inputs, Replay(recording), budget, STEPS)
+    cached_tokens, cached_logits = generated.sequences[:, -STEPS:], torch.stack(generated.logits, 1)
+    # A row that emits EOS is padded afterwards; compare each row up to its EOS.
+    for row in range(cached_tokens.shape[0]):
+        steps = _steps_until_eos(cached_tokens[row], model.generation_config.eos_token_id)
+        assert torch.equal(cached_tokens[row, :steps], tokens[row, :steps]), label
+        torch.testing.assert_close(cached_logits[row, :steps], logits[row, :steps], rtol=1e-4, atol=1e-4)
+    assert len(run.records) == 1  # one prefill; decode steps do not re-prune
+
+
+def test_hooks_are_gone_after_the_block(family_model):
+    family, model = family_model
+    inputs = family.inputs(3)
+    hooks_before = _count_hooks(model)
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        with prune(model, pruning_zoo.get_strategy("fastv", k=1), 0.5):
+            assert model(**inputs).logits.shape[1] < reference.shape[1]
+        assert _count_hooks(model) == hooks_before
+        assert torch.equal(model(**inputs).logits, reference)
+
+
+def test_hooks_are_removed_when_the_block_raises(family_model):
+    family, model = family_model
+    hooks_before = _count_hooks(model)
+    with pytest.raises(RuntimeError, match="inside the block"):
+        with prune(model, pruning_zoo.get_strategy("random", **positions_for(family)), 2):
+            raise RuntimeError("inside the block")
+    assert _count_hooks(model) == hooks_before
+
+
+def _count_hooks(model) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def test_achieved_budgets_are_recorded(family_model):
+    family, model = family_model
+    inputs = family.inputs(3)
+    layers = model.config.get_text_config().num_hidden_layers
+    with torch.no_grad(), prune(model, pruning_zoo.get_strategy("random", **positions_for(family)), 4) as run:
+        model(**inputs)
+    for image in run.records[-1].images:
+        assert image.kept_per_layer == [4] * layers and image.entering_llm == 4 and image.average_per_layer == 4
+    with torch.no_grad(), prune(model, pruning_zoo.get_strategy("fastv", k=1), 0.5) as run:
+        model(**inputs)
+    for image in run.records[-1].images:
+        n = image.num_visual
+        kept = round((round(0.5 * n) * layers - n) / (layers - 1))
+        assert image.kept_per_layer == [n] + [kept] * (layers - 1)
+        assert image.entering_llm == n
+    # every sample lost exactly its images' dropped tokens after layer 0
+    record = run.records[-1]
+    for sample, tokens in enumerate(record.tokens_per_layer):
+        dropped = sum(i.num_visual - i.kept_per_layer[-1] for i in record.images if i.sample == sample)
+        assert tokens[0] - tokens[-1] == dropped
+
+
+def test_progressive_stages_compose(family_model):
+    family, model = family_model
+    with torch.no_grad(), prune(model, Progressive(positions_for(family)), 2) as run:
+        model(**family.inputs(3))
+    for image in run.records[-1].images:
+        assert image.kept_per_layer == [4, 3, 3, 2]
+
+
+def test_fastv_sees_the_attention_eager_attention_computes(family_model):
+    """The engine's last-token attention (from q/k projections, under SDPA) equals eager attention weights."""
+    family, model = family_model
+    inputs = family.inputs(3)
+    seen = []
+
+    class Spy(PruningStrategy):
+        name = "spy"
+        budget_meaning = BudgetMeaning.ENTERING_LLM
+        observes = frozenset({"last_token_attention"})
+
+        def plan(self, budget, num_visual, num_layers):
+            return (Stage(after_layer=1, keep=budget),)
+
+        def score(self, ctx):
+            seen.append(ctx.observe("last_token_attention"))
+            return ctx.observe("last_token_attention").mean(0)
+
+    with torch.no_grad():
+        with prune(model, Spy(positions_for(family)), 2):
+            model(**inputs)
+        model.set_attn_implementation("eager")
+        try:
+            attentions = model(**inputs, output_attentions=True).attentions
+        finally:
+            model.set_attn_implementation("sdpa")
+    image = inputs["input_ids"] == model.config.image_token_id
+    for sample in range(3):
+        expected = attentions[1][sample, :, -1, image[sample]].float()
+        torch.testing.assert_close(seen[sample], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "budget, message",
+    [(100, "larger than the 16 visual tokens"), (0, "at least 1 visual token"), (-2, "at least 1 visual token")],
+)
+def test_impossible_budgets_are_clear_errors(budget, message):
+    import tiny_models
+
+    family = tiny_models.FAMILIES["llava"]
+    model = family.model_class(family.config()).eval()
+    with pytest.raises(pruning_zoo.InvalidParameterError, match=message):
+        with prune(model, pruning_zoo.get_strategy("random"), budget):
+            model(**family.inputs(1))
+
+
+def test_a_stage_outside_the_model_is_a_clear_error():
+    import tiny_models
+
+    class TooDeep(Progressive):
+        def plan(self, budget, num_visual, num_layers):
+            return (Stage(after_layer=num_layers - 1, keep=budget),)
+
+    family = tiny_models.FAMILIES["llava"]
+    model = family.model_class(family.config()).eval()
+    with pytest.raises(pruning_zoo.InvalidParameterError, match="after layer 3, outside this model's decoder layers 0..2"):
+        with prune(model, TooDeep(), 2):
+            model(**family.inputs(1))
+    with pytest.raises(pruning_zoo.InvalidParameterError, match="fastv.k=4 must be below the model's 4"):
+        with prune(model, pruning_zoo.get_strategy("fastv", k=4), 0.5):
+            model(**family.inputs(1))
+
+
+def test_an_unknown_model_is_a_clear_error():
+    with pytest.raises(pruning_zoo.UnknownNameError, match="unknown model type .*'bert'.*known: llava"):
+        import transformers
+
+        model = transformers.BertModel(transformers.BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8))
+        with prune(model, pruning_zoo.get_strategy("none"), 1.0):
+            pass
