@@ -194,12 +194,13 @@ class PruningRun:
     def _prune_before_llm(self, input_ids: torch.Tensor, kwargs: dict) -> dict:
         embeds = kwargs["inputs_embeds"].clone()
         keep = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
-        for image in self._images:
+        for image_index, image in enumerate(self._images):
             stage = next((s for s in image.stages if not s.in_llm), None)
             if stage is None:
                 continue
             tokens = embeds[image.sample, image.positions]
-            selection = self._select(image, stage, tokens, observations={})
+            observations = self.adapter.vision_observations(image_index)
+            selection = self._select(image, stage, tokens, observations)
             kept = image.positions[selection.keep.to(image.positions.device)]
             if selection.features is not None:
                 embeds[image.sample, kept] = selection.features.to(embeds.dtype)

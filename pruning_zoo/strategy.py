@@ -94,14 +94,15 @@ class ScoreContext:
     #: Named extra tensors the strategy declared in `observes`, computed by the engine on first use.
     observations: Mapping[str, Callable[[], torch.Tensor]] = dataclasses.field(default_factory=dict)
 
-    def observe(self, name: str) -> torch.Tensor:
+    def observe(self, name: str, **options) -> torch.Tensor:
+        """An engine observation by name, e.g. `ctx.observe("vision_cls_attention", layer=-2)`."""
         if name not in self.observations:
             raise PruningZooError(
                 f"observation {name!r} is not available {self.stage}; the strategy must list it in "
                 f"`observes` and the model family must provide it. available here: "
                 f"{', '.join(sorted(self.observations)) or '(none)'}"
             )
-        return self.observations[name]()
+        return self.observations[name](**options)
 
 
 def top_k_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -292,3 +292,43 @@ def test_an_unknown_model_is_a_clear_error():
         model = transformers.BertModel(transformers.BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8))
         with prune(model, pruning_zoo.get_strategy("none"), 1.0):
             pass
+
+
+def test_vision_observations_equal_clip_eager_attention_and_keys():
+    """LLaVA: the CLS attention and keys at vision_feature_layer -2, as eager CLIP computes them."""
+    import tiny_models
+
+    family = tiny_models.FAMILIES["llava"]
+    torch.manual_seed(0)
+    model = family.model_class(family.config()).eval()
+    inputs = family.inputs(2)
+    seen = []
+
+    class Spy(Progressive):
+        def plan(self, budget, num_visual, num_layers):
+            return (Stage(after_layer=None, keep=budget),)
+
+        def score(self, ctx):
+            seen.append((ctx.observe("vision_cls_attention", layer=-2), ctx.observe("vision_keys")))
+            return seen[-1][0].sum(0)
+
+    with torch.no_grad():
+        with prune(model, Spy(), 4):
+            model(**inputs)
+        tower = model.model.vision_tower
+        tower.set_attn_implementation("eager")
+        outputs = tower(inputs["pixel_values"], output_attentions=True, output_hidden_states=True)
+        block = tower.encoder.layers[-2]
+        expected_keys = block.self_attn.k_proj(block.layer_norm1(outputs.hidden_states[-3]))
+    for image, (cls_attention, keys) in enumerate(seen):
+        torch.testing.assert_close(cls_attention, outputs.attentions[-2][image, :, 0, 1:], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(keys.flatten(1), expected_keys[image])
+    ctx_error = pytest.raises(pruning_zoo.PruningZooError, match="vision layer 9 names no CLIP block")
+    with ctx_error, torch.no_grad():
+
+        class Deep(Spy):
+            def score(self, ctx):
+                return ctx.observe("vision_cls_attention", layer=9)[0]
+
+        with prune(model, Deep(), 4):
+            model(**inputs)

@@ -65,8 +65,12 @@ class ModelAdapter:
         return [None] * len(counts)
 
     def vision_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
-        """Hooks that watch the vision tower (for per-image geometry); none by default."""
+        """Hooks that watch the vision tower (per-image geometry, encoder inputs); none by default."""
         return []
+
+    def vision_observations(self, image_index: int) -> dict:
+        """Vision-encoder observations for the `image_index`-th image of the batch; none by default."""
+        return {}
 
     # -- positions -----------------------------------------------------------------------------------
     def rotary_embedding(self, hidden_states: torch.Tensor, position_ids: torch.Tensor):
