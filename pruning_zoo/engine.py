@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 
 import torch
@@ -105,6 +106,9 @@ class PruningRun:
         self._current_kwargs: dict | None = None
         self._entry_length = 0
         self._attention_mask_2d: torch.Tensor | None = None
+        #: Per layer: its attention and MLP sub-block inputs and outputs, and the survivors it ran on.
+        self._sublayers: dict[int, dict[str, torch.Tensor]] = {}
+        self._survivors_at: dict[int, Survivors | None] = {}
 
     # -- hooks -----------------------------------------------------------------------------------------
     def attach(self) -> list[torch.utils.hooks.RemovableHandle]:
@@ -115,7 +119,21 @@ class PruningRun:
         )
         for index, layer in enumerate(self.adapter.layers):
             handles.append(layer.register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
+            if "sublayer_io" in self.strategy.observes:
+                handles += self._sublayer_hooks(index, layer)
         return handles
+
+    def _sublayer_hooks(self, index: int, layer: nn.Module) -> list:
+        def keep(part: str):
+            def hook(module, args, output):
+                if self._prefilling:
+                    self._sublayers.setdefault(index, {})[part] = output[0] if isinstance(output, tuple) else output
+
+            return hook
+
+        parts = {"attn_in": layer.input_layernorm, "attn_out": layer.self_attn,
+                 "mlp_in": layer.post_attention_layernorm, "mlp_out": layer.mlp}
+        return [module.register_forward_hook(keep(part)) for part, module in parts.items()]
 
     def _read_input_ids(self, module, args, kwargs):
         self._input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -142,6 +160,8 @@ class PruningRun:
             if self._prefilling and index - 1 in self._stage_layers:
                 args = (self._prune_in_llm(index, args[0], kwargs), *args[1:])
             kwargs = self._layer_kwargs(index, args[0], kwargs)
+            if self._prefilling:
+                self._survivors_at[index] = self._current
             if self._prefilling and index in self._stage_layers:
                 self._captured[index] = (args[0], kwargs)
             return args, kwargs
@@ -258,7 +278,9 @@ class PruningRun:
             if stage is None:
                 continue
             tokens = hidden[image.sample, image.positions]
-            selection = self._select(image, stage, tokens, probe.observations(image.sample, image.positions))
+            observations = probe.observations(image.sample, image.positions)
+            observations["sublayer_io"] = functools.partial(self._sublayer_io, image.sample, image.positions, stage)
+            selection = self._select(image, stage, tokens, observations)
             if selection.features is not None:
                 hidden[image.sample, image.positions[selection.keep]] = selection.features.to(hidden.dtype)
             dropped = torch.ones_like(image.positions, dtype=torch.bool)
@@ -273,6 +295,26 @@ class PruningRun:
         self._layer_survivors[index] = self._current
         self._record_layer_tokens(index)
         return step.gather(hidden, dim=1)
+
+    def _sublayer_io(self, sample: int, positions: torch.Tensor, stage: Stage, layer: int) -> dict:
+        """sublayer_io(layer): one sample's sub-block tensors at an earlier layer (TransPrune's TTV):
+        attn_in (input_layernorm output), attn_out (self_attn output before the residual add), mlp_in
+        (post_attention_layernorm output), mlp_out (mlp output), each [L_layer, d]; valid [L_layer] (real
+        tokens); image_rows [n]: this image's current tokens as rows of that layer's sequence."""
+        parts = self._sublayers.get(layer)
+        if parts is None or len(parts) < 4:
+            raise PruningZooError(
+                f"sub-block inputs/outputs of layer {layer} are not available {stage}; layers 0..{stage.after_layer} ran"
+            )
+        entry_rows = positions if self._current is None else self._current.index[sample, positions]
+        survivors = self._survivors_at[layer]
+        valid = self._valid_at_entry()
+        if survivors is None:
+            rows, valid = entry_rows, valid[sample]
+        else:
+            rows = torch.searchsorted(survivors.index[sample], entry_rows)
+            valid = valid.gather(1, survivors.index)[sample] & survivors.valid[sample]
+        return {**{part: tensor[sample] for part, tensor in parts.items()}, "valid": valid, "image_rows": rows}
 
     def _valid_at_entry(self) -> torch.Tensor:
         """[B, L] which positions entering the language model are real tokens (not padding, not fillers)."""

@@ -332,3 +332,39 @@ def test_vision_observations_equal_clip_eager_attention_and_keys():
 
         with prune(model, Deep(), 4):
             model(**inputs)
+
+
+def test_sublayer_io_matches_the_residual_stream(family_model):
+    """TTV's inputs: at an earlier layer, attn_in/attn_out/mlp_in/mlp_out agree with the hidden states the
+    unpruned model reports (h_next = h + attn_out + mlp_out, mlp_in = norm(h + attn_out))."""
+    family, model = family_model
+    inputs = family.inputs(3)
+    seen = []
+
+    class Spy(Progressive):
+        observes = frozenset({"sublayer_io"})
+
+        def plan(self, budget, num_visual, num_layers):
+            return (Stage(after_layer=1, keep=budget), Stage(after_layer=2, keep=budget - 1))
+
+        def score(self, ctx):
+            seen.append((ctx.stage.after_layer, ctx.observe("sublayer_io", layer=1), ctx.observe("sublayer_io", layer=ctx.stage.after_layer)))
+            return ctx.tokens.float().sum(-1)
+
+    with torch.no_grad():
+        with prune(model, Spy(positions_for(family)), 3):
+            model(**inputs)
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
+    layer = model.model.language_model.layers[1]
+    image = inputs["input_ids"] == model.config.image_token_id
+    first_stage = [entry for entry in seen if entry[0] == 1]
+    for sample, (_, io, _) in enumerate(first_stage):
+        h, valid = hidden[1][sample], io["valid"]
+        torch.testing.assert_close(io["attn_in"][valid], layer.input_layernorm(h)[valid])
+        torch.testing.assert_close(io["mlp_in"][valid], layer.post_attention_layernorm(h + io["attn_out"])[valid])
+        torch.testing.assert_close((h + io["attn_out"] + io["mlp_out"])[valid], hidden[2][sample][valid], rtol=1e-4, atol=1e-5)
+        assert torch.equal(io["image_rows"], image[sample].nonzero().flatten())
+    later = [entry for entry in seen if entry[0] == 2]
+    for _, early, current in later:
+        assert early["image_rows"].numel() == current["image_rows"].numel() == 3  # survivors of stage 1
+        assert current["attn_in"].shape[0] < early["attn_in"].shape[0]
