@@ -211,6 +211,22 @@ class PruningRun:
         check_selection(self.strategy.name, selection, stage, tokens)
         return selection
 
+    def _apply_stage(
+        self, image: _Image, stage: Stage, sequence: torch.Tensor, keep: torch.Tensor, observations: dict, first_layer: int
+    ) -> None:
+        """Select one image's tokens at a stage: write merged features into `sequence` [B, L, d] in place, clear
+        the dropped positions in `keep` [B, L], and count the survivors from decoder layer `first_layer` on."""
+        selection = self._select(image, stage, sequence[image.sample, image.positions], observations)
+        kept_index = selection.keep.to(image.positions.device)
+        kept = image.positions[kept_index]
+        if selection.features is not None:
+            sequence[image.sample, kept] = selection.features.to(sequence.dtype)
+        dropped = torch.ones_like(image.positions, dtype=torch.bool)
+        dropped[kept_index] = False
+        keep[image.sample, image.positions[dropped]] = False
+        image.positions = kept
+        image.kept_per_layer[first_layer:] = [stage.keep] * (self.adapter.num_layers - first_layer)
+
     def _prune_before_llm(self, input_ids: torch.Tensor, kwargs: dict) -> dict:
         embeds = kwargs["inputs_embeds"].clone()
         keep = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
@@ -218,17 +234,7 @@ class PruningRun:
             stage = next((s for s in image.stages if not s.in_llm), None)
             if stage is None:
                 continue
-            tokens = embeds[image.sample, image.positions]
-            observations = self.adapter.vision_observations(image_index)
-            selection = self._select(image, stage, tokens, observations)
-            kept = image.positions[selection.keep.to(image.positions.device)]
-            if selection.features is not None:
-                embeds[image.sample, kept] = selection.features.to(embeds.dtype)
-            dropped = torch.ones_like(image.positions, dtype=torch.bool)
-            dropped[selection.keep] = False
-            keep[image.sample, image.positions[dropped]] = False
-            image.positions = kept
-            image.kept_per_layer = [stage.keep] * self.adapter.num_layers
+            self._apply_stage(image, stage, embeds, keep, self.adapter.vision_observations(image_index), first_layer=0)
         survivors = Survivors.from_keep_mask(keep)
         self._entry = survivors
         self._relocate_images(survivors)
@@ -255,10 +261,11 @@ class PruningRun:
 
     def _relocate_images(self, survivors: Survivors) -> None:
         """Re-express image positions in the coordinates of the pruned sequence."""
-        lookup = torch.full((survivors.index.shape[0], survivors.source_length), -1, dtype=torch.long)
-        lookup.scatter_(1, survivors.index.cpu(), torch.arange(survivors.index.shape[1]).expand_as(survivors.index))
+        index = survivors.index
+        lookup = torch.full((index.shape[0], survivors.source_length), -1, dtype=torch.long, device=index.device)
+        lookup.scatter_(1, index, torch.arange(index.shape[1], device=index.device).expand_as(index))
         for image in self._images:
-            image.positions = lookup[image.sample, image.positions.cpu()].to(survivors.index.device)
+            image.positions = lookup[image.sample, image.positions]
 
     def _prune_in_llm(self, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """Drop visual tokens after layer index-1 from the hidden states entering layer `index`."""
@@ -277,17 +284,9 @@ class PruningRun:
             stage = next((s for s in image.stages if s.after_layer == stage_layer), None)
             if stage is None:
                 continue
-            tokens = hidden[image.sample, image.positions]
             observations = probe.observations(image.sample, image.positions)
             observations["sublayer_io"] = functools.partial(self._sublayer_io, image.sample, image.positions, stage)
-            selection = self._select(image, stage, tokens, observations)
-            if selection.features is not None:
-                hidden[image.sample, image.positions[selection.keep]] = selection.features.to(hidden.dtype)
-            dropped = torch.ones_like(image.positions, dtype=torch.bool)
-            dropped[selection.keep] = False
-            keep[image.sample, image.positions[dropped]] = False
-            image.positions = image.positions[selection.keep]
-            image.kept_per_layer[index:] = [stage.keep] * (self.adapter.num_layers - index)
+            self._apply_stage(image, stage, hidden, keep, observations, first_layer=index)
         step = Survivors.from_keep_mask(keep)
         self._relocate_images(step)
         self._current = step if self._current is None else self._current.then(step)
