@@ -92,6 +92,8 @@ class PruningRun:
         self.records: list[ForwardRecord] = []
         self._input_ids: torch.Tensor | None = None
         self._prefilling = False
+        #: Position ids entering the language model at the current decode step.
+        self._decode_positions: torch.Tensor | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -104,11 +106,17 @@ class PruningRun:
         self._captured: dict[int, tuple[torch.Tensor, dict]] = {}
         self._current: Survivors | None = None
         self._current_kwargs: dict | None = None
-        self._entry_length = 0
         self._attention_mask_2d: torch.Tensor | None = None
         #: Per layer: its attention and MLP sub-block inputs and outputs, and the survivors it ran on.
         self._sublayers: dict[int, dict[str, torch.Tensor]] = {}
         self._survivors_at: dict[int, Survivors | None] = {}
+        #: Position ids of the current sequence ([B, L], or [axes, B, L] for multi-axis positions).
+        self._positions: torch.Tensor | None = None
+        #: From a layer on: the position ids of its sequence at prefill (set where an in-LLM stage applies).
+        self._positions_from_layer: dict[int, torch.Tensor] = {}
+        #: [B] how far renumbering moved positions after the prompt: before the LLM, and from each layer on.
+        self._entry_shift: torch.Tensor | None = None
+        self._shift_from_layer: dict[int, torch.Tensor] = {}
 
     # -- hooks -----------------------------------------------------------------------------------------
     def attach(self) -> list[torch.utils.hooks.RemovableHandle]:
@@ -152,8 +160,9 @@ class PruningRun:
                 return None
             return args, self._prefill(ids, kwargs)
         if self._entry is not None:
-            return args, self._translate_decode_inputs(kwargs)
-        return None
+            kwargs = self._translate_decode_inputs(kwargs)
+        self._decode_positions = kwargs.get("position_ids")
+        return args, kwargs
 
     def _layer_hook(self, index: int) -> Callable:
         def hook(module, args, kwargs):
@@ -182,14 +191,15 @@ class PruningRun:
                 self._images.append(
                     _Image(sample, num_visual, image_positions, stages, [num_visual] * num_layers, next(grids))
                 )
-        if any(image.stages for image in self._images):
-            self.adapter.check_positions(self.strategy.params.positions)
         self._stage_layers = {s.after_layer for image in self._images for s in image.stages if s.in_llm}
         self._attention_mask_2d = kwargs.get("attention_mask")
 
         if any(not s.in_llm for image in self._images for s in image.stages):
             kwargs = self._prune_before_llm(input_ids, kwargs)
-        self._entry_length = kwargs["inputs_embeds"].shape[1]
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            positions = torch.arange(kwargs["inputs_embeds"].shape[1], device=input_ids.device)[None]
+        self._positions = positions
         self._record_tokens_entering()
         return kwargs
 
@@ -213,9 +223,10 @@ class PruningRun:
 
     def _apply_stage(
         self, image: _Image, stage: Stage, sequence: torch.Tensor, keep: torch.Tensor, observations: dict, first_layer: int
-    ) -> None:
+    ) -> tuple[int, torch.Tensor, torch.Tensor]:
         """Select one image's tokens at a stage: write merged features into `sequence` [B, L, d] in place, clear
-        the dropped positions in `keep` [B, L], and count the survivors from decoder layer `first_layer` on."""
+        the dropped positions in `keep` [B, L], and count the survivors from decoder layer `first_layer` on.
+        Returns (sample, positions before, positions kept), in the stage's coordinates."""
         selection = self._select(image, stage, sequence[image.sample, image.positions], observations)
         kept_index = selection.keep.to(image.positions.device)
         kept = image.positions[kept_index]
@@ -224,19 +235,26 @@ class PruningRun:
         dropped = torch.ones_like(image.positions, dtype=torch.bool)
         dropped[kept_index] = False
         keep[image.sample, image.positions[dropped]] = False
-        image.positions = kept
+        before, image.positions = image.positions, kept
         image.kept_per_layer[first_layer:] = [stage.keep] * (self.adapter.num_layers - first_layer)
+        return image.sample, before, kept
 
     def _prune_before_llm(self, input_ids: torch.Tensor, kwargs: dict) -> dict:
         embeds = kwargs["inputs_embeds"].clone()
         keep = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+        changes = []
         for image_index, image in enumerate(self._images):
             stage = next((s for s in image.stages if not s.in_llm), None)
             if stage is None:
                 continue
-            self._apply_stage(image, stage, embeds, keep, self.adapter.vision_observations(image_index), first_layer=0)
+            observations = self.adapter.vision_observations(image_index)
+            changes.append(self._apply_stage(image, stage, embeds, keep, observations, first_layer=0))
         survivors = Survivors.from_keep_mask(keep)
         self._entry = survivors
+        positions = kwargs.get("position_ids")
+        if positions is None:  # the model would count 0..L-1; make that explicit before dropping
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        positions, self._entry_shift = self._positions_after(positions, survivors, changes)
         self._relocate_images(survivors)
 
         kwargs = dict(kwargs)
@@ -246,18 +264,17 @@ class PruningRun:
             mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
         if mask is not None:
             kwargs["attention_mask"] = survivors.gather(mask, dim=1) * survivors.valid.to(mask.dtype)
-        kwargs["position_ids"] = self._entry_positions(kwargs.get("position_ids"), survivors, input_ids.shape[1])
+        kwargs["position_ids"] = positions
         return kwargs
 
-    def _entry_positions(self, position_ids, survivors: Survivors, length: int) -> torch.Tensor:
-        if position_ids is None:  # the model would count 0..L-1; make that explicit before dropping
-            position_ids = torch.arange(length, device=survivors.index.device)[None]
-        gathered = survivors.gather(position_ids, dim=-1) if position_ids.dim() == 2 else torch.stack(
-            [survivors.gather(axis, dim=-1) for axis in position_ids]
-        )
-        if self.strategy.params.positions == "renumber":
-            gathered = gathered - survivors.dropped_before()
-        return gathered
+    def _positions_after(self, positions: torch.Tensor, step: Survivors, changes: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position ids of the survivors of `step` (kept, or renumbered by the adapter's rule) and, per sample,
+        how far renumbering moved the positions after the prompt (zero when positions are kept)."""
+        gathered = gather_axes(positions, step)
+        if self.strategy.params.positions == "keep":
+            return gathered, torch.zeros(step.index.shape[0], dtype=torch.long, device=step.index.device)
+        shift, total = self.adapter.renumber_shift(positions, step, changes)
+        return gathered - shift, total
 
     def _relocate_images(self, survivors: Survivors) -> None:
         """Re-express image positions in the coordinates of the pruned sequence."""
@@ -280,14 +297,19 @@ class PruningRun:
         )
         hidden = hidden.clone()
         keep = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        changes = []
         for image in self._images:
             stage = next((s for s in image.stages if s.after_layer == stage_layer), None)
             if stage is None:
                 continue
             observations = probe.observations(image.sample, image.positions)
             observations["sublayer_io"] = functools.partial(self._sublayer_io, image.sample, image.positions, stage)
-            self._apply_stage(image, stage, hidden, keep, observations, first_layer=index)
+            changes.append(self._apply_stage(image, stage, hidden, keep, observations, first_layer=index))
         step = Survivors.from_keep_mask(keep)
+        self._positions, shift = self._positions_after(self._positions, step, changes)
+        self._positions_from_layer[index] = self._positions
+        previous = [self._shift_from_layer[layer] for layer in self._shift_from_layer if layer < index]
+        self._shift_from_layer[index] = shift + (previous[-1] if previous else 0)
         self._relocate_images(step)
         self._current = step if self._current is None else self._current.then(step)
         self._current_kwargs = None
@@ -339,15 +361,20 @@ class PruningRun:
             return kwargs
         if self._prefilling:
             if self._current_kwargs is None:
-                self._current_kwargs = self._prefill_layer_kwargs(survivors, hidden, kwargs)
+                self._current_kwargs = self._prefill_layer_kwargs(index, survivors, hidden, kwargs)
             return {**kwargs, **self._current_kwargs}
-        return {**kwargs, **self._decode_layer_kwargs(survivors, hidden, kwargs)}
+        return {**kwargs, **self._decode_layer_kwargs(index, survivors, hidden, kwargs)}
 
     def _survivors_for_layer(self, index: int) -> Survivors | None:
-        first = [layer for layer in self._layer_survivors if layer <= index]
-        return self._layer_survivors[max(first)] if first else None
+        first = self._stage_start(index)
+        return None if first is None else self._layer_survivors[first]
 
-    def _prefill_layer_kwargs(self, survivors: Survivors, hidden: torch.Tensor, kwargs: dict) -> dict:
+    def _stage_start(self, index: int) -> int | None:
+        """The first layer of the in-LLM stage whose sequence layer `index` runs on (None: the entry's)."""
+        starts = [layer for layer in self._layer_survivors if layer <= index]
+        return max(starts) if starts else None
+
+    def _prefill_layer_kwargs(self, index: int, survivors: Survivors, hidden: torch.Tensor, kwargs: dict) -> dict:
         result = {}
         mask = kwargs.get("attention_mask")
         if mask is not None:
@@ -355,21 +382,17 @@ class PruningRun:
         elif survivors.has_fillers:
             mask = causal_mask(survivors.index, survivors.index, survivors.valid, self._mask_dtype(hidden))
         result["attention_mask"] = mask
-        position_ids = kwargs.get("position_ids")
-        if position_ids is not None:
-            result["position_ids"] = survivors.gather(position_ids, dim=-1)
-        cos, sin = kwargs["position_embeddings"]
+        positions = self._positions_from_layer[self._stage_start(index)]
+        if kwargs.get("position_ids") is not None:
+            result["position_ids"] = self.adapter.layer_position_ids(positions)
         if self.strategy.params.positions == "renumber":
-            if position_ids is None:
-                position_ids = torch.arange(self._entry_length, device=hidden.device)[None]
-            renumbered = survivors.gather(position_ids, dim=-1) - survivors.dropped_before()
-            result["position_embeddings"] = self.adapter.rotary_embedding(hidden, renumbered)
-            result["position_ids"] = renumbered
-        else:
+            result["position_embeddings"] = self.adapter.rotary_embedding(hidden, positions)
+        else:  # the model's own tables for the kept positions, bit for bit
+            cos, sin = kwargs["position_embeddings"]
             result["position_embeddings"] = (survivors.gather(cos, dim=-2), survivors.gather(sin, dim=-2))
         return result
 
-    def _decode_layer_kwargs(self, survivors: Survivors, hidden: torch.Tensor, kwargs: dict) -> dict:
+    def _decode_layer_kwargs(self, index: int, survivors: Survivors, hidden: torch.Tensor, kwargs: dict) -> dict:
         result = {}
         mask = kwargs.get("attention_mask")
         # Layer 0 (never pruned inside the LLM) has already cached this step: it holds the whole key axis.
@@ -381,12 +404,15 @@ class PruningRun:
             queries = torch.arange(total - hidden.shape[1], total, device=hidden.device).expand(columns.shape[0], -1)
             result["attention_mask"] = causal_mask(queries, columns, valid, self._mask_dtype(hidden))
         if self.strategy.params.positions == "renumber":
-            position_ids = kwargs.get("position_ids")
-            if position_ids is None:
-                raise PruningZooError("renumbered positions need explicit position_ids when decoding (generate passes them)")
-            renumbered = position_ids - survivors.total_dropped()[:, None]
-            result["position_embeddings"] = self.adapter.rotary_embedding(hidden, renumbered)
-            result["position_ids"] = renumbered
+            if self._decode_positions is None:
+                raise PruningZooError(
+                    "renumbered positions need explicit position_ids when decoding; generate() passes them, "
+                    "a hand-written decoding loop must too"
+                )
+            positions = self._decode_positions - self._shift_from_layer[self._stage_start(index)][:, None]
+            result["position_embeddings"] = self.adapter.rotary_embedding(hidden, positions)
+            if kwargs.get("position_ids") is not None:
+                result["position_ids"] = self.adapter.layer_position_ids(positions)
         return result
 
     def _mask_dtype(self, hidden: torch.Tensor):
@@ -409,7 +435,7 @@ class PruningRun:
             kwargs["attention_mask"] = valid.long()
         position_ids = kwargs.get("position_ids")
         if position_ids is not None and self.strategy.params.positions == "renumber":
-            kwargs["position_ids"] = position_ids - survivors.total_dropped()[:, None]
+            kwargs["position_ids"] = position_ids - self._entry_shift[:, None]
         return kwargs
 
     # -- records -----------------------------------------------------------------------------------------
@@ -428,6 +454,13 @@ class PruningRun:
         counts = self._current_valid().sum(dim=1).tolist()
         for sample, count in enumerate(counts):
             self.records[-1].tokens_per_layer[sample][index:] = [int(count)] * (self.adapter.num_layers - index)
+
+def gather_axes(positions: torch.Tensor, survivors: Survivors) -> torch.Tensor:
+    """Survivors of position ids [B, L] or multi-axis [axes, B, L] (M-RoPE)."""
+    if positions.dim() == 2:
+        return survivors.gather(positions, dim=-1)
+    return torch.stack([survivors.gather(axis, dim=-1) for axis in positions])
+
 
 def check_plan(name: str, stages: tuple[Stage, ...], num_visual: int, num_layers: int) -> None:
     """A plan is stages in forward order, each keeping between 1 and the tokens left, inside the model."""

@@ -43,7 +43,8 @@ class StrategyParams:
     positions: Literal["keep", "renumber"] = pydantic.Field(
         default="renumber",
         description="position ids of kept tokens after a drop: 'keep' the original ones (gaps) or "
-        "'renumber' them contiguously",
+        "'renumber' them contiguously (M-RoPE: each image's kept tokens keep their 3-D layout and the tokens "
+        "after it close the gap)",
     )
 
 

@@ -15,11 +15,6 @@ from pruning_zoo.strategy import BudgetMeaning, PruningStrategy, Selection, Stag
 STEPS = 4
 
 
-def positions_for(family) -> dict:
-    # 3-D M-RoPE positions have no contiguous renumbering: Qwen families keep original positions.
-    return {"positions": "keep"} if family.name.startswith("qwen") else {}
-
-
 class Progressive(PruningStrategy):
     """Test strategy: a pre-LLM stage and two in-LLM stages, scored by token feature sums."""
 
@@ -72,15 +67,14 @@ class Replay(Recording):
         return selection
 
 
-def strategies_for(family):
-    keep = positions_for(family)
-    return [
-        ("random", pruning_zoo.get_strategy("random", **keep), 0.5),
-        ("pool", pruning_zoo.get_strategy("pool", **keep), 0.5),
-        ("fastv-k1", pruning_zoo.get_strategy("fastv", k=1), 0.6),
-        ("fastv-k2-renumber", pruning_zoo.get_strategy("fastv", k=2, **({"positions": "renumber"} | keep)), 0.75),
-        ("progressive", Progressive(keep), 3),
-    ]
+CASES = {
+    "random": lambda: (pruning_zoo.get_strategy("random"), 0.5),
+    "pool-keep-positions": lambda: (pruning_zoo.get_strategy("pool", positions="keep"), 0.5),
+    "fastv-k1": lambda: (pruning_zoo.get_strategy("fastv", k=1), 0.6),
+    "fastv-k2-renumber": lambda: (pruning_zoo.get_strategy("fastv", k=2, positions="renumber"), 0.75),
+    "progressive-renumber": lambda: (Progressive(), 3),
+    "progressive-keep": lambda: (Progressive({"positions": "keep"}), 3),
+}
 
 
 def greedy(model):
@@ -147,10 +141,10 @@ def test_keep_all_is_exact_with_eager_attention_too(family_model):
         model.set_attn_implementation("sdpa")
 
 
-@pytest.mark.parametrize("case", range(5), ids=["random", "pool", "fastv-k1", "fastv-k2-renumber", "progressive"])
-def test_cached_generation_equals_recomputing_the_pruned_sequence(family_model, case):
+@pytest.mark.parametrize("label", CASES)
+def test_cached_generation_equals_recomputing_the_pruned_sequence(family_model, label):
     family, model = family_model
-    label, strategy, budget = strategies_for(family)[case]
+    strategy, budget = CASES[label]()
     inputs = family.inputs(3)
     recording = Recording(strategy)
     with torch.no_grad():
@@ -184,7 +178,7 @@ def test_hooks_are_removed_when_the_block_raises(family_model):
     family, model = family_model
     hooks_before = _count_hooks(model)
     with pytest.raises(RuntimeError, match="inside the block"):
-        with prune(model, pruning_zoo.get_strategy("random", **positions_for(family)), 2):
+        with prune(model, pruning_zoo.get_strategy("random"), 2):
             raise RuntimeError("inside the block")
     assert _count_hooks(model) == hooks_before
 
@@ -197,7 +191,7 @@ def test_achieved_budgets_are_recorded(family_model):
     family, model = family_model
     inputs = family.inputs(3)
     layers = model.config.get_text_config().num_hidden_layers
-    with torch.no_grad(), prune(model, pruning_zoo.get_strategy("random", **positions_for(family)), 4) as run:
+    with torch.no_grad(), prune(model, pruning_zoo.get_strategy("random"), 4) as run:
         model(**inputs)
     for image in run.records[-1].images:
         assert image.kept_per_layer == [4] * layers and image.entering_llm == 4 and image.average_per_layer == 4
@@ -217,7 +211,7 @@ def test_achieved_budgets_are_recorded(family_model):
 
 def test_progressive_stages_compose(family_model):
     family, model = family_model
-    with torch.no_grad(), prune(model, Progressive(positions_for(family)), 2) as run:
+    with torch.no_grad(), prune(model, Progressive(), 2) as run:
         model(**family.inputs(3))
     for image in run.records[-1].images:
         assert image.kept_per_layer == [4, 3, 3, 2]
@@ -242,7 +236,7 @@ def test_fastv_sees_the_attention_eager_attention_computes(family_model):
             return ctx.observe("last_token_attention").mean(0)
 
     with torch.no_grad():
-        with prune(model, Spy(positions_for(family)), 2):
+        with prune(model, Spy(), 2):
             model(**inputs)
         model.set_attn_implementation("eager")
         try:
@@ -353,7 +347,7 @@ def test_sublayer_io_matches_the_residual_stream(family_model):
             return ctx.tokens.float().sum(-1)
 
     with torch.no_grad():
-        with prune(model, Spy(positions_for(family)), 3):
+        with prune(model, Spy(), 3):
             model(**inputs)
         hidden = model(**inputs, output_hidden_states=True).hidden_states
     layer = model.model.language_model.layers[1]
@@ -369,3 +363,58 @@ def test_sublayer_io_matches_the_residual_stream(family_model):
     for _, early, current in later:
         assert early["image_rows"].numel() == current["image_rows"].numel() == 3  # survivors of stage 1
         assert current["attn_in"].shape[0] < early["attn_in"].shape[0]
+
+
+class KeepFirst(PruningStrategy):
+    """Test strategy: before the LLM, keep the image's first `budget` tokens (a raster-order prefix)."""
+
+    name = "keep-first"
+    budget_meaning = BudgetMeaning.ENTERING_LLM
+
+    def plan(self, budget, num_visual, num_layers):
+        return (Stage(after_layer=None, keep=budget),)
+
+    def score(self, ctx):
+        return -torch.arange(ctx.tokens.shape[0], dtype=torch.float)
+
+
+def positions_entering_the_llm(model, inputs, strategy, budget):
+    seen = {}
+
+    def spy(module, args, kwargs):
+        seen["positions"] = kwargs["position_ids"]
+
+    with torch.no_grad(), prune(model, strategy, budget):
+        handle = model.model.language_model.register_forward_pre_hook(spy, with_kwargs=True)
+        try:
+            model(**inputs)
+        finally:
+            handle.remove()
+    return seen["positions"]
+
+
+@pytest.mark.parametrize("family_name", ["llava", "qwen2_vl"])
+def test_renumbered_positions_follow_the_family_rule(family_name, tmp_path):
+    """1-D positions become contiguous; M-RoPE keeps the kept tokens' (t, h, w) and moves the text after the
+    image down by the span the image lost: keeping the first 4 of a 4x4 merged grid (one row) spans the same
+    width, keeping 6 (a row and a half) too, but keeping 2 drops the span from 4 to 2."""
+    import tiny_models
+
+    family = tiny_models.FAMILIES[family_name]
+    model = family.build(tmp_path)
+    inputs = family.inputs(1)
+    image = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+    full = positions_entering_the_llm(model, inputs, pruning_zoo.get_strategy("none"), 1.0)
+    if family_name == "llava":
+        renumbered = positions_entering_the_llm(model, inputs, KeepFirst(), 5)
+        length = inputs["input_ids"].shape[1]
+        assert full is None  # LLaVA counts 0..L-1 itself when not given positions
+        assert renumbered.tolist() == [list(range(length - (image.numel() - 5)))]
+        kept = positions_entering_the_llm(model, inputs, KeepFirst({"positions": "keep"}), 5)
+        assert kept[0, -1] == length - 1 and kept[0, int(image[0]) + 5] == int(image[-1]) + 1
+        return
+    first, last = int(image[0]), int(image[-1])
+    for budget, gap in [(4, 0), (6, 0), (2, 2)]:
+        renumbered = positions_entering_the_llm(model, inputs, KeepFirst(), budget)
+        assert torch.equal(renumbered[:, 0, : first + budget], full[:, 0, : first + budget])
+        assert torch.equal(renumbered[:, 0, first + budget :], full[:, 0, last + 1 :] - gap), budget

@@ -9,15 +9,13 @@ import torch
 from torch import nn
 
 from pruning_zoo.errors import PruningZooError
+from pruning_zoo.sequence import Survivors
 
 
 class ModelAdapter:
     """Adapter for a transformers `...ForConditionalGeneration` VLM whose decoder layers follow the Llama
     layout (input_layernorm, self_attn.{q,k}_proj, post_attention_layernorm, mlp) and whose rotary
     embedding is folded into (cos, sin) tensors with the sequence on dim -2."""
-
-    #: Whether 'renumber' position ids are defined for this family's position scheme.
-    supports_renumbered_positions = True
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -76,9 +74,14 @@ class ModelAdapter:
     def rotary_embedding(self, hidden_states: torch.Tensor, position_ids: torch.Tensor):
         return self.language_model.rotary_emb(hidden_states, position_ids)
 
-    def check_positions(self, positions: str) -> None:
-        if positions == "renumber" and not self.supports_renumbered_positions:
-            raise PruningZooError(
-                f"positions='renumber' is not defined for {type(self.model).__name__}'s multi-axis positions; "
-                "set the strategy's positions parameter to 'keep'"
-            )
+    def layer_position_ids(self, positions: torch.Tensor) -> torch.Tensor:
+        """The `position_ids` decoder layers receive, given the sequence's position ids."""
+        return positions
+
+    def renumber_shift(self, positions: torch.Tensor, step: Survivors, changes) -> tuple[torch.Tensor, torch.Tensor]:
+        """How far `positions='renumber'` moves each survivor of `step` down, [B, L'], and per sample how far
+        it moves every later (generated) token, [B]. `changes` lists (sample, image positions before, kept).
+
+        1-D positions: every survivor moves down by the tokens dropped before it, so positions stay contiguous.
+        """
+        return step.dropped_before(), step.total_dropped()
