@@ -28,6 +28,7 @@ from torch import nn
 from pruning_zoo.adapters import ModelAdapter, adapter_for
 from pruning_zoo.budget import Budget, check_budget, resolve_budget
 from pruning_zoo.errors import InvalidParameterError, PruningZooError
+from pruning_zoo.flops import Convention, DecoderShape, llm_flops
 from pruning_zoo.observe import AttentionProbe
 from pruning_zoo.sequence import Survivors, causal_mask, gather_positions, mask_invalid_keys
 from pruning_zoo.strategy import PruningStrategy, ScoreContext, Selection, Stage
@@ -41,6 +42,8 @@ class ImageRecord:
     num_visual: int
     #: Visual tokens of this image in each decoder layer.
     kept_per_layer: list[int]
+    #: Multiply-accumulates of the vision tower and projector for this image (the flops.py convention).
+    vision_flops: int
 
     @property
     def entering_llm(self) -> int:
@@ -58,6 +61,18 @@ class ForwardRecord:
     images: list[ImageRecord]
     #: Per sample, the non-padding tokens (text and visual) each decoder layer processed.
     tokens_per_layer: list[list[int]]
+    decoder: DecoderShape
+
+    def llm_flops(self, convention: Convention) -> list[int]:
+        """Per sample, the decoder layers' FLOPs for this forward, from the tokens each layer processed."""
+        return [llm_flops(tokens, self.decoder, convention) for tokens in self.tokens_per_layer]
+
+    def vision_flops(self) -> list[int]:
+        """Per sample, the vision tower's and projector's FLOPs for its images."""
+        totals = [0] * len(self.tokens_per_layer)
+        for image in self.images:
+            totals[image.sample] += image.vision_flops
+        return totals
 
 
 @contextlib.contextmanager
@@ -81,6 +96,7 @@ class _Image:
     stages: tuple[Stage, ...]
     kept_per_layer: list[int]
     grid: tuple[int, int] | None
+    vision_flops: int
 
 
 class PruningRun:
@@ -121,7 +137,7 @@ class PruningRun:
     # -- hooks -----------------------------------------------------------------------------------------
     def attach(self) -> list[torch.utils.hooks.RemovableHandle]:
         handles = [self.adapter.model.model.register_forward_pre_hook(self._read_input_ids, with_kwargs=True)]
-        handles += self.adapter.vision_hooks()
+        handles += self.adapter.vision_hooks(self.strategy.observes)
         handles.append(
             self.adapter.language_model.register_forward_pre_hook(self._enter_language_model, with_kwargs=True)
         )
@@ -145,6 +161,7 @@ class PruningRun:
 
     def _read_input_ids(self, module, args, kwargs):
         self._input_ids = kwargs.get("input_ids", args[0] if args else None)
+        self.adapter.read_inputs(kwargs)
 
     def _enter_language_model(self, module, args, kwargs):
         embeds = kwargs.get("inputs_embeds")
@@ -188,8 +205,9 @@ class PruningRun:
                 num_visual = int(image_positions.numel())
                 stages = self.strategy.plan(resolve_budget(self.budget, num_visual), num_visual, num_layers)
                 check_plan(self.strategy.name, stages, num_visual, num_layers)
+                vision_flops = self.adapter.vision_flops(len(self._images), num_visual)
                 self._images.append(
-                    _Image(sample, num_visual, image_positions, stages, [num_visual] * num_layers, next(grids))
+                    _Image(sample, num_visual, image_positions, stages, [num_visual] * num_layers, next(grids), vision_flops)
                 )
         self._stage_layers = {s.after_layer for image in self._images for s in image.stages if s.in_llm}
         self._attention_mask_2d = kwargs.get("attention_mask")
@@ -247,7 +265,7 @@ class PruningRun:
             stage = next((s for s in image.stages if not s.in_llm), None)
             if stage is None:
                 continue
-            observations = self.adapter.vision_observations(image_index)
+            observations = self.adapter.vision_observations(image_index, image.num_visual)
             changes.append(self._apply_stage(image, stage, embeds, keep, observations, first_layer=0))
         survivors = Survivors.from_keep_mask(keep)
         self._entry = survivors
@@ -445,8 +463,12 @@ class PruningRun:
         self.records.append(
             ForwardRecord(
                 # kept_per_layer is shared with the image, so later in-LLM stages update the record.
-                images=[ImageRecord(image.sample, image.num_visual, image.kept_per_layer) for image in self._images],
+                images=[
+                    ImageRecord(image.sample, image.num_visual, image.kept_per_layer, image.vision_flops)
+                    for image in self._images
+                ],
                 tokens_per_layer=[[int(count)] * layers for count in counts],
+                decoder=DecoderShape.from_config(self.adapter.text_config),
             )
         )
 

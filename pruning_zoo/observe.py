@@ -4,10 +4,12 @@ q/k projections and rotary tables for the chosen query rows only, so the model k
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 
-from pruning_zoo.adapters import ModelAdapter
+if TYPE_CHECKING:
+    from pruning_zoo.adapters import ModelAdapter
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -96,7 +96,7 @@ class ScoreContext:
     observations: Mapping[str, Callable[[], torch.Tensor]] = dataclasses.field(default_factory=dict)
 
     def observe(self, name: str, **options) -> torch.Tensor:
-        """An engine observation by name, e.g. `ctx.observe("vision_cls_attention", layer=-2)`."""
+        """An engine observation by name, e.g. `ctx.observe("vision_attention", layer=-2)`."""
         if name not in self.observations:
             raise PruningZooError(
                 f"observation {name!r} is not available {self.stage}; the strategy must list it in "

@@ -289,44 +289,142 @@ def test_an_unknown_model_is_a_clear_error():
             pass
 
 
-def test_vision_observations_equal_clip_eager_attention_and_keys():
-    """LLaVA: the CLS attention and keys at vision_feature_layer -2, as eager CLIP computes them."""
+class VisionSpy(PruningStrategy):
+    """Test strategy: a pre-LLM stage that records every vision observation of every image."""
+
+    name = "vision-spy"
+    budget_meaning = BudgetMeaning.ENTERING_LLM
+    observes = frozenset({"vision_attention", "vision_keys", "vision_features", "vision_project"})
+
+    def __init__(self, params=None):
+        super().__init__(params)
+        self.seen = []
+
+    def plan(self, budget, num_visual, num_layers):
+        return (Stage(after_layer=None, keep=budget),)
+
+    def score(self, ctx):
+        features = ctx.observe("vision_features")
+        seen = {
+            "attention": ctx.observe("vision_attention", layer=-2),
+            "keys": ctx.observe("vision_keys", layer=-2),
+            "features": features,
+            "projected": ctx.observe("vision_project", features=features),
+            "tokens": ctx.tokens,
+        }
+        if "vision_cls_features" in ctx.observations:
+            seen["cls"] = ctx.observe("vision_cls_features")
+        self.seen.append(seen)
+        return seen["attention"].sum(0)
+
+
+def observe_vision(model, inputs, budget=2):
+    spy = VisionSpy()
+    with torch.no_grad(), prune(model, spy, budget):
+        model(**inputs)
+    return spy.seen
+
+
+def test_llava_vision_observations_equal_eager_clip():
+    """LLaVA: CLS attention, keys and features at vision_feature_layer -2, as eager CLIP computes them."""
     import tiny_models
 
     family = tiny_models.FAMILIES["llava"]
     torch.manual_seed(0)
     model = family.model_class(family.config()).eval()
     inputs = family.inputs(2)
-    seen = []
-
-    class Spy(Progressive):
-        def plan(self, budget, num_visual, num_layers):
-            return (Stage(after_layer=None, keep=budget),)
-
-        def score(self, ctx):
-            seen.append((ctx.observe("vision_cls_attention", layer=-2), ctx.observe("vision_keys")))
-            return seen[-1][0].sum(0)
-
+    seen = observe_vision(model, inputs)
     with torch.no_grad():
-        with prune(model, Spy(), 4):
-            model(**inputs)
         tower = model.model.vision_tower
         tower.set_attn_implementation("eager")
         outputs = tower(inputs["pixel_values"], output_attentions=True, output_hidden_states=True)
         block = tower.encoder.layers[-2]
         expected_keys = block.self_attn.k_proj(block.layer_norm1(outputs.hidden_states[-3]))
-    for image, (cls_attention, keys) in enumerate(seen):
-        torch.testing.assert_close(cls_attention, outputs.attentions[-2][image, :, 0, 1:], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(keys.flatten(1), expected_keys[image])
-    ctx_error = pytest.raises(pruning_zoo.PruningZooError, match="vision layer 9 names no CLIP block")
-    with ctx_error, torch.no_grad():
+    for image, observed in enumerate(seen):
+        torch.testing.assert_close(observed["attention"], outputs.attentions[-2][image, :, 0, 1:], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(observed["keys"].flatten(1), expected_keys[image, 1:])
+        torch.testing.assert_close(observed["features"], outputs.hidden_states[-2][image, 1:])
+        torch.testing.assert_close(observed["cls"], outputs.hidden_states[-2][image, 0])
+        torch.testing.assert_close(observed["projected"], observed["tokens"])  # the projector gives the LLM's embeddings
 
-        class Deep(Spy):
-            def score(self, ctx):
-                return ctx.observe("vision_cls_attention", layer=9)[0]
+    class Deep(VisionSpy):
+        def score(self, ctx):
+            return ctx.observe("vision_attention", layer=9)[0]
 
+    with pytest.raises(pruning_zoo.PruningZooError, match="vision layer 9 names no CLIP block"), torch.no_grad():
         with prune(model, Deep(), 4):
             model(**inputs)
+
+
+def test_llava_next_vision_observations_follow_the_packed_tokens(tmp_path):
+    """LLaVA-NeXT: every packed token points at its crop's patch (the projector of its features gives the
+    model's own packed embedding), newline tokens get no CLS attention, and the base crop's tokens carry their
+    crop's CLS attention as eager CLIP computes it."""
+    import tiny_models
+
+    family = tiny_models.FAMILIES["llava_next"]
+    model = family.build(tmp_path)
+    inputs = family.inputs(2)
+    seen = observe_vision(model, inputs)
+    newline = model.model.image_newline
+    with torch.no_grad():
+        tower = model.model.vision_tower
+        tower.set_attn_implementation("eager")
+        crops = [pixels[:count] for pixels, count in zip(inputs["pixel_values"], (3, 5))]
+        outputs = tower(torch.cat(crops), output_attentions=True)
+    first_crop = [0, 3]
+    patches = 4
+    for image, observed in enumerate(seen):
+        is_newline = (observed["tokens"] == newline).all(-1)
+        assert int(is_newline.sum()) == (2 if image == 0 else 4)  # one per row of the high-resolution grid
+        torch.testing.assert_close(observed["projected"][~is_newline], observed["tokens"][~is_newline])
+        assert bool((observed["attention"][:, is_newline] == 0).all())
+        base = outputs.attentions[-2][first_crop[image], :, 0, 1:]
+        torch.testing.assert_close(observed["attention"][:, :patches], base, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_vision_observations_follow_the_merged_tokens(name, tmp_path):
+    """Qwen2-VL and Qwen2.5-VL: each token's features are its merge unit's four patch rows (the merger of them
+    gives the model's own image embedding, so Qwen2.5-VL's window order is undone), and the attention each
+    unit receives in block -2, recomputed here from the block's input with transformers' own rotary code, per
+    attention segment."""
+    import tiny_models
+
+    family = tiny_models.FAMILIES[name]
+    model = family.build(tmp_path)
+    inputs = family.inputs(2)
+    block_input = {}
+
+    def keep(module, args, kwargs):
+        block_input.update(hidden=args[0] if args else kwargs["hidden_states"], **kwargs)
+
+    handle = model.model.visual.blocks[-2].register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        seen = observe_vision(model, inputs)
+    finally:
+        handle.remove()
+    module = __import__(type(model).__module__, fromlist=["apply_rotary_pos_emb_vision"])
+    block = model.model.visual.blocks[-2]
+    with torch.no_grad():
+        hidden = block.norm1(block_input["hidden"])
+        q, k, _ = block.attn.qkv(hidden).view(hidden.shape[0], 3, block.attn.num_heads, -1).unbind(1)
+        q, k = module.apply_rotary_pos_emb_vision(q, k, *block_input["position_embeddings"])
+        received = torch.zeros(block.attn.num_heads, hidden.shape[0])
+        bounds = block_input["cu_seqlens"].tolist()
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            scores = torch.einsum("qhd,khd->hqk", q[start:end].float(), k[start:end].float()) * block.attn.scaling
+            received[:, start:end] = scores.softmax(-1).mean(1)
+        per_unit = received.view(block.attn.num_heads, -1, 4).mean(-1)  # in the blocks' (window) order
+    units = [16, 24]
+    for image, observed in enumerate(seen):
+        torch.testing.assert_close(observed["projected"], observed["tokens"])
+        assert observed["features"].shape == (units[image], 4, block.norm1.weight.shape[0])
+        in_block_order = per_unit[:, sum(units[:image]) : sum(units[: image + 1])]
+        # The same values; Qwen2.5-VL's blocks hold them in window order.
+        torch.testing.assert_close(observed["attention"].sort(-1).values, in_block_order.sort(-1).values)
+        if family.name == "qwen2_vl":
+            torch.testing.assert_close(observed["attention"], in_block_order)
 
 
 def test_sublayer_io_matches_the_residual_stream(family_model):

@@ -78,3 +78,38 @@ def test_vision_and_projector_flops_match_flop_counter_mode():
     assert sum(tower.values()) == 2 * clip_vision_flops(2, vision.image_size, vision.patch_size, vision.hidden_size,
                                                          vision.intermediate_size, vision.num_hidden_layers)
     assert sum(projector.values()) == 2 * projector_flops(2 * 16, vision.hidden_size, config.text_config.hidden_size)
+
+
+def _vision_call(model, family_name, inputs):
+    """The model's own vision encoding (tower and projector) for these inputs."""
+    if family_name == "llava":
+        return lambda: model.model.get_image_features(pixel_values=inputs["pixel_values"])
+    if family_name == "llava_next":
+        return lambda: model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"])
+    return lambda: model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+
+
+def test_vision_flops_in_every_forward_record_match_flop_counter_mode(family_model):
+    """Each image's vision FLOPs in the record (tower, projector or merger; any-resolution crops; Qwen's
+    attention segments and windows) sum to exactly half of FlopCounterMode's count of the model's own vision
+    encoding of the batch; samples' LLM FLOPs come from their per-layer token counts."""
+    family, model = family_model
+    inputs = family.inputs(3)
+    with torch.no_grad():
+        with prune(model, pruning_zoo.get_strategy("random"), 3) as run:
+            model(**inputs)
+        # FlopCounterMode has no formula for CPU SDPA kernels: count the eager attention's matmuls instead.
+        model.set_attn_implementation("eager")
+        try:
+            with FlopCounterMode(display=False) as counter:
+                _vision_call(model, family.name, inputs)()
+        finally:
+            model.set_attn_implementation("sdpa")
+    (record,) = run.records
+    assert sum(image.vision_flops for image in record.images) * 2 == counter.get_total_flops()
+    assert sum(record.vision_flops()) == sum(image.vision_flops for image in record.images)
+    shape = DecoderShape.from_config(model.config.get_text_config())
+    assert record.llm_flops("3ndm") == [llm_flops(tokens, shape, "3ndm") for tokens in record.tokens_per_layer]
+    # Images of different sizes cost different vision FLOPs where the family allows different sizes.
+    if family.name != "llava":
+        assert len({image.vision_flops for image in record.images}) == 2

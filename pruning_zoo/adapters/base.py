@@ -5,11 +5,40 @@ Everything model-specific lives in an adapter; the engine and the strategies nev
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from torch import nn
 
 from pruning_zoo.errors import PruningZooError
 from pruning_zoo.sequence import Survivors
+
+#: Observations of the vision tower (docs/plugins.md); their hooks attach only when a strategy observes one.
+VISION_OBSERVATIONS = frozenset(
+    {"vision_attention", "vision_keys", "vision_features", "vision_project", "vision_cls_features"}
+)
+
+
+class MethodWatch:
+    """Calls `before(bound_arguments)` ahead of `obj.name(...)` until removed, like a forward pre-hook for a
+    method that is no module (e.g. `get_image_features`, which generate() may call on its own). It shadows the
+    method with an instance attribute and deletes it on `remove()`, so the class is never touched."""
+
+    def __init__(self, obj, name: str, before):
+        self.obj, self.name = obj, name
+        method = getattr(obj, name)
+        signature = inspect.signature(method)
+
+        @functools.wraps(method)
+        def watched(*args, **kwargs):
+            before(signature.bind_partial(*args, **kwargs).arguments)
+            return method(*args, **kwargs)
+
+        setattr(obj, name, watched)
+
+    def remove(self) -> None:
+        self.obj.__dict__.pop(self.name, None)
 
 
 class ModelAdapter:
@@ -62,13 +91,21 @@ class ModelAdapter:
         """(rows, cols) of each image's visual tokens in raster order, or None where they form no single grid."""
         return [None] * len(counts)
 
-    def vision_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
-        """Hooks that watch the vision tower (per-image geometry, encoder inputs); none by default."""
+    def read_inputs(self, kwargs: dict) -> None:
+        """See the VLM's forward arguments (image sizes, grids) before it runs."""
+
+    def vision_hooks(self, observed: frozenset[str]) -> list[torch.utils.hooks.RemovableHandle]:
+        """Hooks that watch the vision tower for this forward; `observed` names what the strategy observes."""
         return []
 
-    def vision_observations(self, image_index: int) -> dict:
-        """Vision-encoder observations for the `image_index`-th image of the batch; none by default."""
+    def vision_observations(self, image_index: int, num_visual: int) -> dict:
+        """Vision-encoder observations for the `image_index`-th image of the batch, aligned with its
+        `num_visual` visual tokens; none by default."""
         return {}
+
+    def vision_flops(self, image_index: int, num_visual: int) -> int:
+        """FLOPs (multiply-accumulates) the vision tower and projector spent on this image in this forward."""
+        raise NotImplementedError(f"{type(self).__name__} does not count vision FLOPs")
 
     # -- positions -----------------------------------------------------------------------------------
     def rotary_embedding(self, hidden_states: torch.Tensor, position_ids: torch.Tensor):

@@ -6,65 +6,49 @@ import math
 
 import torch
 
-from pruning_zoo.adapters.base import ModelAdapter
-from pruning_zoo.errors import PruningZooError
+from pruning_zoo.adapters.base import VISION_OBSERVATIONS, ModelAdapter
+from pruning_zoo.adapters.clip import ClipTowerWatch, TokenSources
+from pruning_zoo.flops import clip_vision_flops, projector_flops
 
 
 class LlavaAdapter(ModelAdapter):
     def __init__(self, model):
         super().__init__(model)
-        #: Inputs of each CLIP encoder layer in the last vision forward, [crops, 1 + patches, width].
-        self._vision_inputs: dict[int, torch.Tensor] = {}
+        config = model.config
+        self._watch = ClipTowerWatch(model.model.vision_tower, model.model.multi_modal_projector, config.vision_feature_layer)
+        #: CLIP's CLS row is not among the visual tokens unless the select strategy is 'full'.
+        self._first_row = 1 if config.vision_feature_select_strategy == "default" else 0
 
     def image_grids(self, counts):
         # CLIP's patches without CLS, row-major: a square grid.
         return [(side, side) if (side := math.isqrt(n)) ** 2 == n else None for n in counts]
 
-    @property
-    def _clip_layers(self):
-        return self.model.model.vision_tower.encoder.layers
+    def vision_hooks(self, observed):
+        return self._watch.hooks() if observed & VISION_OBSERVATIONS else []
 
-    def vision_hooks(self):
-        def keep_input(index):
-            def hook(module, args, kwargs):
-                self._vision_inputs[index] = args[0] if args else kwargs["hidden_states"]
+    def token_sources(self, image_index: int, num_visual: int) -> TokenSources:
+        rows = torch.arange(self._first_row, self._first_row + num_visual)
+        return TokenSources(
+            crop=torch.full((num_visual,), image_index),
+            row=rows,
+            feature_row=rows - self._first_row,
+            synthetic=torch.zeros(num_visual, dtype=torch.bool),
+        )
 
-            return hook
+    def vision_observations(self, image_index: int, num_visual: int) -> dict:
+        """CLIP observations of this image's one crop; `vision_cls_features` too (the CLS row is no visual
+        token under the 'default' select strategy)."""
+        sources = self.token_sources(image_index, num_visual)
+        return self._watch.observations(sources, with_cls_features=self._first_row == 1)
 
-        return [
-            layer.register_forward_pre_hook(keep_input(index), with_kwargs=True)
-            for index, layer in enumerate(self._clip_layers)
-        ]
+    def vision_flops(self, image_index: int, num_visual: int) -> int:
+        return clip_vision_tower_flops(self.model, crops=1, tokens=num_visual)
 
-    def vision_observations(self, image_index: int) -> dict:
-        """- vision_cls_attention(layer=-2): [heads, patches] CLS row of that CLIP layer's own attention
-             probabilities (softmax over CLS and every patch), patch columns;
-           - vision_keys(layer=-2): [1 + patches, heads, head_dim] that layer's k_proj output, CLS first.
-        `layer` counts like `vision_feature_layer`: -2 is the layer whose output LLaVA feeds the projector."""
 
-        def layer_input(layer: int):
-            # hidden_states[j] is the output of block j-1, so vision_feature_layer j names block j-1.
-            index = layer % (len(self._clip_layers) + 1) - 1
-            if index < 0 or not -len(self._clip_layers) - 1 <= layer <= len(self._clip_layers):
-                raise PruningZooError(
-                    f"vision layer {layer} names no CLIP block: use 1..{len(self._clip_layers)} or -1..-{len(self._clip_layers)}"
-                )
-            block = self._clip_layers[index]
-            return block, block.layer_norm1(self._vision_inputs[index][image_index])
-
-        def split_heads(block, projected):
-            attention = block.self_attn
-            return projected.view(projected.shape[0], attention.num_heads, attention.head_dim)
-
-        def vision_keys(layer: int = -2) -> torch.Tensor:
-            block, normed = layer_input(layer)
-            return split_heads(block, block.self_attn.k_proj(normed))
-
-        def vision_cls_attention(layer: int = -2) -> torch.Tensor:
-            block, normed = layer_input(layer)
-            query = split_heads(block, block.self_attn.q_proj(normed[:1])).transpose(0, 1)  # [heads, 1, dh]
-            keys = vision_keys(layer).transpose(0, 1)  # [heads, 1 + patches, dh]
-            scores = (query.float() @ keys.float().transpose(-1, -2)) * block.self_attn.scale
-            return scores.softmax(dim=-1)[:, 0, 1:]
-
-        return {"vision_cls_attention": vision_cls_attention, "vision_keys": vision_keys}
+def clip_vision_tower_flops(model, crops: int, tokens: int) -> int:
+    """A CLIP tower over `crops` crops (every block up to the feature layer; LLaVA computes them all) plus the
+    projector over the `tokens` features it receives."""
+    vision, text = model.config.vision_config, model.config.get_text_config()
+    tower = clip_vision_flops(crops, vision.image_size, vision.patch_size, vision.hidden_size,
+                              vision.intermediate_size, vision.num_hidden_layers)
+    return tower + projector_flops(tokens, vision.hidden_size, text.hidden_size)

@@ -2,13 +2,74 @@
 
 An image's visual tokens are the base crop's grid followed by the unpadded high-resolution grid with a
 newline token closing each row, so they form no single grid; strategies see them as one sequence. The
-newline tokens count as visual tokens (as in TransPrune's LLaVA-NeXT setting).
+newline tokens count as visual tokens (as in TransPrune's LLaVA-NeXT setting). For vision observations a
+newline token carries no CLS attention and the keys and features of the patch it follows.
 """
 
 from __future__ import annotations
 
-from pruning_zoo.adapters.base import ModelAdapter
+import torch
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+from pruning_zoo.adapters.base import VISION_OBSERVATIONS, MethodWatch, ModelAdapter
+from pruning_zoo.adapters.clip import ClipTowerWatch, TokenSources
+from pruning_zoo.adapters.llava import clip_vision_tower_flops
+
+NEWLINE = -1.0
 
 
 class LlavaNextAdapter(ModelAdapter):
-    pass
+    def __init__(self, model):
+        super().__init__(model)
+        config = model.config
+        self._watch = ClipTowerWatch(model.model.vision_tower, model.model.multi_modal_projector, config.vision_feature_layer)
+        self._first_row = 1 if config.vision_feature_select_strategy == "default" else 0
+        self._image_sizes: torch.Tensor | None = None
+
+    def vision_hooks(self, observed):
+        # generate() may encode the images itself, before the model's forward: watch the encoding call.
+        def record_sizes(arguments):
+            self._image_sizes = arguments.get("image_sizes")
+
+        handles = [MethodWatch(self.model.model, "get_image_features", record_sizes)]
+        return handles + (self._watch.hooks() if observed & VISION_OBSERVATIONS else [])
+
+    def _crops(self) -> list[int]:
+        """Crops per image, as LLaVA-NeXT splits them (base crop first)."""
+        config = self.model.config
+        return [
+            image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+            for size in self._image_sizes.tolist()
+        ]
+
+    def token_sources(self, image_index: int, num_visual: int) -> TokenSources:
+        """Pack an index map through the model's own `pack_image_features` (its unpadding and newline rules),
+        so each packed token names the crop and patch it came from."""
+        crops = self._crops()
+        first_crop = sum(crops[:image_index])
+        vision = self.model.config.vision_config
+        per_crop = (vision.image_size // vision.patch_size) ** 2 + 1 - self._first_row
+        index = torch.arange(crops[image_index] * per_crop, dtype=torch.float64).view(crops[image_index], per_crop, 1)
+        packed, _ = self.model.model.pack_image_features(
+            [index], self._image_sizes[image_index : image_index + 1].cpu(),
+            self.model.config.vision_feature_select_strategy, image_newline=torch.tensor([NEWLINE], dtype=torch.float64),
+        )
+        flat = packed[0][:, 0]
+        synthetic = flat == NEWLINE
+        # A newline closes a row: it points at the patch before it.
+        flat = torch.where(synthetic, torch.cat([flat[:1], flat[:-1]]), flat).long()
+        if flat.numel() != num_visual:
+            raise AssertionError(f"packed {flat.numel()} tokens for an image with {num_visual} placeholders")
+        feature_row = flat % per_crop
+        return TokenSources(crop=first_crop + flat // per_crop, row=feature_row + self._first_row,
+                            feature_row=feature_row, synthetic=synthetic)
+
+    def vision_observations(self, image_index: int, num_visual: int) -> dict:
+        """CLIP observations mapped onto the packed tokens; no `vision_cls_features` (one CLS per crop)."""
+        return self._watch.observations(self.token_sources(image_index, num_visual), with_cls_features=False)
+
+    def vision_flops(self, image_index: int, num_visual: int) -> int:
+        crops = self._crops()[image_index]
+        vision = self.model.config.vision_config
+        per_crop = (vision.image_size // vision.patch_size) ** 2 + 1 - self._first_row
+        return clip_vision_tower_flops(self.model, crops=crops, tokens=crops * per_crop)

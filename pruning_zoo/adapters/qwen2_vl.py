@@ -1,27 +1,164 @@
-"""Qwen2-VL and Qwen2.5-VL: native-resolution ViT, 2x2 merged patches, no CLS, 3-D M-RoPE positions."""
+"""Qwen2-VL and Qwen2.5-VL: native-resolution ViT, 2x2 merged patches, no CLS, 3-D M-RoPE positions.
+
+The vision tower runs every image's patches as one sequence, split into attention segments by `cu_seqlens`
+(one per image, or per window in Qwen2.5-VL's windowed blocks). Patches come in merge units of 2x2, one unit
+per visual token; Qwen2.5-VL permutes the units into window order before its blocks and back after the merger.
+"""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
+from transformers.vision_utils import get_vision_window_index
 
-from pruning_zoo.adapters.base import ModelAdapter
+from pruning_zoo.adapters.base import VISION_OBSERVATIONS, ModelAdapter
+from pruning_zoo.errors import PruningZooError
+from pruning_zoo.observe import rotate_half
+
+
+def linear_macs(module: nn.Module) -> int:
+    """Multiply-accumulates per row of all Linear layers in `module`."""
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
 
 class Qwen2VLAdapter(ModelAdapter):
     def __init__(self, model):
         super().__init__(model)
-        self._grids: list[tuple[int, int]] = []
+        self.visual = model.model.visual
+        self._grids: list[tuple[int, int, int]] = []  # (t, h, w) in patches, per image
+        #: Per block, the attention segments it ran with, and (when observed) its input and rotary tables.
+        self._segments: dict[int, torch.Tensor] = {}
+        self._block_inputs: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._merger_input: torch.Tensor | None = None
 
-    def vision_hooks(self):
-        merge = self.model.config.vision_config.spatial_merge_size
+    # -- vision tower --------------------------------------------------------------------------------------
+    @property
+    def _merge(self) -> int:
+        return self.model.config.vision_config.spatial_merge_size
 
+    def vision_hooks(self, observed):
         def record_grid(module, args, kwargs):
             grid_thw = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
-            if grid_thw is not None:
-                # Merged tokens come out row-major over (t, h/merge, w/merge); one image is one frame.
-                self._grids = [(int(h) // merge, int(w) // merge) for t, h, w in grid_thw.tolist() if t == 1]
+            self._grids = [tuple(int(v) for v in row) for row in grid_thw.tolist()]
 
-        return [self.model.model.visual.register_forward_pre_hook(record_grid, with_kwargs=True)]
+        def record_block(index):
+            def hook(module, args, kwargs):
+                self._segments[index] = kwargs["cu_seqlens"]
+                if watch_inputs:
+                    self._block_inputs[index] = (args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"])
+
+            return hook
+
+        def record_merger_input(module, args):
+            self._merger_input = args[0]
+
+        watch_inputs = bool(observed & VISION_OBSERVATIONS)
+        handles = [self.visual.register_forward_pre_hook(record_grid, with_kwargs=True)]
+        handles += [block.register_forward_pre_hook(record_block(i), with_kwargs=True) for i, block in enumerate(self.visual.blocks)]
+        if watch_inputs:
+            handles.append(self.visual.merger.register_forward_pre_hook(record_merger_input))
+        return handles
+
+    def image_grids(self, counts):
+        grids = [(h // self._merge, w // self._merge) for t, h, w in self._grids if t == 1]
+        if [r * c for r, c in grids] != list(counts):
+            return [None] * len(counts)
+        return grids
+
+    def _window_index(self) -> torch.Tensor:
+        """Block position -> merge unit, over all images (the identity where blocks see units in order)."""
+        return torch.arange(sum(t * h * w for t, h, w in self._grids) // self._merge**2)
+
+    def _units(self, image_index: int) -> tuple[int, int]:
+        """(first unit, units) of an image; its units take the same contiguous range in window order."""
+        sizes = [t * h * w // self._merge**2 for t, h, w in self._grids]
+        return sum(sizes[:image_index]), sizes[image_index]
+
+    def vision_observations(self, image_index: int, num_visual: int) -> dict:
+        """No CLS: `vision_attention` is the mean attention each token's patches receive in a block (over the
+        queries of their attention segment), averaged over its 2x2 merge unit, per head (VisionZip's no-CLS
+        rule); keys and features are the unit's four patch rows (keys averaged over them)."""
+        first, units = self._units(image_index)
+        if units != num_visual:
+            raise PruningZooError(f"image {image_index} has {units} merge units but {num_visual} placeholder tokens")
+        unit_area = self._merge**2
+        rows = slice(first * unit_area, (first + units) * unit_area)
+        # Where each of this image's units sits among its block positions (window order).
+        order = self._window_index()[first : first + units] - first
+
+        def to_token_order(per_position: torch.Tensor) -> torch.Tensor:
+            result = torch.empty_like(per_position)
+            result[order.to(per_position.device)] = per_position
+            return result
+
+        def block_index(layer: int) -> int:
+            depth = len(self.visual.blocks)
+            if not -depth <= layer < depth:
+                raise PruningZooError(f"vision layer {layer} names no block of this {depth}-block tower: use 0..{depth - 1} or -1..-{depth}")
+            return layer % depth
+
+        def projections(layer: int):
+            index = block_index(layer)
+            block = self.visual.blocks[index]
+            hidden, (cos, sin) = self._block_inputs[index]
+            heads = block.attn.num_heads
+            qkv = block.attn.qkv(block.norm1(hidden[rows])).view(units * unit_area, 3, heads, -1)
+            return index, block, qkv, cos[rows], sin[rows]
+
+        def vision_keys(layer: int = -2) -> torch.Tensor:
+            _, _, qkv, _, _ = projections(layer)
+            keys = qkv[:, 1].reshape(units, unit_area, *qkv.shape[2:]).mean(dim=1)
+            return to_token_order(keys)
+
+        def vision_attention(layer: int = -2) -> torch.Tensor:
+            index, block, qkv, cos, sin = projections(layer)
+            cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+            query, key = (x.float() * cos + rotate_half(x.float()) * sin for x in (qkv[:, 0], qkv[:, 1]))
+            received = torch.zeros(qkv.shape[2], units * unit_area, device=qkv.device)
+            bounds = self._segments[index].tolist()
+            for start, end in zip(bounds[:-1], bounds[1:]):
+                start, end = max(start, rows.start) - rows.start, min(end, rows.stop) - rows.start
+                if start >= end:
+                    continue
+                q, k = query[start:end].transpose(0, 1), key[start:end].transpose(0, 1)  # [heads, s, dh]
+                probabilities = (q @ k.transpose(-1, -2) * block.attn.scaling).softmax(dim=-1)
+                received[:, start:end] = probabilities.mean(dim=1)
+            per_unit = received.view(-1, units, unit_area).mean(dim=-1)  # [heads, units]
+            return to_token_order(per_unit.T).T
+
+        def vision_features() -> torch.Tensor:
+            features = self._merger_input[rows]
+            return to_token_order(features.reshape(units, unit_area, -1))
+
+        def vision_project(features: torch.Tensor) -> torch.Tensor:
+            kept = self._merger_input  # our own call passes the merger's pre-hook too
+            try:
+                return self.visual.merger(features.reshape(-1, features.shape[-1]))
+            finally:
+                self._merger_input = kept
+
+        return {
+            "vision_attention": vision_attention,
+            "vision_keys": vision_keys,
+            "vision_features": vision_features,
+            "vision_project": vision_project,
+        }
+
+    def vision_flops(self, image_index: int, num_visual: int) -> int:
+        """Patch embedding, every block (projections, attention within the image's segments, MLP) and the
+        merger, for this image's patches."""
+        t, h, w = self._grids[image_index]
+        patches = t * h * w
+        first = sum(a * b * c for a, b, c in self._grids[:image_index])
+        embed = self.visual.patch_embed.proj
+        total = patches * embed.in_channels * embed.out_channels * int(torch.tensor(embed.kernel_size).prod())
+        for index, block in enumerate(self.visual.blocks):
+            bounds = self._segments[index].tolist()
+            lengths = [min(e, first + patches) - max(s, first) for s, e in zip(bounds[:-1], bounds[1:])]
+            dim = block.norm1.weight.shape[0]
+            total += patches * (linear_macs(block.attn) + linear_macs(block.mlp))
+            total += 2 * sum(n * n for n in lengths if n > 0) * dim
+        return total + patches // self._merge**2 * linear_macs(self.visual.merger)
 
     # -- positions: [3, B, L] (t, h, w), or [4, B, L] with 1-D text positions first, as generate() passes them
     def rotary_embedding(self, hidden_states, position_ids):
@@ -43,12 +180,12 @@ class Qwen2VLAdapter(ModelAdapter):
             total[sample] += gap
         return step.gather(shift, dim=1), total
 
-    def image_grids(self, counts):
-        grids = list(self._grids)
-        if [r * c for r, c in grids] != list(counts):
-            return [None] * len(counts)
-        return grids
-
 
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):
-    """Qwen2.5-VL's text decoder is Qwen2-VL's; its vision tower's window attention changes nothing here."""
+    """Qwen2.5-VL: Qwen2-VL's text decoder; its vision blocks see merge units in window order."""
+
+    def _window_index(self) -> torch.Tensor:
+        config = self.model.config.vision_config
+        grid = torch.tensor(self._grids)
+        window_index, _ = get_vision_window_index(grid, config.spatial_merge_size, config.window_size, config.patch_size)
+        return window_index

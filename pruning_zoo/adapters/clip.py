@@ -1,0 +1,125 @@
+"""What strategies can observe of a CLIP vision tower and LLaVA's projector (LLaVA-1.5 and LLaVA-NeXT).
+
+Each observation is aligned with one image's visual tokens as they enter the LLM: row i describes the i-th
+visual token. A token comes from one crop's CLIP sequence (CLS at row 0, then the patches); the adapter says
+which crop and row each token comes from (`TokenSources`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from pruning_zoo.errors import PruningZooError
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenSources:
+    """Where one image's visual tokens come from, [n] each."""
+
+    #: Index of the crop (in the tower's batch) each token comes from.
+    crop: torch.Tensor
+    #: Row in that crop's CLIP sequence (0 is CLS).
+    row: torch.Tensor
+    #: Row in that crop's projector input.
+    feature_row: torch.Tensor
+    #: Tokens that are no CLIP output (LLaVA-NeXT's image-newline); they point at the token before them.
+    synthetic: torch.Tensor
+
+
+class ClipTowerWatch:
+    """Keeps, for the last vision forward, each CLIP block's input, the last block's output and the projector's
+    input. Only attached when a strategy observes the vision tower: the tensors stay alive until the next one."""
+
+    def __init__(self, tower: nn.Module, projector: nn.Module, feature_layer):
+        self.blocks = tower.encoder.layers if hasattr(tower, "encoder") else tower.vision_model.encoder.layers
+        self.projector = projector
+        self.feature_layer = feature_layer
+        #: hidden_states[j] as CLIP numbers them: input of block j, and hidden_states[L] the last block's output.
+        self.hidden_states: dict[int, torch.Tensor] = {}
+        self.projector_input: torch.Tensor | None = None
+
+    def hooks(self) -> list:
+        def keep_input(index):
+            def hook(module, args, kwargs):
+                self.hidden_states[index] = args[0] if args else kwargs["hidden_states"]
+
+            return hook
+
+        def keep_output(module, args, kwargs, output):
+            self.hidden_states[len(self.blocks)] = output[0] if isinstance(output, tuple) else output
+
+        def keep_projector_input(module, args):
+            self.projector_input = args[0]
+
+        handles = [block.register_forward_pre_hook(keep_input(i), with_kwargs=True) for i, block in enumerate(self.blocks)]
+        handles.append(self.blocks[-1].register_forward_hook(keep_output, with_kwargs=True))
+        handles.append(self.projector.register_forward_pre_hook(keep_projector_input))
+        return handles
+
+    def block(self, layer: int) -> int:
+        """The block whose output is hidden_states[layer] (`layer` counts like `vision_feature_layer`)."""
+        count = len(self.blocks)
+        if not -count <= layer <= count or layer % (count + 1) == 0:
+            raise PruningZooError(
+                f"vision layer {layer} names no CLIP block: use 1..{count} or -1..-{count} "
+                "(numbered like vision_feature_layer: -2 is the penultimate block)"
+            )
+        return layer % (count + 1) - 1
+
+    def observations(self, sources: TokenSources, with_cls_features: bool) -> dict:
+        """Observations for one image (see docs/plugins.md for their shapes and meaning)."""
+
+        def normed_input(layer: int):
+            index = self.block(layer)
+            block = self.blocks[index]
+            return block, block.layer_norm1(self.hidden_states[index])  # [crops, 1 + patches, width]
+
+        def split_heads(block, projected):
+            attention = block.self_attn
+            return projected.view(*projected.shape[:-1], attention.num_heads, attention.head_dim)
+
+        def all_keys(layer: int):
+            block, normed = normed_input(layer)
+            crops = sources.crop.unique()
+            keys = torch.zeros(*normed.shape[:-1], block.self_attn.num_heads, block.self_attn.head_dim,
+                               dtype=normed.dtype, device=normed.device)
+            keys[crops] = split_heads(block, block.self_attn.k_proj(normed[crops]))
+            return block, normed, keys
+
+        def vision_keys(layer: int = -2) -> torch.Tensor:
+            _, _, keys = all_keys(layer)
+            return keys[sources.crop, sources.row]
+
+        def vision_attention(layer: int = -2) -> torch.Tensor:
+            block, normed, keys = all_keys(layer)
+            crops = sources.crop.unique()
+            query = split_heads(block, block.self_attn.q_proj(normed[crops, :1]))  # [c, 1, heads, dh]
+            scores = torch.einsum("cqhd,ckhd->chqk", query.float(), keys[crops].float()) * block.self_attn.scale
+            cls_rows = torch.zeros(keys.shape[0], keys.shape[2], keys.shape[1], device=keys.device)
+            cls_rows[crops] = scores.softmax(dim=-1)[:, :, 0]  # [crops, heads, 1 + patches]
+            attention = cls_rows[sources.crop, :, sources.row].T  # [heads, n]
+            return attention.masked_fill(sources.synthetic, 0.0)
+
+        def vision_features() -> torch.Tensor:
+            return self.projector_input[sources.crop, sources.feature_row]
+
+        def vision_project(features: torch.Tensor) -> torch.Tensor:
+            kept = self.projector_input  # our own call passes the projector's pre-hook too
+            try:
+                return self.projector(features)
+            finally:
+                self.projector_input = kept
+
+        observations = {
+            "vision_attention": vision_attention,
+            "vision_keys": vision_keys,
+            "vision_features": vision_features,
+            "vision_project": vision_project,
+        }
+        if with_cls_features and isinstance(self.feature_layer, int):
+            crop = int(sources.crop[0])
+            observations["vision_cls_features"] = lambda: self.hidden_states[self.feature_layer % (len(self.blocks) + 1)][crop, 0]
+        return observations
