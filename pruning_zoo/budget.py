@@ -15,7 +15,10 @@ class BudgetMeaning(str, enum.Enum):
 
     #: Visual tokens per image that enter the first decoder layer (VisionZip, LearnPruner).
     ENTERING_LLM = "entering_llm"
-    #: Visual tokens per image averaged over all decoder layers (FastV, TransPrune).
+    #: Visual tokens per image in the decoder layers after the strategy's last stage: what an in-LLM method
+    #: ends with (FastV "at 64 tokens" in VisionZip's and DART's tables, LearnPruner's "32 tokens").
+    AFTER_PRUNING = "after_pruning"
+    #: Visual tokens per image averaged over all decoder layers (how in-LLM papers compare FLOPs-fairly).
     PER_LAYER_AVERAGE = "per_layer_average"
 
 

@@ -228,6 +228,7 @@ class PruningRun:
             num_layers=self.adapter.num_layers,
             grid=image.grid if not stage.in_llm else None,
             observations=observations,
+            model=self.adapter.identity,
         )
         scores = self.strategy.score(ctx)
         if scores.shape != (tokens.shape[0],):

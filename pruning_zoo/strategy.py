@@ -9,12 +9,15 @@ to observe, applies the selection to the model and records the budget it achieve
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Literal
 
 import pydantic
 import torch
+import yaml
 from pydantic.dataclasses import dataclass as params_dataclass
 
 from pruning_zoo.budget import BudgetMeaning
@@ -22,6 +25,7 @@ from pruning_zoo.errors import InvalidParameterError, PruningZooError, closest
 
 __all__ = [
     "BudgetMeaning",
+    "InLLMParams",
     "PruningStrategy",
     "ScoreContext",
     "Selection",
@@ -45,6 +49,18 @@ class StrategyParams:
         description="position ids of kept tokens after a drop: 'keep' the original ones (gaps) or "
         "'renumber' them contiguously (M-RoPE: each image's kept tokens keep their 3-D layout and the tokens "
         "after it close the gap)",
+    )
+
+
+@params_dataclass(frozen=True)
+class InLLMParams(StrategyParams):
+    """Parameters of strategies that prune inside the LLM, whose budget can count two things."""
+
+    budget_counts: Literal["after_pruning", "per_layer_average"] = pydantic.Field(
+        default="after_pruning",
+        description="what the budget counts: 'after_pruning' the visual tokens left after the last stage (how "
+        "VisionZip's and DART's tables place FastV), 'per_layer_average' the average over all decoder layers "
+        "(FLOPs-fair, how in-LLM papers compare)",
     )
 
 
@@ -78,6 +94,24 @@ class Selection:
     features: torch.Tensor | None = None
 
 
+class ModelIdentity:
+    """A model's name and a fingerprint of its vision tower's first weights, which tells checkpoints apart
+    whatever path they were loaded from (computed on first use, in bfloat16 so the load dtype does not matter)."""
+
+    def __init__(self, name: str, vision_module: torch.nn.Module):
+        self.name = name
+        self._vision_module = vision_module
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        weight = next(self._vision_module.parameters()).detach()
+        data = weight.to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()
+        return hashlib.sha256(str(tuple(weight.shape)).encode() + data).hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return f"ModelIdentity({self.name!r})"
+
+
 @dataclasses.dataclass
 class ScoreContext:
     """What the engine hands a strategy about one image at one stage."""
@@ -90,8 +124,8 @@ class ScoreContext:
     num_layers: int
     #: (rows, cols) when `tokens` are one full patch grid in raster order, else None.
     grid: tuple[int, int] | None = None
-    #: Seeded per image by the engine, for strategies that draw at random.
-    generator: torch.Generator | None = None
+    #: Which model this is (for strategies with learned parts trained for one model).
+    model: ModelIdentity | None = None
     #: Named extra tensors the strategy declared in `observes`, computed by the engine on first use.
     observations: Mapping[str, Callable[[], torch.Tensor]] = dataclasses.field(default_factory=dict)
 
@@ -132,6 +166,8 @@ class PruningStrategy(ABC):
             self.params = params
         else:
             self.params = build_params(self.name, self.Params, params or {})
+        if isinstance(self.params, InLLMParams):  # the instance's meaning follows its parameter
+            self.budget_meaning = BudgetMeaning(self.params.budget_counts)
 
     @abstractmethod
     def plan(self, budget: int, num_visual: int, num_layers: int) -> tuple[Stage, ...]:
@@ -162,6 +198,8 @@ def build_params(strategy: str, params_class: type[StrategyParams], values: Mapp
             raise InvalidParameterError(
                 f"strategy {strategy!r} has no parameter {key!r}{hint} its parameters: {', '.join(known)}"
             )
+    # From the CLI a list comes as text, e.g. --param transprune.prune_layers=[7,9,12].
+    values = {k: yaml.safe_load(v) if isinstance(v, str) and v.strip().startswith("[") else v for k, v in values.items()}
     try:
         return params_class(**values)
     except pydantic.ValidationError as error:

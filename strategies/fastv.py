@@ -10,11 +10,11 @@ import torch
 
 from pruning_zoo.errors import InvalidParameterError
 from pruning_zoo.hookspecs import hookimpl
-from pruning_zoo.strategy import BudgetMeaning, PruningStrategy, ScoreContext, Stage, StrategyParams, params_dataclass
+from pruning_zoo.strategy import BudgetMeaning, InLLMParams, PruningStrategy, ScoreContext, Stage, params_dataclass
 
 
 @params_dataclass(frozen=True)
-class FastVParams(StrategyParams):
+class FastVParams(InLLMParams):
     k: int = pydantic.Field(
         default=2,
         ge=1,
@@ -32,14 +32,18 @@ class FastVParams(StrategyParams):
 
 
 class FastV(PruningStrategy):
-    """FastV. The budget is the average number of visual tokens per decoder layer (how papers compare
-    in-LLM methods): with N tokens, L layers and K full layers, k kept tokens average (K*N + (L-K)*k)/L,
-    so k = round((budget*L - K*N) / (L-K)). The drop happens once, at prefill; decoding does not re-prune.
+    """FastV, one drop at prefill; decoding does not re-prune (the HF and lmms-eval code with a KV cache).
+
+    Defaults: K=2 (the paper; lmms-eval and the HF demo use K=3), the code's score (the last prompt token's
+    attention at layer K-1, mean over heads, no renormalisation), original positions with gaps (the code).
+    The budget is the exact number of image tokens kept from layer K on (METHODS.md: "the budget is the exact
+    keep count"; VisionZip's and DART's tables place FastV so). With budget_counts='per_layer_average' it is
+    the average over the L layers instead: K layers see all N, so k = round((budget*L - K*N) / (L-K)).
     """
 
     name = "fastv"
     Params = FastVParams
-    budget_meaning = BudgetMeaning.PER_LAYER_AVERAGE
+    budget_meaning = BudgetMeaning.AFTER_PRUNING
     observes = frozenset({"last_token_attention", "received_attention"})
 
     def plan(self, budget: int, num_visual: int, num_layers: int) -> tuple[Stage, ...]:
@@ -50,12 +54,14 @@ class FastV(PruningStrategy):
             )
         if budget == num_visual:
             return ()
+        if self.budget_meaning == BudgetMeaning.AFTER_PRUNING:
+            return (Stage(after_layer=k - 1, keep=budget),)
         keep = round((budget * num_layers - k * num_visual) / (num_layers - k))
         if keep < 1:
             lowest = (k * num_visual + (num_layers - k)) / num_layers
             raise InvalidParameterError(
                 f"fastv cannot average {budget} visual tokens per layer: its first {k} layers see all "
-                f"{num_visual}, so the lowest reachable average is {lowest:.1f}; raise the budget or lower fastv.k"
+                f"{num_visual}, so the lowest reachable average is {lowest:.1f}; raise the budget, lower fastv.k or count the budget after pruning (budget_counts='after_pruning')"
             )
         return (Stage(after_layer=k - 1, keep=keep),)
 

@@ -78,8 +78,16 @@ def test_fastv_received_mean_reads_the_other_observation():
     assert fastv.score(ctx).tolist() == [1.0, 3.0]
 
 
-def test_fastv_plans_its_drop_after_layer_k_minus_1_from_the_average_budget():
+def test_fastv_keeps_the_budget_from_layer_k_on():
     fastv = pruning_zoo.get_strategy("fastv", k=2)
+    assert fastv.budget_meaning == pruning_zoo.BudgetMeaning.AFTER_PRUNING
+    assert fastv.plan(budget=64, num_visual=576, num_layers=32) == (Stage(after_layer=1, keep=64),)
+    assert fastv.plan(1, 576, 32) == (Stage(after_layer=1, keep=1),)
+
+
+def test_fastv_plans_its_drop_after_layer_k_minus_1_from_the_average_budget():
+    fastv = pruning_zoo.get_strategy("fastv", k=2, budget_counts="per_layer_average")
+    assert fastv.budget_meaning == pruning_zoo.BudgetMeaning.PER_LAYER_AVERAGE
     (stage,) = fastv.plan(budget=64, num_visual=576, num_layers=32)
     assert stage == Stage(after_layer=1, keep=30)  # (2*576 + 30*30) / 32 = 64.1
     assert fastv.plan(576, 576, 32) == ()
@@ -89,6 +97,6 @@ def test_fastv_plans_its_drop_after_layer_k_minus_1_from_the_average_budget():
 
 def test_fastv_refuses_budgets_it_cannot_reach():
     with pytest.raises(pruning_zoo.InvalidParameterError, match="lowest reachable average is 36.9"):
-        pruning_zoo.get_strategy("fastv").plan(16, 576, 32)
+        pruning_zoo.get_strategy("fastv", budget_counts="per_layer_average").plan(16, 576, 32)
     with pytest.raises(pruning_zoo.InvalidParameterError, match="fastv.k=32 must be below the model's 32"):
         pruning_zoo.get_strategy("fastv", k=32).plan(64, 576, 32)

@@ -27,7 +27,7 @@ def test_list_shows_strategies_families_and_suites():
     for name in ("none", "random", "pool", "fastv", "llava_next", "Qwen2VLForConditionalGeneration", "image-vqa"):
         assert name in result.output
     fastv = next(line for line in result.output.splitlines() if line.startswith("│ fastv"))
-    assert "per layer average" in fastv and "after layer 1: keep 30" in fastv and "pruning-zoo 0.1.0" in fastv
+    assert "after pruning" in fastv and "after layer 1: keep 64" in fastv and "pruning-zoo 0.1.0" in fastv
 
 
 def test_run_dry_run_prints_the_cells():

@@ -195,7 +195,8 @@ def test_achieved_budgets_are_recorded(family_model):
         model(**inputs)
     for image in run.records[-1].images:
         assert image.kept_per_layer == [4] * layers and image.entering_llm == 4 and image.average_per_layer == 4
-    with torch.no_grad(), prune(model, pruning_zoo.get_strategy("fastv", k=1), 0.5) as run:
+    fastv_by_average = pruning_zoo.get_strategy("fastv", k=1, budget_counts="per_layer_average")
+    with torch.no_grad(), prune(model, fastv_by_average, 0.5) as run:
         model(**inputs)
     for image in run.records[-1].images:
         n = image.num_visual

@@ -13,6 +13,7 @@ from torch import nn
 
 from pruning_zoo.errors import PruningZooError
 from pruning_zoo.sequence import Survivors
+from pruning_zoo.strategy import ModelIdentity
 
 #: Observations of the vision tower (docs/plugins.md); their hooks attach only when a strategy observes one.
 VISION_OBSERVATIONS = frozenset(
@@ -69,6 +70,14 @@ class ModelAdapter:
     @property
     def image_token_id(self) -> int:
         return self.model.config.image_token_id
+
+    @property
+    def vision_module(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    @functools.cached_property
+    def identity(self) -> ModelIdentity:
+        return ModelIdentity(str(getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__), self.vision_module)
 
     def attention_implementation(self) -> str:
         return self.text_config._attn_implementation or "sdpa"

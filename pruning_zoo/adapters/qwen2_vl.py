@@ -33,6 +33,10 @@ class Qwen2VLAdapter(ModelAdapter):
 
     # -- vision tower --------------------------------------------------------------------------------------
     @property
+    def vision_module(self):
+        return self.visual
+
+    @property
     def _merge(self) -> int:
         return self.model.config.vision_config.spatial_merge_size
 

@@ -1,0 +1,141 @@
+"""VisionZip (Yang et al., CVPR 2025; code dvlab-research/VisionZip): before the LLM, keep the dominant
+tokens the vision encoder's CLS attends to most and merge the rest into a few contextual tokens by key
+similarity."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pydantic
+import torch
+import torch.nn.functional as F
+
+from pruning_zoo.hookspecs import hookimpl
+from pruning_zoo.strategy import (
+    BudgetMeaning,
+    PruningStrategy,
+    ScoreContext,
+    Selection,
+    Stage,
+    StrategyParams,
+    params_dataclass,
+)
+
+
+@params_dataclass(frozen=True)
+class VisionZipParams(StrategyParams):
+    contextual_ratio: float = pydantic.Field(
+        default=10 / 64,
+        ge=0.0,
+        lt=1.0,
+        description="share of the budget given to contextual (merged) tokens, rounded: the README's 54+10 at "
+        "64 tokens; 108+20 at 128 and 162+30 at 192 (a third-party convention) follow the same ratio",
+    )
+    layer: int = pydantic.Field(
+        default=-2,
+        description="vision block whose attention and keys are read: -2, CLIP layer 22 of 24, the one LLaVA "
+        "feeds the projector (the code's `vision_feature_layer=-2`)",
+    )
+    merge: Literal["code", "mean"] = pydantic.Field(
+        default="code",
+        description="'code': a contextual token is its target plus the mean of the tokens assigned to it "
+        "(the code); 'mean': the plain average of the target and its members",
+    )
+    positions: Literal["keep", "renumber"] = pydantic.Field(
+        default="renumber",
+        description="the merged sequence enters the LLM with contiguous positions (the code builds a new "
+        "sequence of dominant then contextual tokens)",
+    )
+
+
+class VisionZip(PruningStrategy):
+    """VisionZip, before the LLM; the budget counts the tokens entering it.
+
+    1. Dominant: s_j = the sum over heads of the CLS attention on token j at `layer`. Where the model has a
+       CLS token that is no visual token (LLaVA-1.5), CLS counts as one dominant token, as in the code (a
+       budget of 64 is CLS + 53 patches + 10 contextual); elsewhere the dominant tokens are the top patches.
+       Without CLS (Qwen2-VL, Qwen2.5-VL) s_j is the mean attention the token's patches receive, pooled per
+       2x2 merge unit (our adaptation; not in the official code).
+    2. Contextual: the remaining tokens R in original order, keys (k_proj at `layer`, mean over heads)
+       L2-normalised; targets are R[0], R[step], ... (step = max(1, |R| // C)), the first C of them; every
+       other token of R joins its most similar target (argmax of cosine, first wins ties).
+    3. Features are merged before the projector (the code merges CLIP hidden states) and projected by the
+       model's own projector. The LLM sees [dominant (original order, CLS first), contextual (target order)],
+       placed in the slots of the kept patches with contiguous positions.
+
+    LLaVA-NeXT: the official code treats the base crop and the other crops separately and drops the newline
+    tokens; here every packed token of the image (newlines included, with no CLS attention) is one pool.
+    """
+
+    name = "visionzip"
+    Params = VisionZipParams
+    budget_meaning = BudgetMeaning.ENTERING_LLM
+    observes = frozenset({"vision_attention", "vision_keys", "vision_features", "vision_project", "vision_cls_features"})
+
+    def split(self, budget: int, with_cls: bool) -> tuple[int, int]:
+        """(dominant, contextual) counts for a budget; dominant includes CLS where the model has it."""
+        contextual = round(budget * self.params.contextual_ratio)
+        contextual = min(contextual, budget - 1) if with_cls else contextual
+        return budget - contextual, contextual
+
+    def plan(self, budget: int, num_visual: int, num_layers: int) -> tuple[Stage, ...]:
+        return (Stage(after_layer=None, keep=budget),)
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        return ctx.observe("vision_attention", layer=self.params.layer).float().sum(dim=0)
+
+    def select(self, scores: torch.Tensor, keep: int, ctx: ScoreContext) -> Selection:
+        with_cls = "vision_cls_features" in ctx.observations
+        dominant_count, contextual_count = self.split(keep, with_cls)
+        patches = dominant_count - 1 if with_cls else dominant_count
+        dominant = torch.topk(scores, patches, sorted=False).indices.sort().values
+        rest = torch.ones(scores.shape[0], dtype=torch.bool, device=scores.device)
+        rest[dominant] = False
+        remaining = rest.nonzero().flatten()
+
+        features = ctx.observe("vision_features")
+        emitted = [features[dominant]]
+        if with_cls:
+            emitted.insert(0, ctx.observe("vision_cls_features")[None])
+        targets = remaining[:0]
+        if contextual_count:
+            keys = ctx.observe("vision_keys", layer=self.params.layer).float().mean(dim=1)
+            targets, merged = merge_contextual(keys[remaining], features[remaining], contextual_count, self.params.merge)
+            targets = remaining[targets]
+            emitted.append(merged)
+        projected = ctx.observe("vision_project", features=torch.cat(emitted))
+
+        slots = torch.cat([dominant, targets])
+        if with_cls:  # CLS has no slot of its own: it takes the first free one
+            free = torch.ones(scores.shape[0], dtype=torch.bool, device=scores.device)
+            free[slots] = False
+            slots = torch.cat([free.nonzero().flatten()[:1], slots])
+        # The slots are ascending; the emitted order goes into them in turn, so the sequence order is VisionZip's.
+        return Selection(keep=slots.sort().values, features=projected)
+
+
+def merge_contextual(keys: torch.Tensor, features: torch.Tensor, count: int, merge: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """VisionZip's contextual merge over the remaining tokens, in their original order.
+
+    keys: [r, dk]; features: [r, ...]. Returns (target indices into the r tokens, merged features [count, ...]).
+    """
+    normed = F.normalize(keys, dim=-1)
+    step = max(1, keys.shape[0] // count)
+    targets = torch.arange(0, keys.shape[0], step, device=keys.device)[:count]
+    is_target = torch.zeros(keys.shape[0], dtype=torch.bool, device=keys.device)
+    is_target[targets] = True
+    members = (~is_target).nonzero().flatten()
+    assignment = (normed[members] @ normed[targets].T).argmax(dim=1)  # first maximum wins ties
+    flat = features.flatten(1).float()
+    sums = torch.zeros(count, flat.shape[1], device=flat.device).index_add_(0, assignment, flat[members])
+    counts = torch.bincount(assignment, minlength=count).float()[:, None]
+    if merge == "code":
+        merged = flat[targets] + torch.where(counts > 0, sums / counts.clamp(min=1), 0.0)
+    else:
+        merged = (flat[targets] + sums) / (counts + 1)
+    return targets, merged.to(features.dtype).view(count, *features.shape[1:])
+
+
+@hookimpl
+def register_strategies(register):
+    register(VisionZip)

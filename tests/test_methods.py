@@ -1,0 +1,281 @@
+"""Each method against an independent computation: on a tiny model with eager attention, or on hand-made
+tensors where the method is arithmetic."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import pruning_zoo
+import tiny_models
+from pruning_zoo.adapters import adapter_for
+from pruning_zoo.engine import prune
+from pruning_zoo.strategies.learnpruner import LearnablePruningModule, max_min_diverse
+from pruning_zoo.strategies.transprune import token_transition_variation
+from pruning_zoo.strategies.visionzip import merge_contextual
+from pruning_zoo.strategy import ScoreContext, Stage
+
+
+class Recording:
+    """Wraps a strategy's select to keep every selection, in call order."""
+
+    def __init__(self, strategy):
+        self.strategy, self.selections = strategy, []
+        original = strategy.select
+
+        def select(scores, keep, ctx):
+            selection = original(scores, keep, ctx)
+            self.selections.append((ctx.stage, selection))
+            return selection
+
+        strategy.select = select
+
+
+def eager_outputs(model, inputs, **options):
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            return model(**inputs, **options)
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+# -- FastV -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [1, 2])
+def test_fastv_keeps_the_top_last_token_attention_of_eager_layer_k_minus_1(family_model, k):
+    family, model = family_model
+    inputs = family.inputs(3)
+    recording = Recording(pruning_zoo.get_strategy("fastv", k=k))
+    with torch.no_grad(), prune(model, recording.strategy, 0.5) as run:
+        model(**inputs)
+    attentions = eager_outputs(model, inputs, output_attentions=True).attentions
+    image = inputs["input_ids"] == model.config.image_token_id
+    for sample, (stage, selection) in enumerate(recording.selections):
+        assert stage.after_layer == k - 1
+        scores = attentions[k - 1][sample, :, -1, image[sample]].float().mean(0)  # last prompt token, head mean
+        expected = torch.topk(scores, stage.keep).indices.sort().values
+        assert torch.equal(selection.keep, expected)
+        assert run.records[0].images[sample].kept_per_layer[k:] == [stage.keep] * (len(attentions) - k)
+
+
+# -- VisionZip -------------------------------------------------------------------------------------------------
+def test_visionzip_splits_the_budget_as_the_readme_and_counts_cls():
+    visionzip = pruning_zoo.get_strategy("visionzip")
+    assert [visionzip.split(b, with_cls=True) for b in (64, 128, 192)] == [(54, 10), (108, 20), (162, 30)]
+    assert visionzip.split(1, with_cls=True) == (1, 0)
+
+
+def test_visionzip_on_llava_keeps_cls_and_the_top_cls_attended_patches(tmp_path):
+    """The dominant patches are the top CLS-attended ones of eager CLIP's block -2 (heads summed); the LLM
+    gets the projected CLS, then those patches in order, then the contextual tokens; all 1 + 5 + 2 of them."""
+    family = tiny_models.FAMILIES["llava"]
+    model = family.build(tmp_path)
+    inputs = family.inputs(2)
+    strategy = pruning_zoo.get_strategy("visionzip", contextual_ratio=0.25)
+    recording = Recording(strategy)
+    with torch.no_grad(), prune(model, strategy, 8):
+        model(**inputs)
+        tower = model.model.vision_tower
+        tower.set_attn_implementation("eager")
+        outputs = tower(inputs["pixel_values"], output_attentions=True, output_hidden_states=True)
+        projector = model.model.multi_modal_projector
+    for image, (_, selection) in enumerate(recording.selections):
+        cls_attention = outputs.attentions[-2][image, :, 0, 1:].sum(0)
+        dominant = torch.topk(cls_attention, 5).indices.sort().values
+        hidden = outputs.hidden_states[-2][image]
+        with torch.no_grad():
+            expected = projector(torch.cat([hidden[:1], hidden[1 + dominant]]))
+        assert selection.keep.numel() == 8
+        assert set(dominant.tolist()) <= set(selection.keep.tolist())
+        torch.testing.assert_close(selection.features[:6], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_visionzip_merges_each_remaining_token_into_its_most_similar_target():
+    # Remaining tokens in order; targets are positions 0 and 2 (step = 4 // 2).
+    keys = torch.tensor([[1.0, 0.0], [0.1, 1.0], [0.0, 1.0], [0.9, 0.1]])
+    features = torch.tensor([[1.0], [10.0], [100.0], [1000.0]])
+    targets, merged = merge_contextual(keys, features, 2, "code")
+    assert targets.tolist() == [0, 2]
+    # token 1 joins target 2 (cosine), token 3 joins target 0: target + mean of its members
+    assert merged[:, 0].tolist() == [1.0 + 1000.0, 100.0 + 10.0]
+    _, averaged = merge_contextual(keys, features, 2, "mean")
+    assert averaged[:, 0].tolist() == [(1.0 + 1000.0) / 2, (100.0 + 10.0) / 2]
+
+
+@pytest.mark.parametrize("remaining, count, step", [(523, 10, 52), (469, 23, 20), (415, 13, 31)])
+def test_visionzip_targets_are_evenly_strided_over_the_remaining_tokens(remaining, count, step):
+    # METHODS.md: |R|=523 with 10 contextual tokens gives step 52 (also 469/23 and 415/13).
+    targets, merged = merge_contextual(torch.randn(remaining, 4), torch.randn(remaining, 3), count, "code")
+    assert targets.tolist() == [step * i for i in range(count)] and merged.shape == (count, 3)
+
+
+def test_visionzip_without_cls_ranks_qwen_tokens_by_received_attention(tmp_path):
+    family = tiny_models.FAMILIES["qwen2_vl"]
+    model = family.build(tmp_path)
+    strategy = pruning_zoo.get_strategy("visionzip", contextual_ratio=0.25)
+    recording = Recording(strategy)
+    seen = []
+    original_score = strategy.score
+    strategy.score = lambda ctx: seen.append(original_score(ctx)) or seen[-1]
+    with torch.no_grad(), prune(model, strategy, 8):
+        model(**family.inputs(1))
+    (_, selection), scores = recording.selections[0], seen[0]
+    dominant = torch.topk(scores, 6).indices  # no CLS: all 6 dominant slots are tokens
+    assert set(dominant.tolist()) <= set(selection.keep.tolist()) and selection.keep.numel() == 8
+
+
+# -- TransPrune ------------------------------------------------------------------------------------------------
+def test_transprune_default_schedule_is_the_codes():
+    transprune = pruning_zoo.get_strategy("transprune")
+    stages = transprune.plan(72, 576, 32)
+    assert stages == (Stage(6, 504), Stage(8, 360), Stage(11, 72))  # after layers 7, 9, 12 (1-idx)
+    assert list(transprune.ttv_layers(32)) == [6, 7, 8, 9, 10, 11]
+    average = transprune.average([7, 9, 12], [504, 360, 72], 576, 32)
+    assert average == 236.25
+    by_average = pruning_zoo.get_strategy("transprune", budget_counts="per_layer_average").plan(236, 576, 32)
+    counts = [s.keep for s in by_average]
+    assert [s.after_layer for s in by_average] == [6, 8, 11] and counts[-1] == 72
+    # Counts one below the code's (503, 359) average 236.09: closer to 236 than the code's 236.25.
+    assert abs(transprune.average([7, 9, 12], counts, 576, 32) - 236) < 0.25
+
+
+def test_transprune_scales_to_other_budgets_and_depths():
+    transprune = pruning_zoo.get_strategy("transprune")
+    assert [s.keep for s in transprune.plan(36, 576, 32)] == [252, 180, 36]
+    assert [s.after_layer for s in transprune.plan(36, 576, 16)] == [3, 4, 5]  # 7, 9, 12 scaled by 16/32: 4, 5, 6
+    assert [s.after_layer for s in transprune.plan(2, 16, 4)] == [0, 1, 2]  # kept distinct
+    with pytest.raises(pruning_zoo.InvalidParameterError, match="do not fit a model of 3 decoder layers"):
+        transprune.plan(2, 16, 3)
+
+
+def test_transprune_ttv_on_hand_made_tensors():
+    """m = |y|/|x|, c = 1 - cos(x, y), p = softmax(c) over the valid tokens, TTV = m*p (attention + MLP)."""
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [5.0, 5.0]])
+    y = torch.tensor([[2.0, 0.0], [0.0, -1.0], [1.0, -1.0], [0.0, 0.0]])
+    valid = torch.tensor([True, True, True, False])
+    magnitude = torch.tensor([2.0, 1.0, 1.0])
+    change = torch.tensor([0.0, 2.0, 1.0])
+    expected = magnitude * change.softmax(0)
+    zero = torch.zeros_like(x)
+    io = {"attn_in": x, "attn_out": y, "mlp_in": x, "mlp_out": zero, "valid": valid, "image_rows": torch.tensor([0, 1, 2])}
+    torch.testing.assert_close(token_transition_variation(io), expected)
+    io["mlp_out"] = y
+    torch.testing.assert_close(token_transition_variation(io), 2 * expected)
+    paper = magnitude * torch.tensor([0.0, 0.0, 1.0]).softmax(0) * 2  # 1 - |cos|
+    torch.testing.assert_close(token_transition_variation(io, "paper"), paper)
+
+
+def test_transprune_score_adds_normalised_ttv_and_iga():
+    io = {"attn_in": torch.eye(3), "attn_out": torch.eye(3), "mlp_in": torch.eye(3), "mlp_out": 2 * torch.eye(3),
+          "valid": torch.ones(3, dtype=torch.bool), "image_rows": torch.tensor([0, 2])}
+    iga = torch.tensor([[0.1, 0.3], [0.3, 0.3]])
+    ctx = ScoreContext(stage=Stage(after_layer=6, keep=1), tokens=torch.zeros(2, 3), num_layers=32,
+                       observations={"sublayer_io": lambda layer: io, "next_layer_instruction_attention": lambda: iga})
+    ttv = token_transition_variation(io) * 1  # layer 6 only at the first prune
+    expected = 0.5 * ttv / ttv.sum() + 0.5 * torch.tensor([0.2, 0.3]) / 0.5
+    torch.testing.assert_close(pruning_zoo.get_strategy("transprune").score(ctx), expected)
+
+
+def test_transprune_iga_is_the_next_layers_eager_attention_from_the_instruction(tmp_path):
+    """At the first prune (after layer 0 of the tiny model) IGA equals the eager attention of layer 1 from
+    the tokens after the image onto the image, averaged over heads and those queries."""
+    family = tiny_models.FAMILIES["llava"]
+    model = family.build(tmp_path)
+    inputs = family.inputs(3)
+    strategy = pruning_zoo.get_strategy("transprune")
+    seen = []
+    original = strategy.score
+
+    def score(ctx):
+        if ctx.stage.after_layer == 0:
+            seen.append(ctx.observe("next_layer_instruction_attention").float().mean(0))
+        return original(ctx)
+
+    strategy.score = score
+    with torch.no_grad(), prune(model, strategy, 4):
+        model(**inputs)
+    attentions = eager_outputs(model, inputs, output_attentions=True).attentions
+    image = inputs["input_ids"] == model.config.image_token_id
+    for sample in range(3):
+        after = torch.arange(image.shape[1]) > image[sample].nonzero().max()
+        expected = attentions[1][sample][:, after][:, :, image[sample]].float().mean((0, 1))
+        torch.testing.assert_close(seen[sample], expected, rtol=1e-4, atol=1e-6)
+
+
+# -- LearnPruner -----------------------------------------------------------------------------------------------
+def test_learnpruner_module_has_the_papers_size_on_clip_l():
+    assert sum(p.numel() for p in LearnablePruningModule(1024).parameters()) == 525_826  # about 0.53M
+
+
+def test_learnpruner_splits_the_budget_three_to_one():
+    learnpruner = pruning_zoo.get_strategy("learnpruner")
+    assert learnpruner.plan(32, 576, 32) == (Stage(None, 96), Stage(12, 32))
+    assert learnpruner.plan(200, 576, 32) == (Stage(None, 576), Stage(12, 200))
+    by_average = pruning_zoo.get_strategy("learnpruner", budget_counts="per_layer_average")
+    first, second = by_average.plan(32, 576, 32)
+    assert (first.keep, second.keep) == (52, 18) and abs((13 * 52 + 19 * 18) / 32 - 32) < 0.5
+    assert [s.after_layer for s in learnpruner.plan(2, 16, 4)] == [None, 2]  # 12 of 32 scaled to 4 layers: 1.5 -> 2
+
+
+def test_learnpruner_diversity_is_greedy_max_min_cosine():
+    features = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, 0.0], [0.7, 0.7]])
+    # Kept: row 0. Farthest from it is row 3 (distance 2); then row 2 (distance 1 to both rows 0 and 3).
+    assert max_min_diverse(features, torch.tensor([0]), 2).tolist() == [3, 2]
+    assert max_min_diverse(features, torch.tensor([0]), 0).tolist() == []
+
+
+def test_learnpruner_ranks_by_the_modules_keep_probability_plus_diverse_tokens(tmp_path):
+    family = tiny_models.FAMILIES["llava"]
+    model = family.build(tmp_path / "model")
+    inputs = family.inputs(1)
+    strategy = pruning_zoo.get_strategy("learnpruner", seed=3)
+    recording = Recording(strategy)
+    features = {}
+
+    def keep_features(module, args):
+        features["x"] = args[0][0]
+
+    handle = model.model.multi_modal_projector.register_forward_pre_hook(keep_features)
+    try:
+        with torch.no_grad(), prune(model, strategy, 4):  # stage 1 keeps 12: 11 ranked + 1 diverse
+            model(**inputs)
+    finally:
+        handle.remove()
+    (_, first), _ = recording.selections
+    torch.manual_seed(3)
+    module = LearnablePruningModule(features["x"].shape[-1])
+    with torch.no_grad():
+        probability = module(features["x"]).softmax(-1)[:, 1]
+    ranked = torch.topk(probability, 11).indices
+    diverse = max_min_diverse(features["x"], ranked, 1)
+    assert first.keep.tolist() == sorted(ranked.tolist() + diverse.tolist())
+
+
+def test_learnpruner_loads_its_module_and_refuses_another_models(tmp_path):
+    family = tiny_models.FAMILIES["llava"]
+    model = family.build(tmp_path / "model")
+    copy = type(model).from_pretrained(tmp_path / "model")  # the same weights from another load
+    torch.manual_seed(1)
+    other = family.model_class(family.config()).eval()
+    trained = LearnablePruningModule(32, hidden=8)
+    identity = adapter_for(model).identity
+    trained.save(tmp_path / "module", identity.name, identity.fingerprint, budget=4, steps=0)
+    strategy = pruning_zoo.get_strategy("learnpruner", module=str(tmp_path / "module"))
+    with torch.no_grad(), prune(copy, strategy, 4) as run:
+        copy(**family.inputs(1))
+    assert run.records[0].images[0].kept_per_layer[-1] == 4
+    with pytest.raises(pruning_zoo.InvalidParameterError, match="was trained for .*not for this model"):
+        with torch.no_grad(), prune(other, pruning_zoo.get_strategy("learnpruner", module=str(tmp_path / "module")), 4):
+            other(**family.inputs(1))
+    with pytest.raises(pruning_zoo.InvalidParameterError, match="holds no trained module"):
+        pruning_zoo.get_strategy("learnpruner", module=str(tmp_path / "nowhere"))
+
+
+def test_strategy_parameters_come_from_cli_text():
+    transprune = pruning_zoo.get_strategy("transprune", prune_layers="[2, 4]", keep_ratios="[0.5, 0.25]")
+    assert transprune.params.prune_layers == (2, 4)
+    with pytest.raises(pruning_zoo.InvalidParameterError, match="must pair up"):
+        pruning_zoo.get_strategy("transprune", prune_layers="[2, 4]")
+    assert math.isclose(pruning_zoo.get_strategy("visionzip").params.contextual_ratio, 10 / 64)
