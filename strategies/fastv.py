@@ -39,6 +39,8 @@ class FastV(PruningStrategy):
     The budget is the exact number of image tokens kept from layer K on (METHODS.md: "the budget is the exact
     keep count"; VisionZip's and DART's tables place FastV so). With budget_counts='per_layer_average' it is
     the average over the L layers instead: K layers see all N, so k = round((budget*L - K*N) / (L-K)).
+    The original no-cache code re-selects at every decoding step with the newest token as the query: under
+    the engine that is `generate(use_cache=False)`, where every step is a prefill.
     """
 
     name = "fastv"
