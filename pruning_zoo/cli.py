@@ -220,6 +220,37 @@ def leaderboard(
         )
 
 
+testbed_app = typer.Typer(help="The offline testbed: generated scenes and its trained reference VLM.", no_args_is_help=True)
+app.add_typer(testbed_app, name="testbed")
+
+
+@testbed_app.command("train")
+def testbed_train(
+    out: Annotated[Path, typer.Option(help="Folder for the model, processor and training.json.")],
+    seed: Annotated[int, typer.Option(help="Seed of the weights, the scenes and the masks.")] = 0,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 3000,
+    scenes_per_step: Annotated[int, typer.Option(min=1, help="Scenes per step (each asks every question family it allows).")] = 32,
+    learning_rate: Annotated[float, typer.Option(min=0.0)] = 5e-4,
+    workers: Annotated[int, typer.Option(min=0, help="Data-loader processes drawing scenes.")] = 8,
+    validate_every: Annotated[int, typer.Option(min=1)] = 250,
+    device: Annotated[str, typer.Option(help="cuda or cpu.")] = "cuda",
+) -> None:
+    """Train the reference VLM from scratch (minutes on one H100) and save it like a hub model."""
+    with user_errors():
+        import torch
+
+        from pruning_zoo.testbed.train import TrainingConfig, train
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise PruningZooError("--device cuda but no CUDA device is visible; pass --device cpu (slow) or run on a GPU")
+        if out.exists() and any(out.iterdir()):
+            raise PruningZooError(f"--out {out} is not empty; choose a new folder so no trained model is overwritten")
+        config = TrainingConfig(seed=seed, steps=steps, scenes_per_step=scenes_per_step, learning_rate=learning_rate,
+                                workers=workers, validate_every=validate_every)
+        record = train(out, config, device)
+        Console().print(f"trained in {record['seconds']} s; final validation: {record['curve'][-1]['validation_accuracy']}")
+
+
 def main() -> None:  # pragma: no cover - console-script shim
     app(prog_name="pruning-zoo")
 

@@ -1,0 +1,233 @@
+"""Train the testbed's reference VLM from scratch on generated scenes (`pruning-zoo testbed train`).
+
+Every step draws fresh scenes (seeds disjoint from the validation and test splits) and asks every question
+family each scene allows; the loss is the answer's cross-entropy. Half of the questions see the image with
+a random share of its non-evidence patches masked out, so the model does not depend on tokens that carry
+no evidence: this is what lets an oracle selection keep its accuracy while blind pruning loses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from pruning_zoo.testbed.model import build_config, build_processor, build_tokenizer, pixel_values
+from pruning_zoo.testbed.questions import FAMILIES, Question, questions_for
+from pruning_zoo.testbed.scenes import GRID, generate_scene, render
+
+#: Scene seeds: training draws from TRAIN_SEEDS on; the splits use their own ranges.
+TRAIN_SEEDS, VALIDATION_SEEDS, TEST_SEEDS = 10_000_000, 100_000, 200_000
+IMAGE_TOKENS = GRID * GRID
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+    seed: int = 0
+    steps: int = 3000
+    scenes_per_step: int = 32
+    learning_rate: float = 5e-4
+    warmup: int = 300
+    weight_decay: float = 0.05
+    #: Share of questions trained with a random part of their non-evidence patches masked.
+    mask_probability: float = 0.5
+    validate_every: int = 250
+    validation_questions: int = 512
+    workers: int = 8
+
+
+class Encoder:
+    """Token ids and labels of one question, exactly as the processor lays them out (576 image tokens)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.image_id = tokenizer.convert_tokens_to_ids("<image>")
+
+    def prompt_ids(self, question: str) -> list[int]:
+        ids = self.tokenizer(f"USER: <image> {question} ASSISTANT:")["input_ids"]
+        at = ids.index(self.image_id)
+        return ids[:at] + [self.image_id] * IMAGE_TOKENS + ids[at + 1 :]
+
+    def answer_ids(self, answer: str) -> list[int]:
+        return self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+
+
+class SceneStream(torch.utils.data.IterableDataset):
+    """Endless (pixels [3, 336, 336], questions) pairs from fresh scenes; each worker its own seeds."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        rng = random.Random(self.seed * 1000 + worker)
+        index = worker
+        while True:
+            scene = generate_scene(TRAIN_SEEDS + self.seed * 10_000_000 + index)
+            index += workers
+            questions = questions_for(scene, seed=rng.randrange(1 << 30))
+            yield pixel_values([render(scene)[0]])[0], questions
+
+
+def collate(encoder: Encoder, mask_probability: float, rng: random.Random):
+    def build(items):
+        pixels = torch.stack([p for p, _ in items])
+        rows, labels, scene_index, visible = [], [], [], []
+        for index, (_, questions) in enumerate(items):
+            for q in questions:
+                prompt, answer = encoder.prompt_ids(q.question), encoder.answer_ids(q.answer)
+                rows.append(prompt + answer)
+                labels.append([-100] * len(prompt) + answer)
+                scene_index.append(index)
+                keep = torch.ones(IMAGE_TOKENS, dtype=torch.bool)
+                if rng.random() < mask_probability:
+                    share = rng.uniform(0.05, 1.0)
+                    keep = torch.rand(IMAGE_TOKENS, generator=torch.Generator().manual_seed(rng.randrange(1 << 30))) < share
+                    keep[list(q.evidence)] = True
+                visible.append(keep)
+        length = max(map(len, rows))
+        pad = encoder.tokenizer.pad_token_id
+        input_ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows])
+        label_ids = torch.tensor([r + [-100] * (length - len(r)) for r in labels])
+        attention = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])
+        image = input_ids == encoder.image_id
+        attention[image] = torch.stack(visible).flatten().long()
+        return pixels, torch.tensor(scene_index), input_ids, label_ids, attention
+
+    return build
+
+
+def image_embeddings(model, pixels: torch.Tensor) -> torch.Tensor:
+    """LLaVA's own image path (vision_feature_layer -2, CLS dropped, projector), once per scene."""
+    hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
+    return model.model.multi_modal_projector(hidden[:, 1:])
+
+
+def training_forward(model, pixels, scene_index, input_ids, labels, attention):
+    """The loss of LlavaForConditionalGeneration on these inputs, encoding each scene's image once."""
+    embeds = model.get_input_embeddings()(input_ids.masked_fill(input_ids == model.config.image_token_index, 0))
+    features = image_embeddings(model, pixels)[scene_index]
+    image = (input_ids == model.config.image_token_index).unsqueeze(-1)
+    embeds = embeds.masked_scatter(image, features.to(embeds.dtype))
+    return model(inputs_embeds=embeds, attention_mask=attention, labels=labels).loss
+
+
+def validation_questions(count: int) -> list[Question]:
+    questions, seed = [], VALIDATION_SEEDS
+    while len(questions) < count:
+        questions += questions_for(generate_scene(seed))
+        seed += 1
+    return questions[:count]
+
+
+@torch.no_grad()
+def answer_accuracy(model, encoder: Encoder, questions: list[Question], device, batch: int = 32, images=None) -> dict[str, float]:
+    """Share of questions whose greedy first answer token is right, overall and per family. `images` maps
+    scene seeds to pixel tensors already made (the scenes are rendered otherwise)."""
+    model.eval()
+    images = images if images is not None else {}
+    right = {family: [] for family in FAMILIES}
+    for start in range(0, len(questions), batch):
+        chunk = questions[start : start + batch]
+        for q in chunk:
+            if q.scene_seed not in images:
+                images[q.scene_seed] = pixel_values([render(generate_scene(q.scene_seed))[0]])[0]
+        pixels = torch.stack([images[q.scene_seed] for q in chunk]).to(device)
+        prompts = [encoder.prompt_ids(q.question) for q in chunk]
+        length = max(map(len, prompts))
+        pad = encoder.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (length - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits[:, -1]
+        predicted = logits.argmax(-1).tolist()
+        for q, token in zip(chunk, predicted):
+            right[q.family].append(token == encoder.answer_ids(q.answer)[0])
+    model.train()
+    scores = {family: sum(v) / len(v) for family, v in right.items() if v}
+    scores["overall"] = sum(sum(v) for v in right.values()) / len(questions)
+    return scores
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def train(out: Path, config: TrainingConfig, device: str = "cuda") -> dict:
+    """Train from `config.seed`, write the model, processor and training.json into `out`; return the record."""
+    torch.manual_seed(config.seed)
+    device = torch.device(device)
+    tokenizer = build_tokenizer()
+    processor = build_processor(tokenizer)
+    model = transformers.LlavaForConditionalGeneration(build_config(tokenizer)).to(device)
+    model.train()
+    encoder = Encoder(tokenizer)
+    loader = torch.utils.data.DataLoader(
+        SceneStream(config.seed), batch_size=config.scenes_per_step, num_workers=config.workers,
+        collate_fn=collate(encoder, config.mask_probability, random.Random(config.seed)),
+        persistent_workers=config.workers > 0,
+    )
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.learning_rate, betas=(0.9, 0.98),
+    )
+
+    def schedule(step: int) -> float:
+        if step < config.warmup:
+            return (step + 1) / config.warmup
+        progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    validation = validation_questions(config.validation_questions)
+    validation_images: dict[int, torch.Tensor] = {}
+    curve, losses, started = [], [], time.time()
+    for step, batch in enumerate(loader):
+        if step >= config.steps:
+            break
+        batch = [t.to(device, non_blocking=True) for t in batch]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = training_forward(model, *batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if (step + 1) % config.validate_every == 0 or step + 1 == config.steps:
+            point = {"step": step + 1, "loss": sum(losses) / len(losses), "seconds": round(time.time() - started, 1),
+                     "validation_accuracy": answer_accuracy(model, encoder, validation, device, images=validation_images)}
+            losses = []
+            curve.append(point)
+            print(json.dumps(point), flush=True)
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.to("cpu", torch.float32).save_pretrained(out, max_shard_size="15MB")
+    processor.save_pretrained(out)
+    record = {
+        "command": " ".join(sys.argv),
+        "config": dataclasses.asdict(config),
+        "git_sha": git_sha(),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "seconds": round(time.time() - started, 1),
+        "curve": curve,
+    }
+    (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
