@@ -151,6 +151,6 @@ def render(scene: Scene) -> tuple[Image.Image, np.ndarray]:
         _draw_shape(draw, obj.shape, obj.x, obj.y, obj.radius, COLORS[obj.color])
         if obj.label is not None:
             ink = (255, 255, 255) if obj.color not in ("yellow", "orange") else (0, 0, 0)
-            _draw_label(draw, obj.label, obj.x, obj.y, max(3, obj.radius // 7), ink)
+            _draw_label(draw, obj.label, obj.x, obj.y, max(4, obj.radius // 5), ink)
         owner[list(obj.patches)] = index + 1
     return image, owner

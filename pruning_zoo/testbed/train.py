@@ -1,7 +1,11 @@
 """Train the testbed's reference VLM from scratch on generated scenes (`pruning-zoo testbed train`).
 
 Every step draws fresh scenes (seeds disjoint from the validation and test splits) and asks every question
-family each scene allows; the loss is the answer's cross-entropy. Half of the questions see the image with
+family each scene allows; the loss is the answer's cross-entropy plus an auxiliary one: a linear head on the
+vision features the projector receives labels every patch with the colour, shape, character and centre of the
+object covering it, and with its own row and column (the scenes know them). Without it the from-scratch tower learns too slowly for minutes of
+training and the decoder settles for the answer priors. The head is dropped after training: the saved model
+is a plain LlavaForConditionalGeneration. Half of the questions see the image with
 a random share of its non-evidence patches masked out, so the model does not depend on tokens that carry
 no evidence: this is what lets an oracle selection keep its accuracy while blind pruning loses it.
 """
@@ -23,7 +27,7 @@ import transformers
 
 from pruning_zoo.testbed.model import build_config, build_processor, build_tokenizer, pixel_values
 from pruning_zoo.testbed.questions import FAMILIES, Question, questions_for
-from pruning_zoo.testbed.scenes import GRID, generate_scene, render
+from pruning_zoo.testbed.scenes import CHARACTERS, COLORS, GRID, PATCH, SHAPES, Scene, generate_scene, render
 
 #: Scene seeds: training draws from TRAIN_SEEDS on; the splits use their own ranges.
 TRAIN_SEEDS, VALIDATION_SEEDS, TEST_SEEDS = 10_000_000, 100_000, 200_000
@@ -61,6 +65,26 @@ class Encoder:
         return self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
 
 
+def patch_targets(scene: Scene, owner) -> torch.Tensor:
+    """[6, 576] per patch: colour, shape, character (0 = none, else index + 1) and centre (1 where the
+    patch holds its object's centre) of the object covering it, and the patch's own row and column (so the
+    features carry where they are, which spatial questions compare)."""
+    targets = torch.zeros(6, GRID * GRID, dtype=torch.long)
+    targets[4] = torch.arange(GRID * GRID) // GRID
+    targets[5] = torch.arange(GRID * GRID) % GRID
+    for index, obj in enumerate(scene.objects):
+        covered = torch.from_numpy(owner == index + 1)
+        targets[0, covered] = list(COLORS).index(obj.color) + 1
+        targets[1, covered] = SHAPES.index(obj.shape) + 1
+        targets[2, covered] = CHARACTERS.index(obj.label) + 1 if obj.label else 0
+        targets[3, (obj.y // PATCH) * GRID + obj.x // PATCH] = 1
+    return targets
+
+
+#: Classes of each patch target, for the auxiliary head.
+TARGET_CLASSES = (len(COLORS) + 1, len(SHAPES) + 1, len(CHARACTERS) + 1, 2, GRID, GRID)
+
+
 class SceneStream(torch.utils.data.IterableDataset):
     """Endless (pixels [3, 336, 336], questions) pairs from fresh scenes; each worker its own seeds."""
 
@@ -76,14 +100,16 @@ class SceneStream(torch.utils.data.IterableDataset):
             scene = generate_scene(TRAIN_SEEDS + self.seed * 10_000_000 + index)
             index += workers
             questions = questions_for(scene, seed=rng.randrange(1 << 30))
-            yield pixel_values([render(scene)[0]])[0], questions
+            image, owner = render(scene)
+            yield pixel_values([image])[0], questions, patch_targets(scene, owner)
 
 
 def collate(encoder: Encoder, mask_probability: float, rng: random.Random):
     def build(items):
-        pixels = torch.stack([p for p, _ in items])
+        pixels = torch.stack([item[0] for item in items])
+        targets = torch.stack([item[2] for item in items])
         rows, labels, scene_index, visible = [], [], [], []
-        for index, (_, questions) in enumerate(items):
+        for index, (_, questions, _) in enumerate(items):
             for q in questions:
                 prompt, answer = encoder.prompt_ids(q.question), encoder.answer_ids(q.answer)
                 rows.append(prompt + answer)
@@ -102,24 +128,30 @@ def collate(encoder: Encoder, mask_probability: float, rng: random.Random):
         attention = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])
         image = input_ids == encoder.image_id
         attention[image] = torch.stack(visible).flatten().long()
-        return pixels, torch.tensor(scene_index), input_ids, label_ids, attention
+        return pixels, torch.tensor(scene_index), input_ids, label_ids, attention, targets
 
     return build
 
 
-def image_embeddings(model, pixels: torch.Tensor) -> torch.Tensor:
-    """LLaVA's own image path (vision_feature_layer -2, CLS dropped, projector), once per scene."""
+def vision_features(model, pixels: torch.Tensor) -> torch.Tensor:
+    """What LLaVA's projector receives: vision_feature_layer -2, CLS dropped."""
     hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
-    return model.model.multi_modal_projector(hidden[:, 1:])
+    return hidden[:, 1:]
 
 
-def training_forward(model, pixels, scene_index, input_ids, labels, attention):
-    """The loss of LlavaForConditionalGeneration on these inputs, encoding each scene's image once."""
+def training_forward(model, pixels, scene_index, input_ids, labels, attention, targets=None, head=None):
+    """The answer loss of LlavaForConditionalGeneration on these inputs, encoding each scene's image once,
+    plus the auxiliary patch-labelling loss when a head is given."""
     embeds = model.get_input_embeddings()(input_ids.masked_fill(input_ids == model.config.image_token_index, 0))
-    features = image_embeddings(model, pixels)[scene_index]
+    patches = vision_features(model, pixels)
+    features = model.model.multi_modal_projector(patches)[scene_index]
     image = (input_ids == model.config.image_token_index).unsqueeze(-1)
     embeds = embeds.masked_scatter(image, features.to(embeds.dtype))
-    return model(inputs_embeds=embeds, attention_mask=attention, labels=labels).loss
+    loss = model(inputs_embeds=embeds, attention_mask=attention, labels=labels).loss
+    if head is not None:
+        logits = head(patches).split(TARGET_CLASSES, dim=-1)
+        loss = loss + sum(torch.nn.functional.cross_entropy(l.flatten(0, 1).float(), t.flatten()) for l, t in zip(logits, targets.unbind(1)))
+    return loss
 
 
 def validation_questions(count: int) -> list[Question]:
@@ -174,14 +206,16 @@ def train(out: Path, config: TrainingConfig, device: str = "cuda") -> dict:
     processor = build_processor(tokenizer)
     model = transformers.LlavaForConditionalGeneration(build_config(tokenizer)).to(device)
     model.train()
+    head = torch.nn.Linear(model.config.vision_config.hidden_size, sum(TARGET_CLASSES)).to(device)
     encoder = Encoder(tokenizer)
     loader = torch.utils.data.DataLoader(
         SceneStream(config.seed), batch_size=config.scenes_per_step, num_workers=config.workers,
         collate_fn=collate(encoder, config.mask_probability, random.Random(config.seed)),
         persistent_workers=config.workers > 0,
     )
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    parameters = list(model.parameters()) + list(head.parameters())
+    decay = [p for p in parameters if p.dim() >= 2]
+    no_decay = [p for p in parameters if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.learning_rate, betas=(0.9, 0.98),
@@ -202,10 +236,10 @@ def train(out: Path, config: TrainingConfig, device: str = "cuda") -> dict:
             break
         batch = [t.to(device, non_blocking=True) for t in batch]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = training_forward(model, *batch)
+            loss = training_forward(model, *batch, head=head)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         scheduler.step()
         losses.append(loss.item())
