@@ -100,6 +100,8 @@ class SceneStream(torch.utils.data.IterableDataset):
             scene = generate_scene(TRAIN_SEEDS + self.seed * 10_000_000 + index)
             index += workers
             questions = questions_for(scene, seed=rng.randrange(1 << 30))
+            # Spatial questions (comparing two objects' places) are learned last: ask more of them.
+            questions += questions_for(scene, families=("spatial", "spatial"), seed=rng.randrange(1 << 30))
             image, owner = render(scene)
             yield pixel_values([image])[0], questions, patch_targets(scene, owner)
 
