@@ -234,6 +234,7 @@ def testbed_train(
     workers: Annotated[int, typer.Option(min=0, help="Data-loader processes drawing scenes.")] = 8,
     validate_every: Annotated[int, typer.Option(min=1)] = 250,
     device: Annotated[str, typer.Option(help="cuda or cpu.")] = "cuda",
+    init_from: Annotated[Path | None, typer.Option(help="Continue from a model this command saved.")] = None,
 ) -> None:
     """Train the reference VLM from scratch (minutes on one H100) and save it like a hub model."""
     with user_errors():
@@ -247,7 +248,9 @@ def testbed_train(
             raise PruningZooError(f"--out {out} is not empty; choose a new folder so no trained model is overwritten")
         config = TrainingConfig(seed=seed, steps=steps, scenes_per_step=scenes_per_step, learning_rate=learning_rate,
                                 workers=workers, validate_every=validate_every)
-        record = train(out, config, device)
+        if init_from is not None and not (init_from / "training.json").is_file():
+            raise PruningZooError(f"--init-from {init_from} holds no model saved by `pruning-zoo testbed train`")
+        record = train(out, config, device, init_from)
         Console().print(f"trained in {record['seconds']} s; final validation: {record['curve'][-1]['validation_accuracy']}")
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import platform
 import random
 import subprocess
@@ -200,13 +201,17 @@ def git_sha() -> str:
         return "unknown"
 
 
-def train(out: Path, config: TrainingConfig, device: str = "cuda") -> dict:
-    """Train from `config.seed`, write the model, processor and training.json into `out`; return the record."""
+def train(out: Path, config: TrainingConfig, device: str = "cuda", init_from: Path | None = None) -> dict:
+    """Train from `config.seed` (continuing from the model saved in `init_from`, if given), write the model,
+    processor and training.json into `out`; return the record."""
     torch.manual_seed(config.seed)
     device = torch.device(device)
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer)
-    model = transformers.LlavaForConditionalGeneration(build_config(tokenizer)).to(device)
+    if init_from is not None:
+        model = transformers.LlavaForConditionalGeneration.from_pretrained(init_from, dtype=torch.float32).to(device)
+    else:
+        model = transformers.LlavaForConditionalGeneration(build_config(tokenizer)).to(device)
     model.train()
     head = torch.nn.Linear(model.config.vision_config.hidden_size, sum(TARGET_CLASSES)).to(device)
     encoder = Encoder(tokenizer)
@@ -255,10 +260,13 @@ def train(out: Path, config: TrainingConfig, device: str = "cuda") -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model.to("cpu", torch.float32).save_pretrained(out, max_shard_size="15MB")
     processor.save_pretrained(out)
+    earlier = json.loads((init_from / "training.json").read_text()) if init_from is not None else None
     record = {
         "command": " ".join(sys.argv),
         "config": dataclasses.asdict(config),
-        "git_sha": git_sha(),
+        # The checkout's own SHA unless the caller names it (a copied work tree may carry a stale .git).
+        "git_sha": os.environ.get("PRUNING_ZOO_GIT_SHA") or git_sha(),
+        "continued_from": earlier,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
         "parameters": sum(p.numel() for p in model.parameters()),
