@@ -7,11 +7,12 @@ import dataclasses
 import random
 from collections import Counter
 
-from pruning_zoo.testbed.scenes import CHARACTERS, COLORS, SHAPES, Scene, SceneObject
+from pruning_zoo.testbed.scenes import CHARACTERS, COLORS, SHAPES, SIZE, Scene, SceneObject
 
 FAMILIES = ("attribute", "existence", "counting", "spatial", "reading")
 NEGATIVE_KINDS = ("random", "popular", "adversarial")  # POPE's three ways of choosing absent objects
-RELATIONS = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1)}
+#: Half of the image -> (axis, sign): the object's centre minus the image centre has that sign on that axis.
+HALVES = {"left": (0, -1), "right": (0, 1), "top": (1, -1), "bottom": (1, 1)}
 NUMBERS = ("one", "two", "three", "four", "five", "six")
 
 
@@ -82,19 +83,18 @@ def counting(scene: Scene, rng: random.Random) -> Question | None:
 
 
 def spatial(scene: Scene, rng: random.Random) -> Question | None:
-    named = _unique(scene, lambda o: (o.color, o.shape))
-    pairs = [(a, b) for a in named for b in named if a is not b]
-    rng.shuffle(pairs)
-    for a, b in pairs:
-        relation = rng.choice(list(RELATIONS))
-        axis, sign = RELATIONS[relation]
-        delta = (b.x - a.x, b.y - a.y)[axis]
-        if abs(delta) < 40:  # too close to call
-            continue
-        holds = (delta > 0) == (sign < 0)  # a is left of b when b is further right
-        return Question(scene.seed, "spatial", f"is the {a.name} {relation} the {b.name} ?", "yes" if holds else "no",
-                        _evidence(a, b))
-    return None
+    """Where an object lies in the image: "is the red circle in the left half of the image ?"."""
+    named = [o for o in _unique(scene, lambda o: (o.color, o.shape))
+             if abs(o.x - SIZE / 2) > 30 or abs(o.y - SIZE / 2) > 30]
+    if not named:
+        return None
+    obj = rng.choice(named)
+    sides = [side for side, (axis, _) in HALVES.items() if abs((obj.x, obj.y)[axis] - SIZE / 2) > 30]
+    side = rng.choice(sides)
+    axis, sign = HALVES[side]
+    holds = ((obj.x, obj.y)[axis] - SIZE / 2) * sign > 0
+    return Question(scene.seed, "spatial", f"is the {obj.name} in the {side} half of the image ?",
+                    "yes" if holds else "no", _evidence(obj))
 
 
 def reading(scene: Scene, rng: random.Random) -> Question | None:
@@ -124,4 +124,5 @@ def vocabulary() -> list[str]:
     words = ["what", "color", "is", "the", "shape", "object", "objects", "there", "a", "how", "many", "are",
              "written", "on", "left", "right", "of", "above", "below", "?", "yes", "no"]
     words += list(COLORS) + list(SHAPES) + list(NUMBERS) + [c.lower() for c in CHARACTERS]
+    words += ["in", "half", "image", "top", "bottom"]  # appended last: earlier ids stay put
     return list(dict.fromkeys(words))

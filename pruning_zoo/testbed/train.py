@@ -46,6 +46,8 @@ class TrainingConfig:
     #: Share of questions trained with a random part of their non-evidence patches masked.
     mask_probability: float = 0.5
     validate_every: int = 250
+    #: Stop (and save) once training has run this long, whatever `steps` says.
+    max_seconds: float = float("inf")
     validation_questions: int = 512
     workers: int = 8
 
@@ -101,8 +103,6 @@ class SceneStream(torch.utils.data.IterableDataset):
             scene = generate_scene(TRAIN_SEEDS + self.seed * 10_000_000 + index)
             index += workers
             questions = questions_for(scene, seed=rng.randrange(1 << 30))
-            # Spatial questions (comparing two objects' places) are learned last: ask more of them.
-            questions += questions_for(scene, families=("spatial", "spatial"), seed=rng.randrange(1 << 30))
             image, owner = render(scene)
             yield pixel_values([image])[0], questions, patch_targets(scene, owner)
 
@@ -210,6 +210,8 @@ def train(out: Path, config: TrainingConfig, device: str = "cuda", init_from: Pa
     processor = build_processor(tokenizer)
     if init_from is not None:
         model = transformers.LlavaForConditionalGeneration.from_pretrained(init_from, dtype=torch.float32).to(device)
+        if model.get_input_embeddings().num_embeddings != len(tokenizer):  # words were appended since
+            model.resize_token_embeddings(len(tokenizer))
     else:
         model = transformers.LlavaForConditionalGeneration(build_config(tokenizer)).to(device)
     model.train()
@@ -239,7 +241,7 @@ def train(out: Path, config: TrainingConfig, device: str = "cuda", init_from: Pa
     validation_images: dict[int, torch.Tensor] = {}
     curve, losses, started = [], [], time.time()
     for step, batch in enumerate(loader):
-        if step >= config.steps:
+        if step >= config.steps or time.time() - started > config.max_seconds:
             break
         batch = [t.to(device, non_blocking=True) for t in batch]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -250,7 +252,8 @@ def train(out: Path, config: TrainingConfig, device: str = "cuda", init_from: Pa
         optimizer.step()
         scheduler.step()
         losses.append(loss.item())
-        if (step + 1) % config.validate_every == 0 or step + 1 == config.steps:
+        last = step + 1 == config.steps or time.time() - started > config.max_seconds
+        if (step + 1) % config.validate_every == 0 or last:
             point = {"step": step + 1, "loss": sum(losses) / len(losses), "seconds": round(time.time() - started, 1),
                      "validation_accuracy": answer_accuracy(model, encoder, validation, device, images=validation_images)}
             losses = []
