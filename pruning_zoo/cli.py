@@ -236,6 +236,7 @@ def testbed_train(
     device: Annotated[str, typer.Option(help="cuda or cpu.")] = "cuda",
     init_from: Annotated[Path | None, typer.Option(help="Continue from a model this command saved.")] = None,
     max_seconds: Annotated[float, typer.Option(help="Stop and save after this long, whatever --steps says.")] = float("inf"),
+    extra_spatial: Annotated[int, typer.Option(min=0, help="Extra spatial questions per scene.")] = 0,
 ) -> None:
     """Train the reference VLM from scratch (minutes on one H100) and save it like a hub model."""
     with user_errors():
@@ -248,7 +249,8 @@ def testbed_train(
         if out.exists() and any(out.iterdir()):
             raise PruningZooError(f"--out {out} is not empty; choose a new folder so no trained model is overwritten")
         config = TrainingConfig(seed=seed, steps=steps, scenes_per_step=scenes_per_step, learning_rate=learning_rate,
-                                workers=workers, validate_every=validate_every, max_seconds=max_seconds)
+                                workers=workers, validate_every=validate_every, max_seconds=max_seconds,
+                                extra_spatial=extra_spatial)
         if init_from is not None and not (init_from / "training.json").is_file():
             raise PruningZooError(f"--init-from {init_from} holds no model saved by `pruning-zoo testbed train`")
         record = train(out, config, device, init_from)

@@ -46,6 +46,8 @@ class TrainingConfig:
     #: Share of questions trained with a random part of their non-evidence patches masked.
     mask_probability: float = 0.5
     validate_every: int = 250
+    #: Extra spatial questions asked of every scene (they are learned last).
+    extra_spatial: int = 0
     #: Stop (and save) once training has run this long, whatever `steps` says.
     max_seconds: float = float("inf")
     validation_questions: int = 512
@@ -91,8 +93,8 @@ TARGET_CLASSES = (len(COLORS) + 1, len(SHAPES) + 1, len(CHARACTERS) + 1, 2, GRID
 class SceneStream(torch.utils.data.IterableDataset):
     """Endless (pixels [3, 336, 336], questions) pairs from fresh scenes; each worker its own seeds."""
 
-    def __init__(self, seed: int):
-        self.seed = seed
+    def __init__(self, seed: int, extra_spatial: int = 0):
+        self.seed, self.extra_spatial = seed, extra_spatial
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -103,6 +105,8 @@ class SceneStream(torch.utils.data.IterableDataset):
             scene = generate_scene(TRAIN_SEEDS + self.seed * 10_000_000 + index)
             index += workers
             questions = questions_for(scene, seed=rng.randrange(1 << 30))
+            if self.extra_spatial:
+                questions += questions_for(scene, families=("spatial",) * self.extra_spatial, seed=rng.randrange(1 << 30))
             image, owner = render(scene)
             yield pixel_values([image])[0], questions, patch_targets(scene, owner)
 
@@ -218,7 +222,7 @@ def train(out: Path, config: TrainingConfig, device: str = "cuda", init_from: Pa
     head = torch.nn.Linear(model.config.vision_config.hidden_size, sum(TARGET_CLASSES)).to(device)
     encoder = Encoder(tokenizer)
     loader = torch.utils.data.DataLoader(
-        SceneStream(config.seed), batch_size=config.scenes_per_step, num_workers=config.workers,
+        SceneStream(config.seed, config.extra_spatial), batch_size=config.scenes_per_step, num_workers=config.workers,
         collate_fn=collate(encoder, config.mask_probability, random.Random(config.seed)),
         persistent_workers=config.workers > 0,
     )
