@@ -257,6 +257,83 @@ def testbed_train(
         Console().print(f"trained in {record['seconds']} s; final validation: {record['curve'][-1]['validation_accuracy']}")
 
 
+@testbed_app.command("splits")
+def testbed_splits(
+    out: Annotated[Path, typer.Option(help="Folder for images/ and the split files.")] = Path("suites/testbed"),
+) -> None:
+    """Write the fixed validation and test splits (PNG images and JSON lines with answers and evidence)."""
+    from pruning_zoo.testbed.splits import SPLITS, write_split
+
+    for name in SPLITS:
+        Console().print(f"wrote {write_split(out, name)}")
+
+
+@testbed_app.command("evaluate")
+def testbed_evaluate(
+    strategies: Annotated[str, typer.Option(help="Comma-separated strategies; 'oracle' keeps the evidence first.")] = "none,random,oracle",
+    budget: Annotated[str, typer.Option(help="Visual tokens per image (or a ratio).")] = "64",
+    model: Annotated[Path, typer.Option(help="The reference model folder.")] = Path("suites/testbed/model"),
+    data: Annotated[Path, typer.Option(help="Folder with the split files.")] = Path("suites/testbed"),
+    split: Annotated[str, typer.Option(help="validation or test.")] = "test",
+    limit: Annotated[int | None, typer.Option(min=1, help="Evaluate a fixed random subset of this many questions.")] = None,
+    param: Annotated[list[str] | None, typer.Option(help="Strategy parameter, STRATEGY.NAME=VALUE; repeatable.")] = None,
+    output: Annotated[Path | None, typer.Option(help="Write the summaries and per-question results as JSON.")] = None,
+) -> None:
+    """Accuracy and evidence recall of strategies on a testbed split (the unpruned model with 'none')."""
+    import json
+    import platform
+
+    import torch
+    import transformers
+
+    from pruning_zoo.testbed import evaluate as testbed
+
+    with user_errors():
+        chosen = _split(strategies) or []
+        overrides = parse_param_overrides(param or [])
+        parsed = parse_budget(budget)
+        if not (model / "config.json").is_file():
+            raise PruningZooError(f"--model {model} holds no saved model; train one with `pruning-zoo testbed train`")
+        try:
+            records = testbed.sample(read_split_or_fail(data, split), limit)
+        except FileNotFoundError as error:
+            raise PruningZooError(str(error)) from None
+        built = {}
+        for name in chosen:
+            built[name] = testbed.EvidenceOracle() if name == "oracle" else plugins.strategies().get(name)(overrides.get(name, {}))
+        vlm, processor = testbed.load_reference(model)
+        report = {"command": "pruning-zoo " + " ".join(sys.argv[1:]), "model": str(model), "split": split,
+                  "budget": parsed, "device": "cpu", "threads": torch.get_num_threads(),
+                  "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                               "python": platform.python_version()},
+                  "results": {}}
+        table = Table(title=f"testbed {split}, {len(records)} questions, budget {budget}")
+        for column in ("strategy", "accuracy", "evidence recall", "entering LLM", "avg / layer", "by family"):
+            table.add_column(column)
+        for name, strategy in built.items():
+            rows = testbed.evaluate(vlm, processor, records, data, strategy, 1.0 if name == "none" else parsed)
+            summary = testbed.summarise(rows)
+            report["results"][name] = {"params": str(strategy.params), "summary": summary, "questions": rows}
+            recall = summary["evidence_recall"]
+            table.add_row(name, f"{summary['accuracy']:.3f}", "-" if recall is None else f"{recall:.3f}",
+                          f"{summary['entering_llm']:.1f}", f"{summary['average_per_layer']:.1f}",
+                          " ".join(f"{k[:4]}={v:.2f}" for k, v in summary["accuracy_by_family"].items()))
+        Console().print(table)
+        if output is not None:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            temporary = output.with_suffix(".tmp")
+            temporary.write_text(json.dumps(report, indent=1) + "\n")
+            temporary.replace(output)
+
+
+def read_split_or_fail(folder: Path, name: str):
+    from pruning_zoo.testbed.splits import SPLITS, read_split
+
+    if name not in SPLITS:
+        raise PruningZooError(f"unknown split {name!r}; known: {', '.join(SPLITS)}")
+    return read_split(folder, name)
+
+
 def main() -> None:  # pragma: no cover - console-script shim
     app(prog_name="pruning-zoo")
 

@@ -44,6 +44,9 @@ class ImageRecord:
     kept_per_layer: list[int]
     #: Multiply-accumulates of the vision tower and projector for this image (the flops.py convention).
     vision_flops: int
+    #: Indices (into the image's original visual tokens) of the slots still present after the last stage.
+    #: For a merge (pool, VisionZip's contextual tokens) a slot holds merged features, not only its own.
+    kept: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def entering_llm(self) -> int:
@@ -97,6 +100,8 @@ class _Image:
     kept_per_layer: list[int]
     grid: tuple[int, int] | None
     vision_flops: int
+    #: Original indices of the surviving slots (shared with the record, updated in place).
+    kept: list[int] = dataclasses.field(default_factory=list)
 
 
 class PruningRun:
@@ -207,7 +212,8 @@ class PruningRun:
                 check_plan(self.strategy.name, stages, num_visual, num_layers)
                 vision_flops = self.adapter.vision_flops(len(self._images), num_visual)
                 self._images.append(
-                    _Image(sample, num_visual, image_positions, stages, [num_visual] * num_layers, next(grids), vision_flops)
+                    _Image(sample, num_visual, image_positions, stages, [num_visual] * num_layers, next(grids), vision_flops,
+                           list(range(num_visual)))
                 )
         self._stage_layers = {s.after_layer for image in self._images for s in image.stages if s.in_llm}
         self._attention_mask_2d = kwargs.get("attention_mask")
@@ -256,6 +262,7 @@ class PruningRun:
         keep[image.sample, image.positions[dropped]] = False
         before, image.positions = image.positions, kept
         image.kept_per_layer[first_layer:] = [stage.keep] * (self.adapter.num_layers - first_layer)
+        image.kept[:] = [image.kept[i] for i in selection.keep.tolist()]
         return image.sample, before, kept
 
     def _prune_before_llm(self, input_ids: torch.Tensor, kwargs: dict) -> dict:
@@ -465,7 +472,7 @@ class PruningRun:
             ForwardRecord(
                 # kept_per_layer is shared with the image, so later in-LLM stages update the record.
                 images=[
-                    ImageRecord(image.sample, image.num_visual, image.kept_per_layer, image.vision_flops)
+                    ImageRecord(image.sample, image.num_visual, image.kept_per_layer, image.vision_flops, image.kept)
                     for image in self._images
                 ],
                 tokens_per_layer=[[int(count)] * layers for count in counts],

@@ -1,0 +1,109 @@
+"""Accuracy and evidence recall of a pruning strategy on a testbed split, through the engine and the model's
+own processor and generate(): each question's greedy answer is compared with the true one, and the patches
+the strategy kept with the question's evidence patches."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import transformers
+from PIL import Image
+
+from pruning_zoo.budget import Budget
+from pruning_zoo.engine import prune
+from pruning_zoo.strategy import BudgetMeaning, PruningStrategy, ScoreContext, Stage
+from pruning_zoo.testbed.model import prompt
+
+
+class EvidenceOracle(PruningStrategy):
+    """Not a method: before the LLM, keep each image's evidence patches first, then others at random (seeded).
+    Shows what a perfect selection keeps; it reads the answer's evidence, which no real strategy has."""
+
+    name = "oracle"
+    budget_meaning = BudgetMeaning.ENTERING_LLM
+
+    def __init__(self, seed: int = 0):
+        super().__init__({"positions": "keep"})
+        self.generator = torch.Generator().manual_seed(seed)
+        self.evidence: list[list[int]] = []
+        self._next = 0
+
+    def for_batch(self, evidence: list[list[int]]) -> None:
+        self.evidence, self._next = evidence, 0
+
+    def plan(self, budget: int, num_visual: int, num_layers: int) -> tuple[Stage, ...]:
+        return (Stage(after_layer=None, keep=budget),)
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        scores = torch.rand(ctx.tokens.shape[0], generator=self.generator)
+        scores[self.evidence[self._next]] += 1.0
+        self._next += 1
+        return scores
+
+
+def evidence_recall(evidence: list[int], kept: list[int]) -> float | None:
+    """Share of the evidence patches among the kept ones; None when a question has no evidence."""
+    if not evidence:
+        return None
+    return len(set(evidence) & set(kept)) / len(evidence)
+
+
+def load_reference(folder: Path):
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    processor = transformers.AutoProcessor.from_pretrained(folder)
+    return model, processor
+
+
+@torch.no_grad()
+def evaluate(model, processor, records: list[dict], data_folder: Path, strategy: PruningStrategy, budget: Budget,
+             batch_size: int = 16) -> list[dict]:
+    """One result per question: prediction, correctness, evidence recall and the visual tokens kept."""
+    results = []
+    for start in range(0, len(records), batch_size):
+        batch = records[start : start + batch_size]
+        images = [Image.open(data_folder / r["image"]).convert("RGB") for r in batch]
+        inputs = processor(images=images, text=[prompt(r["question"]) for r in batch], padding=True, return_tensors="pt")
+        if isinstance(strategy, EvidenceOracle):
+            strategy.for_batch([r["evidence"] for r in batch])
+        with prune(model, strategy, budget) as run:
+            output = model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        answers = processor.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        (record,) = run.records
+        for r, answer, image in zip(batch, answers, record.images):
+            prediction = answer.strip()
+            results.append({
+                "id": r["id"], "family": r["family"], "answer": r["answer"], "prediction": prediction,
+                "correct": prediction == r["answer"], "evidence_recall": evidence_recall(r["evidence"], image.kept),
+                "entering_llm": image.entering_llm, "average_per_layer": image.average_per_layer,
+            })
+    return results
+
+
+def summarise(results: list[dict]) -> dict:
+    """Accuracy overall and per family, and mean evidence recall over questions that have evidence."""
+    by_family = defaultdict(list)
+    for r in results:
+        by_family[r["family"]].append(r)
+
+    def accuracy(rows):
+        return sum(r["correct"] for r in rows) / len(rows)
+
+    recalls = [r["evidence_recall"] for r in results if r["evidence_recall"] is not None]
+    return {
+        "questions": len(results),
+        "accuracy": accuracy(results),
+        "accuracy_by_family": {family: accuracy(rows) for family, rows in sorted(by_family.items())},
+        "evidence_recall": sum(recalls) / len(recalls) if recalls else None,
+        "entering_llm": sum(r["entering_llm"] for r in results) / len(results),
+        "average_per_layer": sum(r["average_per_layer"] for r in results) / len(results),
+    }
+
+
+def sample(records: list[dict], count: int | None, seed: int = 0) -> list[dict]:
+    """A fixed subset (the same for every strategy), or all records."""
+    if count is None or count >= len(records):
+        return records
+    return sorted(random.Random(seed).sample(records, count), key=lambda r: r["id"])
