@@ -270,7 +270,9 @@ def testbed_splits(
 
 @testbed_app.command("evaluate")
 def testbed_evaluate(
-    strategies: Annotated[str, typer.Option(help="Comma-separated strategies; 'oracle' keeps the evidence first.")] = "none,random,oracle",
+    strategies: Annotated[str, typer.Option(help="Comma-separated strategies; 'oracle' keeps the evidence first.")] = (
+        "none,random,oracle,pool,fastv,visionzip,transprune,learnpruner"
+    ),
     budget: Annotated[str, typer.Option(help="Visual tokens per image (or a ratio).")] = "64",
     model: Annotated[Path, typer.Option(help="The reference model folder.")] = Path("suites/testbed/model"),
     data: Annotated[Path, typer.Option(help="Folder with the split files.")] = Path("suites/testbed"),
@@ -302,7 +304,9 @@ def testbed_evaluate(
         for name in chosen:
             built[name] = testbed.EvidenceOracle() if name == "oracle" else plugins.strategies().get(name)(overrides.get(name, {}))
         vlm, processor = testbed.load_reference(model)
-        report = {"command": "pruning-zoo " + " ".join(sys.argv[1:]), "model": str(model), "split": split,
+        from pruning_zoo.testbed.train import git_sha
+
+        report = {"command": "pruning-zoo " + " ".join(sys.argv[1:]), "git_sha": git_sha(), "model": str(model), "split": split,
                   "budget": parsed, "device": "cpu", "threads": torch.get_num_threads(),
                   "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                                "python": platform.python_version()},
@@ -324,6 +328,7 @@ def testbed_evaluate(
             temporary = output.with_suffix(".tmp")
             temporary.write_text(json.dumps(report, indent=1) + "\n")
             temporary.replace(output)
+            output.with_suffix(".md").write_text(testbed.markdown(report))
 
 
 def read_split_or_fail(folder: Path, name: str):

@@ -107,3 +107,25 @@ def sample(records: list[dict], count: int | None, seed: int = 0) -> list[dict]:
     if count is None or count >= len(records):
         return records
     return sorted(random.Random(seed).sample(records, count), key=lambda r: r["id"])
+
+
+def markdown(report: dict) -> str:
+    """The summaries of an evaluation report as a markdown table, with how they were measured."""
+    import pandas as pd
+
+    rows = []
+    for name, result in report["results"].items():
+        summary = result["summary"]
+        row = {"strategy": name, "parameters": result["params"], "accuracy": summary["accuracy"], "evidence recall": summary["evidence_recall"],
+               "entering LLM": summary["entering_llm"], "average per layer": summary["average_per_layer"]}
+        row.update(summary["accuracy_by_family"])
+        rows.append(row)
+    table = pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3f")
+    questions = next(iter(report["results"].values()))["summary"]["questions"]
+    return (
+        f"Testbed {report['split']} split, {questions} questions, budget {report['budget']} visual tokens per image "
+        f"('none' keeps all 576). Accuracy is exact match of the greedy answer; evidence recall is the share of each "
+        f"question's evidence patches among the kept ones (questions without evidence left out). Measured on CPU "
+        f"with `{report['command']}` (torch {report['versions']['torch']}, transformers "
+        f"{report['versions']['transformers']}).\n\n{table}\n"
+    )

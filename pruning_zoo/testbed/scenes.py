@@ -132,13 +132,16 @@ def generate_scene(seed: int) -> Scene:
         shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
         label = rng.choice(CHARACTERS) if size == "large" and shape in ("circle", "square") and rng.random() < 0.7 else None
         specs.append((shape, color, size, x, y, radius, label))
-    objects = []
-    for shape, color, size, x, y, radius, label in specs:
-        mask = Image.new("L", (SIZE, SIZE), 0)
-        _draw_shape(ImageDraw.Draw(mask), shape, x, y, radius, 255)
-        patches = _patches(np.asarray(mask, dtype=np.float32) / 255.0)
-        objects.append(SceneObject(shape, color, size, x, y, radius, label, patches))
+    objects = [SceneObject(shape, color, size, x, y, radius, label, object_patches(shape, x, y, radius))
+               for shape, color, size, x, y, radius, label in specs]
     return Scene(seed, tuple(objects))
+
+
+def object_patches(shape: str, x: int, y: int, radius: int) -> tuple[int, ...]:
+    """The evidence of an object: the patches its drawn shape covers (at least 5% of a patch's pixels)."""
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    _draw_shape(ImageDraw.Draw(mask), shape, x, y, radius, 255)
+    return _patches(np.asarray(mask, dtype=np.float32) / 255.0)
 
 
 def render(scene: Scene) -> tuple[Image.Image, np.ndarray]:
