@@ -11,28 +11,29 @@ from __future__ import annotations
 import torch
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from pruning_zoo.adapters.base import VISION_OBSERVATIONS, MethodWatch, ModelAdapter
-from pruning_zoo.adapters.clip import ClipTowerWatch, TokenSources
-from pruning_zoo.adapters.llava import clip_vision_tower_flops
+from pruning_zoo.adapters.base import MethodWatch, ModelAdapter
+from pruning_zoo.adapters.clip import TokenSources
+from pruning_zoo.adapters.llava import LlavaAdapter, clip_vision_tower_flops
 
 NEWLINE = -1.0
 
 
-class LlavaNextAdapter(ModelAdapter):
+class LlavaNextAdapter(LlavaAdapter):
+    """LLaVA's CLIP tower and projector, with crops per image and packed tokens of its own."""
+
     def __init__(self, model):
         super().__init__(model)
-        config = model.config
-        self._watch = ClipTowerWatch(model.model.vision_tower, model.model.multi_modal_projector, config.vision_feature_layer)
-        self._first_row = 1 if config.vision_feature_select_strategy == "default" else 0
         self._image_sizes: torch.Tensor | None = None
+
+    def image_grids(self, counts):
+        return ModelAdapter.image_grids(self, counts)  # base crop + unpadded grid + newlines: no single grid
 
     def vision_hooks(self, observed):
         # generate() may encode the images itself, before the model's forward: watch the encoding call.
         def record_sizes(arguments):
             self._image_sizes = arguments.get("image_sizes")
 
-        handles = [MethodWatch(self.model.model, "get_image_features", record_sizes)]
-        return handles + (self._watch.hooks() if observed & VISION_OBSERVATIONS else [])
+        return [MethodWatch(self.model.model, "get_image_features", record_sizes), *super().vision_hooks(observed)]
 
     def _crops(self) -> list[int]:
         """Crops per image, as LLaVA-NeXT splits them (base crop first)."""
