@@ -10,7 +10,7 @@ import torch
 
 import pruning_zoo
 from pruning_zoo.engine import prune
-from pruning_zoo.strategy import BudgetMeaning, PruningStrategy, Selection, Stage, top_k_in_order
+from pruning_zoo.strategy import BudgetMeaning, PruningStrategy, Stage
 
 STEPS = 4
 

@@ -1,6 +1,6 @@
 import pytest
 
-from pruning_zoo.errors import InvalidParameterError, PruningZooError
+from pruning_zoo.errors import PruningZooError
 from pruning_zoo.suite import builtin_suite_files, load_suite
 
 

@@ -11,7 +11,6 @@ import inspect
 import torch
 from torch import nn
 
-from pruning_zoo.errors import PruningZooError
 from pruning_zoo.sequence import Survivors
 from pruning_zoo.strategy import ModelIdentity
 
