@@ -71,7 +71,7 @@ class ClipTowerWatch:
 
     def observations(self, sources: TokenSources, with_cls_features: bool) -> dict:
         """Observations for one image (see docs/plugins.md for their shapes and meaning)."""
-        device = self.projector.parameters().__next__().device
+        device = next(self.projector.parameters()).device
         sources = TokenSources(*(getattr(sources, f.name).to(device) for f in dataclasses.fields(sources)))
 
         def normed_input(layer: int):
