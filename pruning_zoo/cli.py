@@ -237,6 +237,8 @@ def testbed_train(
     init_from: Annotated[Path | None, typer.Option(help="Continue from a model this command saved.")] = None,
     max_seconds: Annotated[float, typer.Option(help="Stop and save after this long, whatever --steps says.")] = float("inf"),
     extra_spatial: Annotated[int, typer.Option(min=0, help="Extra spatial questions per scene.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from the checkpoint an earlier call left in --out.")] = False,
+    stop_at: Annotated[int | None, typer.Option(min=1, help="Stop this call after this step, leaving a checkpoint.")] = None,
 ) -> None:
     """Train the reference VLM from scratch (minutes on one H100) and save it like a hub model."""
     with user_errors():
@@ -246,15 +248,25 @@ def testbed_train(
 
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise PruningZooError("--device cuda but no CUDA device is visible; pass --device cpu (slow) or run on a GPU")
-        if out.exists() and any(out.iterdir()):
-            raise PruningZooError(f"--out {out} is not empty; choose a new folder so no trained model is overwritten")
+        from pruning_zoo.testbed.train import CHECKPOINT
+
+        if resume and not (out / CHECKPOINT).is_file():
+            raise PruningZooError(f"--resume but {out / CHECKPOINT} does not exist; start without --resume")
+        if not resume and out.exists() and any(out.iterdir()):
+            raise PruningZooError(
+                f"--out {out} is not empty; choose a new folder so no trained model is overwritten "
+                "(or --resume an interrupted run there)"
+            )
         config = TrainingConfig(seed=seed, steps=steps, scenes_per_step=scenes_per_step, learning_rate=learning_rate,
                                 workers=workers, validate_every=validate_every, max_seconds=max_seconds,
-                                extra_spatial=extra_spatial)
+                                extra_spatial=extra_spatial, stop_at=stop_at)
         if init_from is not None and not (init_from / "training.json").is_file():
             raise PruningZooError(f"--init-from {init_from} holds no model saved by `pruning-zoo testbed train`")
-        record = train(out, config, device, init_from)
-        Console().print(f"trained in {record['seconds']} s; final validation: {record['curve'][-1]['validation_accuracy']}")
+        record = train(out, config, device, init_from, resume=resume)
+        if "stopped_at" in record:
+            Console().print(f"stopped at step {record['stopped_at']}; continue with the same options and --resume")
+        else:
+            Console().print(f"trained in {record['seconds']} s; final validation: {record['curve'][-1]['validation_accuracy']}")
 
 
 @testbed_app.command("splits")

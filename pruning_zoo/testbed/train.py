@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from pruning_zoo.errors import PruningZooError
 from pruning_zoo.testbed.model import build_config, build_processor, build_tokenizer, pixel_values
 from pruning_zoo.testbed.questions import FAMILIES, Question, questions_for
 from pruning_zoo.testbed.scenes import CHARACTERS, COLORS, GRID, PATCH, SHAPES, Scene, generate_scene, render
@@ -33,6 +34,7 @@ from pruning_zoo.testbed.scenes import CHARACTERS, COLORS, GRID, PATCH, SHAPES, 
 #: Scene seeds: training draws from TRAIN_SEEDS on; the splits use their own ranges.
 TRAIN_SEEDS, VALIDATION_SEEDS, TEST_SEEDS = 10_000_000, 100_000, 200_000
 IMAGE_TOKENS = GRID * GRID
+CHECKPOINT = "checkpoint.pt"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +50,10 @@ class TrainingConfig:
     validate_every: int = 250
     #: Extra spatial questions asked of every scene (they are learned last).
     extra_spatial: int = 0
-    #: Stop (and save) once training has run this long, whatever `steps` says.
+    #: Stop this call (saving a checkpoint to resume from) once it has run this long, or after this step.
     max_seconds: float = float("inf")
+    stop_at: int | None = None
+    checkpoint_every: int = 500
     validation_questions: int = 512
     workers: int = 8
 
@@ -91,19 +95,28 @@ TARGET_CLASSES = (len(COLORS) + 1, len(SHAPES) + 1, len(CHARACTERS) + 1, 2, GRID
 
 
 class SceneStream(torch.utils.data.IterableDataset):
-    """Endless (pixels [3, 336, 336], questions) pairs from fresh scenes; each worker its own seeds."""
+    """Endless (pixels [3, 336, 336], questions, patch targets) from fresh scenes.
 
-    def __init__(self, seed: int, extra_spatial: int = 0):
-        self.seed, self.extra_spatial = seed, extra_spatial
+    The data loader hands step t's batch to worker t % workers, and each worker fills its batches from its
+    own scenes in order; everything about a scene follows from (seed, its index), so a resumed run starts
+    each worker where its batches left off and sees what an uninterrupted run would have seen."""
+
+    def __init__(self, seed: int, batch_size: int, extra_spatial: int = 0, start_step: int = 0):
+        self.seed, self.batch_size, self.extra_spatial, self.start_step = seed, batch_size, extra_spatial, start_step
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        rng = random.Random(self.seed * 1000 + worker)
-        index = worker
+        # The loader asks worker 0 first: at a resumed step s it plays the part worker s % workers had.
+        role = (worker + self.start_step) % workers
+        done = max(0, (self.start_step - role + workers - 1) // workers)  # batches this part has made
+        index = role + done * self.batch_size * workers
         while True:
-            scene = generate_scene(TRAIN_SEEDS + self.seed * 10_000_000 + index)
+            # Worker w's k-th scene: its batches are interleaved with the other workers' scene by scene.
+            scene_seed = TRAIN_SEEDS + self.seed * 10_000_000 + index
             index += workers
+            scene = generate_scene(scene_seed)
+            rng = random.Random(f"questions-{self.seed}-{scene_seed}")
             questions = questions_for(scene, seed=rng.randrange(1 << 30))
             if self.extra_spatial:
                 questions += questions_for(scene, families=("spatial",) * self.extra_spatial, seed=rng.randrange(1 << 30))
@@ -111,13 +124,16 @@ class SceneStream(torch.utils.data.IterableDataset):
             yield pixel_values([image])[0], questions, patch_targets(scene, owner)
 
 
-def collate(encoder: Encoder, mask_probability: float, rng: random.Random):
+def collate(encoder: Encoder, mask_probability: float, seed: int):
+    """Batch scenes into token rows; each question's mask is drawn from (seed, its scene, its number)."""
+
     def build(items):
         pixels = torch.stack([item[0] for item in items])
         targets = torch.stack([item[2] for item in items])
         rows, labels, scene_index, visible = [], [], [], []
         for index, (_, questions, _) in enumerate(items):
-            for q in questions:
+            for number, q in enumerate(questions):
+                rng = random.Random(f"mask-{seed}-{q.scene_seed}-{number}")
                 prompt, answer = encoder.prompt_ids(q.question), encoder.answer_ids(q.answer)
                 rows.append(prompt + answer)
                 labels.append([-100] * len(prompt) + answer)
@@ -205,9 +221,11 @@ def git_sha() -> str:
         return "unknown"
 
 
-def train(out: Path, config: TrainingConfig, device: str = "cuda", init_from: Path | None = None) -> dict:
-    """Train from `config.seed` (continuing from the model saved in `init_from`, if given), write the model,
-    processor and training.json into `out`; return the record."""
+def train(out: Path, config: TrainingConfig, device: str = "cuda", init_from: Path | None = None,
+          resume: bool = False) -> dict:
+    """Train from `config.seed` (starting from the model saved in `init_from`, if given), write the model,
+    processor and training.json into `out`; return the record. A call that stops early (`max_seconds`,
+    `stop_at`) leaves `out/checkpoint.pt`, and `resume=True` continues from it to the same result."""
     torch.manual_seed(config.seed)
     device = torch.device(device)
     tokenizer = build_tokenizer()
@@ -221,11 +239,6 @@ def train(out: Path, config: TrainingConfig, device: str = "cuda", init_from: Pa
     model.train()
     head = torch.nn.Linear(model.config.vision_config.hidden_size, sum(TARGET_CLASSES)).to(device)
     encoder = Encoder(tokenizer)
-    loader = torch.utils.data.DataLoader(
-        SceneStream(config.seed, config.extra_spatial), batch_size=config.scenes_per_step, num_workers=config.workers,
-        collate_fn=collate(encoder, config.mask_probability, random.Random(config.seed)),
-        persistent_workers=config.workers > 0,
-    )
     parameters = list(model.parameters()) + list(head.parameters())
     decay = [p for p in parameters if p.dim() >= 2]
     no_decay = [p for p in parameters if p.dim() < 2]
@@ -241,13 +254,43 @@ def train(out: Path, config: TrainingConfig, device: str = "cuda", init_from: Pa
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    checkpoint_path = out / CHECKPOINT
+    state = {"step": 0, "curve": [], "losses": [], "seconds": 0.0}
+    if resume:
+        saved = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        if saved["config"] != dataclasses.asdict(config) | {"max_seconds": saved["config"]["max_seconds"], "stop_at": saved["config"]["stop_at"]}:
+            raise PruningZooError(
+                f"{checkpoint_path} was written with another configuration ({saved['config']}); resume with the "
+                "same options, or train into a new folder"
+            )
+        model.load_state_dict(saved["model"])
+        head.load_state_dict(saved["head"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = saved["state"]
+    loader = torch.utils.data.DataLoader(
+        SceneStream(config.seed, config.scenes_per_step, config.extra_spatial, start_step=state["step"]),
+        batch_size=config.scenes_per_step, num_workers=config.workers,
+        collate_fn=collate(encoder, config.mask_probability, config.seed), persistent_workers=config.workers > 0,
+    )
+
+    def save_checkpoint() -> None:
+        temporary = checkpoint_path.with_suffix(".tmp")
+        torch.save({"config": dataclasses.asdict(config), "model": model.state_dict(), "head": head.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state}, temporary)
+        temporary.replace(checkpoint_path)  # a checkpoint is whole or absent
+
     validation = validation_questions(config.validation_questions)
     validation_images: dict[int, torch.Tensor] = {}
-    curve, losses, started = [], [], time.time()
-    for step, batch in enumerate(loader):
-        if step >= config.steps or time.time() - started > config.max_seconds:
-            break
-        batch = [t.to(device, non_blocking=True) for t in batch]
+    out.mkdir(parents=True, exist_ok=True)
+    started, seconds_before = time.time(), state["seconds"]
+    batches = iter(loader)
+    while state["step"] < config.steps:
+        if time.time() - started > config.max_seconds or state["step"] == config.stop_at:
+            state["seconds"] = seconds_before + time.time() - started
+            save_checkpoint()
+            return {"stopped_at": state["step"], "checkpoint": str(checkpoint_path), "curve": state["curve"]}
+        batch = [t.to(device, non_blocking=True) for t in next(batches)]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = training_forward(model, *batch, head=head)
         optimizer.zero_grad(set_to_none=True)
@@ -255,14 +298,20 @@ def train(out: Path, config: TrainingConfig, device: str = "cuda", init_from: Pa
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         scheduler.step()
-        losses.append(loss.item())
-        last = step + 1 == config.steps or time.time() - started > config.max_seconds
-        if (step + 1) % config.validate_every == 0 or last:
-            point = {"step": step + 1, "loss": sum(losses) / len(losses), "seconds": round(time.time() - started, 1),
+        state["losses"].append(loss.item())
+        state["step"] += 1
+        step = state["step"]
+        if step % config.validate_every == 0 or step == config.steps:
+            point = {"step": step, "loss": sum(state["losses"]) / len(state["losses"]),
+                     "seconds": round(seconds_before + time.time() - started, 1),
                      "validation_accuracy": answer_accuracy(model, encoder, validation, device, images=validation_images)}
-            losses = []
-            curve.append(point)
+            state["losses"] = []
+            state["curve"].append(point)
             print(json.dumps(point), flush=True)
+        if step % config.checkpoint_every == 0 and step < config.steps:
+            state["seconds"] = seconds_before + time.time() - started
+            save_checkpoint()
+    curve = state["curve"]
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     model.to("cpu", torch.float32).save_pretrained(out, max_shard_size="15MB")
@@ -277,8 +326,10 @@ def train(out: Path, config: TrainingConfig, device: str = "cuda", init_from: Pa
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
         "parameters": sum(p.numel() for p in model.parameters()),
-        "seconds": round(time.time() - started, 1),
+        "seconds": round(seconds_before + time.time() - started, 1),
+        "resumed": resume,
         "curve": curve,
     }
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    checkpoint_path.unlink(missing_ok=True)
     return record
