@@ -191,3 +191,25 @@ def test_the_committed_splits_are_what_the_generator_makes(split):
     first, count = SPLITS[split]
     expected = [q for seed in range(first, first + count) for q in questions_for(generate_scene(seed))]
     assert [as_question(r) for r in read_split(TESTBED, split)] == expected
+
+
+def test_the_lmms_eval_task_reads_the_splits_and_scores_by_family():
+    """suites/testbed/testbed.yaml's hooks (lmms-eval itself loads the YAML; see the testbed README)."""
+    import importlib.util
+
+    import yaml
+
+    spec = importlib.util.spec_from_file_location("testbed_utils", TESTBED / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    config = yaml.load((TESTBED / "testbed.yaml").read_text().replace("!function", ""), Loader=yaml.SafeLoader)
+    for split, path in config["dataset_kwargs"]["data_files"].items():
+        assert (TESTBED / path).is_file() and split in ("validation", "test")
+    docs = read_split(TESTBED, "test")[:12]
+    assert utils.doc_to_visual(docs[0])[0].size == (336, 336)
+    assert utils.doc_to_text(docs[0]) == docs[0]["question"]
+    scored = [utils.process_results(doc, [doc["answer"] if i % 2 else "wrong"]) for i, doc in enumerate(docs)]
+    assert [s["accuracy"] for s in scored] == [float(i % 2) for i in range(12)]
+    rows = [s["attribute_accuracy"] for s in scored]
+    attribute = [float(i % 2) for i, doc in enumerate(docs) if doc["family"] == "attribute"]
+    assert utils.aggregate_attribute(rows) == sum(attribute) / len(attribute)
