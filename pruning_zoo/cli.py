@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pruning_zoo import plugins
+from pruning_zoo import get_strategy, plugins
 from pruning_zoo.budget import parse_budget
 from pruning_zoo.errors import InvalidParameterError, PruningZooError
 from pruning_zoo.strategy import describe_field, param_schema
@@ -314,7 +314,7 @@ def testbed_evaluate(
             raise PruningZooError(str(error)) from None
         built = {}
         for name in chosen:
-            built[name] = testbed.EvidenceOracle() if name == "oracle" else plugins.strategies().get(name)(overrides.get(name, {}))
+            built[name] = testbed.EvidenceOracle() if name == "oracle" else get_strategy(name, **overrides.get(name, {}))
         vlm, processor = testbed.load_reference(model)
         from pruning_zoo.testbed.train import git_sha
 

@@ -313,7 +313,6 @@ def train(out: Path, config: TrainingConfig, device: str = "cuda", init_from: Pa
             save_checkpoint()
     curve = state["curve"]
     model.eval()
-    out.mkdir(parents=True, exist_ok=True)
     model.to("cpu", torch.float32).save_pretrained(out, max_shard_size="15MB")
     processor.save_pretrained(out)
     earlier = json.loads((init_from / "training.json").read_text()) if init_from is not None else None
