@@ -32,6 +32,7 @@ from pruning_zoo.flops import Convention, DecoderShape, llm_flops
 from pruning_zoo.observe import AttentionProbe
 from pruning_zoo.sequence import Survivors, causal_mask, gather_positions, mask_invalid_keys
 from pruning_zoo.strategy import PruningStrategy, ScoreContext, Selection, Stage
+from pruning_zoo.timing import Clock
 
 
 @dataclasses.dataclass
@@ -79,9 +80,10 @@ class ForwardRecord:
 
 
 @contextlib.contextmanager
-def prune(model: nn.Module, strategy: PruningStrategy, budget: Budget) -> Iterator[PruningRun]:
-    """Prune `model`'s visual tokens with `strategy` at `budget` for the span of the block."""
-    run = PruningRun(adapter_for(model), strategy, budget)
+def prune(model: nn.Module, strategy: PruningStrategy, budget: Budget, clock: Clock | None = None) -> Iterator[PruningRun]:
+    """Prune `model`'s visual tokens with `strategy` at `budget` for the span of the block. With a `clock`, the
+    engine's own pruning work (scoring, selecting, gathering the survivors) is timed as spans "selection"."""
+    run = PruningRun(adapter_for(model), strategy, budget, clock)
     handles = run.attach()
     try:
         yield run
@@ -107,9 +109,10 @@ class _Image:
 class PruningRun:
     """The state of one `prune` block: hooks, the current forward's images, and the records."""
 
-    def __init__(self, adapter: ModelAdapter, strategy: PruningStrategy, budget: Budget):
+    def __init__(self, adapter: ModelAdapter, strategy: PruningStrategy, budget: Budget, clock: Clock | None = None):
         check_budget(budget)
         self.adapter, self.strategy, self.budget = adapter, strategy, budget
+        self.clock = clock
         self.records: list[ForwardRecord] = []
         self._input_ids: torch.Tensor | None = None
         self._prefilling = False
@@ -189,7 +192,8 @@ class PruningRun:
     def _layer_hook(self, index: int) -> Callable:
         def hook(module, args, kwargs):
             if self._prefilling and index - 1 in self._stage_layers:
-                args = (self._prune_in_llm(index, args[0], kwargs), *args[1:])
+                with self._timed("selection"):
+                    args = (self._prune_in_llm(index, args[0], kwargs), *args[1:])
             kwargs = self._layer_kwargs(index, args[0], kwargs)
             if self._prefilling:
                 self._survivors_at[index] = self._current
@@ -198,6 +202,9 @@ class PruningRun:
             return args, kwargs
 
         return hook
+
+    def _timed(self, name: str):
+        return contextlib.nullcontext() if self.clock is None else self.clock.span(name)
 
     # -- prefill -----------------------------------------------------------------------------------------
     def _prefill(self, input_ids: torch.Tensor, kwargs: dict) -> dict:
@@ -219,7 +226,8 @@ class PruningRun:
         self._attention_mask_2d = kwargs.get("attention_mask")
 
         if any(not s.in_llm for image in self._images for s in image.stages):
-            kwargs = self._prune_before_llm(input_ids, kwargs)
+            with self._timed("selection"):
+                kwargs = self._prune_before_llm(input_ids, kwargs)
         positions = kwargs.get("position_ids")
         if positions is None:
             positions = torch.arange(kwargs["inputs_embeds"].shape[1], device=input_ids.device)[None]

@@ -216,6 +216,11 @@ def param_schema(params_class: type[StrategyParams]) -> dict[str, dict[str, Any]
     return pydantic.TypeAdapter(params_class).json_schema()["properties"]
 
 
+def params_as_dict(params: StrategyParams) -> dict[str, Any]:
+    """Every parameter of a strategy (defaults included), JSON-ready: what a result records."""
+    return pydantic.TypeAdapter(type(params)).dump_python(params, mode="json")
+
+
 def describe_field(params_class: type[StrategyParams], field: str, default: bool = True) -> str:
     """A short phrase for what a parameter accepts, e.g. 'integer >= 1 (default 2)'."""
     schema = param_schema(params_class).get(field, {})

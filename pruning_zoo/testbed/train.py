@@ -15,10 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import platform
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +24,7 @@ import torch
 import transformers
 
 from pruning_zoo.errors import PruningZooError
+from pruning_zoo.provenance import device_description, git_sha, versions
 from pruning_zoo.testbed.model import build_config, build_processor, build_tokenizer, pixel_values
 from pruning_zoo.testbed.questions import FAMILIES, Question, questions_for
 from pruning_zoo.testbed.scenes import CHARACTERS, COLORS, GRID, PATCH, SHAPES, Scene, generate_scene, render
@@ -214,13 +212,6 @@ def answer_accuracy(model, encoder: Encoder, questions: list[Question], device, 
     return scores
 
 
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def train(out: Path, config: TrainingConfig, device: str = "cuda", init_from: Path | None = None,
           resume: bool = False) -> dict:
     """Train from `config.seed` (starting from the model saved in `init_from`, if given), write the model,
@@ -320,10 +311,10 @@ def train(out: Path, config: TrainingConfig, device: str = "cuda", init_from: Pa
         "command": " ".join(sys.argv),
         "config": dataclasses.asdict(config),
         # The checkout's own SHA unless the caller names it (a copied work tree may carry a stale .git).
-        "git_sha": os.environ.get("PRUNING_ZOO_GIT_SHA") or git_sha(),
+        "git_sha": git_sha(),
         "continued_from": earlier,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
+        "device": device_description(device),
+        "versions": versions(),
         "parameters": sum(p.numel() for p in model.parameters()),
         "seconds": round(seconds_before + time.time() - started, 1),
         "resumed": resume,
