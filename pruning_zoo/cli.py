@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pruning_zoo import get_strategy, plugins
@@ -37,7 +38,7 @@ def user_errors():
     try:
         yield
     except PruningZooError as error:
-        Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
 
 
@@ -129,6 +130,7 @@ def apply_overrides(
     params: list[str],
     limit: int | None,
     batch_size: int | None,
+    task_paths: list[str] | None = None,
 ) -> Suite:
     """The suite with the command line's options replacing its fields, validated again as a whole."""
     data: dict[str, Any] = suite.model_dump()
@@ -151,6 +153,8 @@ def apply_overrides(
         data["limit"] = limit
     if batch_size is not None:
         data["batch_size"] = batch_size
+    if task_paths is not None:
+        data["task_paths"] = [str(Path(path).resolve()) for path in task_paths] + data["task_paths"]
     return validate_suite(data, origin=f"{suite.name} (with command-line options)")
 
 
@@ -161,6 +165,9 @@ def run(
         list[str] | None, typer.Option(help="Model to evaluate (hub id or local path); repeat for several.")
     ] = None,
     tasks: Annotated[str | None, typer.Option(help="Comma-separated task names, replacing the suite's.")] = None,
+    task_path: Annotated[
+        list[str] | None, typer.Option(help="Folder of lmms-eval task YAMLs over local data; repeatable.")
+    ] = None,
     strategies: Annotated[
         str | None, typer.Option(help="Comma-separated strategy names, replacing the suite's (e.g. none,fastv).")
     ] = None,
@@ -171,31 +178,105 @@ def run(
     param: Annotated[
         list[str] | None, typer.Option(help="Strategy parameter, STRATEGY.NAME=VALUE (e.g. fastv.k=3); repeatable.")
     ] = None,
-    limit: Annotated[int | None, typer.Option(min=1, help="At most this many documents per task.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="At most this many documents per task (the first ones).")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Prompts per forward pass.")] = None,
     output: Annotated[Path, typer.Option(help="Folder for results, one sub-folder per cell.")] = Path("results"),
+    device: Annotated[str | None, typer.Option(help="cuda, cuda:N or cpu (default: cuda when there is one).")] = None,
+    dtype: Annotated[str, typer.Option(help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")] = "auto",
     dry_run: Annotated[bool, typer.Option(help="Validate everything and print the sweep's cells; run nothing.")] = False,
 ) -> None:
-    """Evaluate a suite's strategies across its tasks, models and budgets."""
+    """Evaluate a suite's strategies across its tasks, models and budgets through lmms-eval, one result folder
+    per cell. Finished cells are skipped: rerun the same command to resume or to retry failed cells."""
     with user_errors():
         console = Console()
         resolved = apply_overrides(
-            load_suite(suite), model, _split(tasks), _split(strategies), _split(budgets), param or [], limit, batch_size
+            load_suite(suite), model, _split(tasks), _split(strategies), _split(budgets), param or [], limit, batch_size,
+            task_path,
         )
         if output.exists() and not output.is_dir():
             raise PruningZooError(f"--output {output} exists and is not a folder; choose a folder path")
-        table = Table(title=f"Suite {resolved.name}: {len(resolved.cells())} cells -> {output}")
-        for column in ("model", "task", "strategy", "budget", "parameters"):
-            table.add_column(column, overflow="fold")
-        for model_name, task, strategy, budget in resolved.cells():
-            params = ", ".join(f"{k}={v}" for k, v in resolved.strategies[strategy].items())
-            table.add_row(model_name, task, strategy, str(budget), params or "defaults")
+        if dry_run:
+            table = Table(title=f"Suite {resolved.name}: {len(resolved.cells())} cells -> {output}")
+            for column in ("model", "task", "strategy", "budget", "parameters"):
+                table.add_column(column, overflow="fold")
+            for model_name, task, strategy, budget in resolved.cells():
+                params = ", ".join(f"{k}={v}" for k, v in resolved.strategies[strategy].items())
+                table.add_row(model_name, task, strategy, "all" if strategy == "none" else str(budget), params or "defaults")
+            console.print(table)
+            return
+        from pruning_zoo.runner import Sweep, import_lmms_eval
+        from pruning_zoo.suite import suite_file
+
+        import_lmms_eval()
+        sweep = Sweep(resolved, output, suite_folder=suite_file(suite).parent.resolve(), device=device, dtype=dtype,
+                      command="pruning-zoo " + " ".join(sys.argv[1:]))
+        outcomes = run_with_progress(sweep, console)
+        print_sweep_summary(outcomes, output, console)
+        if any(outcome.status == "failed" for outcome in outcomes):
+            raise typer.Exit(code=1)
+
+
+def run_with_progress(sweep, console: Console) -> list:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from pruning_zoo.runner import quiet_progress_output
+
+    cells = sweep.cells()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as progress:
+        bar = progress.add_task("sweep", total=len(cells))
+
+        def on_cell(cell, state):
+            label = f"{cell.task} {cell.strategy} {cell.budget_label}"
+            if state == "running":
+                progress.update(bar, description=f"running {label}")
+            else:
+                progress.advance(bar)
+                if state == "failed":
+                    progress.console.print(f"[red]failed[/] {label}: see {sweep.output / cell.folder_name}/error.json")
+
+        sweep.on_cell = on_cell
+        quiet_progress_output()
+        outcomes = sweep.run()
+        progress.update(bar, description="sweep done")
+    return outcomes
+
+
+def print_sweep_summary(outcomes: list, output: Path, console: Console) -> None:
+    from pruning_zoo.leaderboard import format_flops, load_results
+
+    done = {str(o.folder) for o in outcomes if o.status in {"finished", "skipped"}}
+    if done:
+        frame = load_results([output])
+        frame = frame[frame["folder"].isin(done)]
+        columns = {"task": "task", "strategy": "strategy", "budget": "budget", "score": "score",
+                   "pct_of_none": "% of unpruned", "entering_llm": "entering LLM", "average_per_layer": "avg / layer",
+                   "llm_flops_2ndm": "LLM FLOPs", "evidence_recall": "evidence recall", "ttft_ms": "TTFT ms",
+                   "decode_ms_per_token": "decode ms/token"}
+        table = Table(title=f"Results in {output} (latency: {', '.join(sorted(set(frame['device'])))})")
+        for header in columns.values():
+            table.add_column(header, overflow="fold")
+        for row in frame.to_dict("records"):
+            row["llm_flops_2ndm"] = format_flops(row["llm_flops_2ndm"])
+            table.add_row(*[format_value(row[column]) for column in columns])
         console.print(table)
-        if not dry_run:
-            raise PruningZooError(
-                "this version validates suites but does not yet evaluate them (the lmms-eval runner is not "
-                "built); use --dry-run to check a suite"
-            )
+    counts = {state: sum(o.status == state for o in outcomes) for state in ("finished", "skipped", "failed")}
+    console.print(f"{counts['finished']} cells evaluated, {counts['skipped']} already finished (skipped), "
+                  f"{counts['failed']} failed. Build the leaderboard with `pruning-zoo leaderboard {output}`.")
+    for outcome in outcomes:
+        if outcome.status == "failed":
+            console.print(f"[red]failed[/] {outcome.cell.task} {outcome.cell.strategy} {outcome.cell.budget_label}: "
+                          f"{escape(outcome.error or '')}", highlight=False, soft_wrap=True)
+    if counts["failed"]:
+        console.print("Rerun the same command to retry the failed cells; finished ones are skipped.")
+
+
+def format_value(value) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
 
 
 @app.command()
@@ -205,19 +286,15 @@ def leaderboard(
         "leaderboard"
     ),
 ) -> None:
-    """Build the leaderboard (markdown tables and plots) from stored results."""
+    """Build the leaderboard (leaderboard.md, leaderboard.csv and plots/) from stored results: a pure function of
+    them, with each table's provenance."""
     with user_errors():
-        for folder in results:
-            if not folder.is_dir():
-                raise PruningZooError(
-                    f"results folder {folder} does not exist; pass folders written by `pruning-zoo run --output`"
-                )
+        from pruning_zoo.leaderboard import build
+
         if output.exists() and not output.is_dir():
             raise PruningZooError(f"-o {output} exists and is not a folder; choose a folder path")
-        raise PruningZooError(
-            "this version checks leaderboard arguments but cannot build leaderboards yet (no stored results "
-            "format exists before the suite runner)"
-        )
+        page, frame = build(results, output)
+        Console().print(f"wrote {page} ({len(frame)} cells) and its plots")
 
 
 testbed_app = typer.Typer(help="The offline testbed: generated scenes and its trained reference VLM.", no_args_is_help=True)
@@ -295,10 +372,8 @@ def testbed_evaluate(
 ) -> None:
     """Accuracy and evidence recall of strategies on a testbed split (the unpruned model with 'none')."""
     import json
-    import platform
 
     import torch
-    import transformers
 
     from pruning_zoo.testbed import evaluate as testbed
 
@@ -316,12 +391,11 @@ def testbed_evaluate(
         for name in chosen:
             built[name] = testbed.EvidenceOracle() if name == "oracle" else get_strategy(name, **overrides.get(name, {}))
         vlm, processor = testbed.load_reference(model)
-        from pruning_zoo.testbed.train import git_sha
+        from pruning_zoo.provenance import git_sha, versions
 
         report = {"command": "pruning-zoo " + " ".join(sys.argv[1:]), "git_sha": git_sha(), "model": str(model), "split": split,
                   "budget": parsed, "device": "cpu", "threads": torch.get_num_threads(),
-                  "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                               "python": platform.python_version()},
+                  "versions": versions(),
                   "results": {}}
         table = Table(title=f"testbed {split}, {len(records)} questions, budget {budget}")
         for column in ("strategy", "accuracy", "evidence recall", "entering LLM", "avg / layer", "by family"):

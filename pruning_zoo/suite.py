@@ -23,9 +23,11 @@ class Suite(pydantic.BaseModel):
 
     name: str
     description: str = ""
-    #: lmms-eval task names, or names of local task YAMLs under suites/.
+    #: lmms-eval task names, or names of local task YAMLs (under suites/ or in `task_paths`).
     tasks: list[str] = pydantic.Field(min_length=1)
-    #: Hub ids or local paths that `from_pretrained` accepts.
+    #: More folders of lmms-eval task YAMLs (relative to the suite file), for tasks over local data.
+    task_paths: list[str] = pydantic.Field(default_factory=list)
+    #: Hub ids or local paths that `from_pretrained` accepts (relative paths: to the suite file's folder).
     models: list[str] = pydantic.Field(min_length=1)
     #: Strategy name -> parameter overrides ({} for the defaults).
     strategies: dict[str, dict[str, Any]] = pydantic.Field(min_length=1)
@@ -48,21 +50,25 @@ class Suite(pydantic.BaseModel):
             build_params(name, registry.get(name).Params, params)
 
     def cells(self) -> list[tuple[str, str, str, Budget]]:
-        """(model, task, strategy, budget) for every cell of the sweep; 'none' runs once per task."""
+        """(model, task, strategy, budget) for every cell of the sweep; 'none' runs once per model and task,
+        with budget 1.0 (every token)."""
         result = []
         for model, task, strategy in itertools.product(self.models, self.tasks, self.strategies):
-            budgets = self.budgets[:1] if strategy == "none" else self.budgets
+            budgets = [1.0] if strategy == "none" else self.budgets
             result.extend((model, task, strategy, budget) for budget in budgets)
         return result
 
 
+def builtin_suite_folder() -> Path:
+    return Path(str(importlib.resources.files("pruning_zoo.suites")))
+
+
 def builtin_suite_files() -> dict[str, Path]:
-    folder = importlib.resources.files("pruning_zoo.suites")
-    return {Path(item.name).stem: Path(str(item)) for item in folder.iterdir() if item.name.endswith(".yaml")}
+    return {path.stem: path for path in builtin_suite_folder().iterdir() if path.name.endswith(".yaml")}
 
 
-def load_suite(name_or_path: str) -> Suite:
-    """A built-in suite by name, or a suite file by path."""
+def suite_file(name_or_path: str) -> Path:
+    """The file of a built-in suite by name, or a suite file by path."""
     path = Path(name_or_path)
     if not (path.suffix in {".yaml", ".yml"} and path.exists()):
         files = builtin_suite_files()
@@ -71,6 +77,12 @@ def load_suite(name_or_path: str) -> Suite:
                 raise PruningZooError(f"suite file {name_or_path} does not exist")
             raise UnknownNameError("suite", name_or_path, files)
         path = files[name_or_path]
+    return path
+
+
+def load_suite(name_or_path: str) -> Suite:
+    """A built-in suite by name, or a suite file by path."""
+    path = suite_file(name_or_path)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:

@@ -38,10 +38,31 @@ def test_run_dry_run_prints_the_cells():
     assert "k=3" in result.output
 
 
-def test_run_without_dry_run_says_the_runner_is_missing():
-    result = invoke("run", "--suite", "image-vqa")
+def test_run_evaluates_a_suite_and_resumes(tmp_path):
+    import tiny_models
+
+    model = tiny_models.testbed_like(tmp_path / "model")
+    args = ["run", "--suite", "testbed", "--model", model, "--strategies", "none,fastv", "--budgets", "64",
+            "--limit", "2", "--device", "cpu", "--output", str(tmp_path / "results")]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "2 cells evaluated, 0 already finished (skipped), 0 failed" in result.output
+    assert len(list((tmp_path / "results").iterdir())) == 2
+    again = invoke(*args)
+    assert again.exit_code == 0 and "0 cells evaluated, 2 already finished (skipped)" in again.output
+
+
+def test_run_names_an_unknown_task_before_evaluating(tmp_path):
+    result = invoke("run", "--suite", "testbed", "--tasks", "testbd", "--device", "cpu", "--output", str(tmp_path))
     assert result.exit_code == 2
-    assert "does not yet evaluate" in result.output
+    assert "unknown task 'testbd'; did you mean 'testbed'?" in result.output
+
+
+def test_run_without_lmms_eval_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lmms_eval.evaluator", None)  # what an environment without it gives
+    result = invoke("run", "--suite", "testbed", "--device", "cpu", "--output", str(tmp_path))
+    assert result.exit_code == 2
+    assert "pip install -e '.[eval]'" in " ".join(result.output.split())
 
 
 @pytest.mark.parametrize(

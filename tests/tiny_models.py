@@ -15,10 +15,9 @@ QWEN_IMAGE, QWEN_START, QWEN_END, QWEN_VIDEO = 60, 58, 59, 61
 
 
 def _llama_text(**extra):
-    return transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra,
-    )
+    options = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return transformers.LlamaConfig(**{**options, **extra})
 
 
 def _clip(image_size: int):
@@ -142,3 +141,23 @@ FAMILIES = {
     "qwen2_5_vl": TinyFamily("qwen2_5_vl", transformers.Qwen2_5_VLForConditionalGeneration, qwen2_5_vl_config,
                              qwen_inputs),
 }
+
+
+def testbed_like(folder) -> str:
+    """A tiny random LLaVA with the testbed's tokenizer, processor and 336 px / patch 14 geometry (576 visual
+    tokens), saved like a hub model: runs the testbed task through lmms-eval in a second."""
+    from pruning_zoo.testbed.model import build_processor, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                    num_attention_heads=4, image_size=336, patch_size=14),
+        text_config=_llama_text(vocab_size=len(tokenizer), max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+        vision_feature_select_strategy="default", image_seq_length=576,
+    )
+    torch.manual_seed(0)
+    transformers.LlavaForConditionalGeneration(config).save_pretrained(folder)
+    build_processor(tokenizer).save_pretrained(folder)
+    return str(folder)

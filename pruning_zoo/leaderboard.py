@@ -1,0 +1,208 @@
+"""The leaderboard: a pure function of stored results (folders written by `pruning-zoo run`) to markdown tables
+and plots. One table per model, task, device and document limit, so latencies from different devices never
+share a column; rows by budget, with accuracy beside FLOPs and latency."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from pruning_zoo.errors import PruningZooError
+from pruning_zoo.results import finished_cells
+
+#: Frame column -> markdown header, in table order.
+TABLE_COLUMNS = {
+    "budget": "budget",
+    "strategy": "strategy",
+    "params": "parameters",
+    "score": "score",
+    "pct_of_none": "% of unpruned",
+    "entering_llm": "tokens entering LLM",
+    "average_per_layer": "avg tokens / layer",
+    "llm_flops_2ndm": "LLM {unit} (2ndm)",
+    "llm_flops_3ndm": "LLM {unit} (3ndm)",
+    "vision_flops": "vision {unit}",
+    "evidence_recall": "evidence recall",
+    "ttft_ms": "TTFT ms",
+    "selection_ms": "selection ms",
+    "decode_ms_per_token": "decode ms / token",
+    "peak_memory_gib": "peak GiB",
+}
+GROUP = ["model", "task", "device", "limit"]
+FLOPS_COLUMNS = ["llm_flops_2ndm", "llm_flops_3ndm", "vision_flops"]
+
+
+def flops_unit(values) -> tuple[float, str]:
+    """TFLOPs for real models, GFLOPs for small ones (the testbed's prefill is a few GFLOPs)."""
+    largest = max((float(v) for v in values if v is not None and v == v), default=0.0)
+    return (1e12, "TFLOPs") if largest >= 1e11 else (1e9, "GFLOPs")
+
+
+def format_flops(value) -> str:
+    if value is None or value != value:
+        return "-"
+    scale, unit = flops_unit([value])
+    return f"{value / scale:.3g} {unit[0]}"
+
+
+def _budget_order(label: str) -> tuple:
+    return (0, 0.0) if label == "all" else (1, -float(label))
+
+
+def load_results(paths: list[Path]) -> pd.DataFrame:
+    """One row per finished cell; when a cell was stored more than once, the latest run."""
+    rows = []
+    for item in finished_cells(paths):
+        config, metrics = item["config"], item["metrics"]
+        cell, latency, flops = config["cell"], metrics["latency"], metrics["flops"]
+        rows.append({
+            "folder": str(item["folder"]),
+            "model": cell["model"], "task": cell["task"], "strategy": cell["strategy"],
+            "params": ", ".join(f"{k}={v}" for k, v in sorted(cell["params"].items())) or "defaults",
+            "budget": "all" if cell["strategy"] == "none" else str(cell["budget"]),
+            "limit": "all" if cell["limit"] is None else str(cell["limit"]),
+            "documents": metrics["documents"],
+            "metric": metrics["primary_metric"],
+            "score": metrics["scores"].get(metrics["primary_metric"]),
+            "entering_llm": metrics["visual_tokens"]["entering_llm"],
+            "average_per_layer": metrics["visual_tokens"]["average_per_layer"],
+            "llm_flops_2ndm": flops["llm_prefill_2ndm"],
+            "llm_flops_3ndm": flops["llm_prefill_3ndm"],
+            "vision_flops": flops["vision"],
+            "evidence_recall": metrics["evidence_recall"],
+            "ttft_ms": latency["time_to_first_token_ms"],
+            "selection_ms": latency["selection_ms"],
+            "decode_ms_per_token": latency["decode_ms_per_token"],
+            "peak_memory_gib": None if latency["peak_memory_bytes"] is None else latency["peak_memory_bytes"] / 2**30,
+            "device": latency["device"], "clock": latency["clock"], "mode": latency["mode"],
+            "batch_size": latency["batch_size"],
+            "git_sha": config["git_sha"], "versions": json.dumps(config["versions"], sort_keys=True),
+            "command": config["command"], "started": config["started"],
+        })
+    columns = ["folder", *GROUP, "strategy", "params", "budget", "score", "started"]
+    frame = pd.DataFrame(rows, columns=None if rows else columns)
+    if frame.empty:
+        return frame
+    frame = frame.sort_values("started").drop_duplicates(GROUP + ["strategy", "params", "budget"], keep="last")
+    unpruned = frame[frame["strategy"] == "none"].set_index(GROUP)["score"]
+    reference = frame.set_index(GROUP).index.map(lambda key: unpruned.get(key))
+    frame["pct_of_none"] = [None if ref is None or score is None or not ref else 100.0 * score / ref
+                            for score, ref in zip(frame["score"], reference)]
+    frame["budget_order"] = frame["budget"].map(_budget_order)
+    return frame.sort_values([*GROUP, "budget_order", "strategy", "params"]).reset_index(drop=True)
+
+
+def cell_text(value) -> str:
+    """A number as a table shows it: 4 significant digits, whole numbers from 1000 on, '-' when missing."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    return str(value)
+
+
+def _slug(*parts: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", "__".join(parts)).strip("-")
+
+
+def _versions_text(versions_json: str) -> str:
+    return ", ".join(f"{name} {version}" for name, version in json.loads(versions_json).items())
+
+
+def _provenance(group: pd.DataFrame) -> str:
+    shas = ", ".join(sorted(set(group["git_sha"])))
+    versions = "; ".join(sorted(_versions_text(v) for v in set(group["versions"])))
+    commands = "; ".join(f"`{command}`" for command in sorted(set(group["command"])))
+    modes = ", ".join(sorted(set(group["mode"])))
+    clocks = ", ".join(sorted(set(group["clock"])))
+    batch = ", ".join(str(b) for b in sorted(set(group["batch_size"])))
+    return (f"Measured on {group['device'].iloc[0]} ({clocks}, {modes} transformers, batch size {batch}; latencies are "
+            f"medians over batches after one warm-up batch). Made by {commands} at git {shas}; versions {versions}.")
+
+
+def markdown(frame: pd.DataFrame, plots: dict[tuple, str] | None = None) -> str:
+    """The whole leaderboard page."""
+    lines = [
+        "# pruning-zoo leaderboard",
+        "",
+        "Built by `pruning-zoo leaderboard` from stored results. Score: the task's first lmms-eval metric; "
+        "% of unpruned: against the `none` cell of the same model, task, device and limit. Tokens are per image; "
+        "FLOPs are per document, for the prefill, counted as the papers do (multiply-accumulates; 2ndm: two MLP "
+        "matrices as FastV, 3ndm: three as TransPrune). TTFT: time to first token, vision encoder, selection and "
+        "prefill included; selection: the engine's scoring and selecting alone.",
+    ]
+    if frame.empty:
+        return "\n".join(lines + ["", "No finished results.", ""])
+    for key, group in frame.groupby(GROUP, sort=False):
+        model, task, device, limit = key
+        scale, unit = flops_unit(group[FLOPS_COLUMNS].to_numpy().ravel())
+        table = group[list(TABLE_COLUMNS)].copy()
+        table[FLOPS_COLUMNS] = table[FLOPS_COLUMNS].astype(float) / scale
+        table = table.rename(columns={key: header.format(unit=unit) for key, header in TABLE_COLUMNS.items()})
+        text = table.astype(object).apply(lambda column: column.map(cell_text))
+        numeric = ["left"] * 3 + ["right"] * (len(TABLE_COLUMNS) - 3)
+        metric = group["metric"].iloc[0]
+        documents = int(group["documents"].iloc[0])
+        lines += [
+            "",
+            f"## {task}: {model}, {device}",
+            "",
+            f"{documents} documents{'' if limit == 'all' else f' (the first {limit})'}; score = `{metric}`.",
+            "",
+            text.to_markdown(index=False, disable_numparse=True, colalign=numeric),
+            "",
+            _provenance(group),
+        ]
+        if plots and key in plots:
+            lines += ["", f"![{task}: accuracy against FLOPs and latency]({plots[key]})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_group(group: pd.DataFrame, path: Path) -> None:
+    """Score against prefill TFLOPs (LLM 2ndm + vision) and against TTFT: one line per strategy over budgets,
+    the unpruned model as a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    total_flops = group["llm_flops_2ndm"].astype(float) + group["vision_flops"].astype(float)
+    scale, unit = flops_unit(total_flops)
+    for axis, x, label in ((axes[0], total_flops / scale, f"prefill {unit} (LLM 2ndm + vision)"),
+                           (axes[1], group["ttft_ms"].astype(float), f"time to first token, ms ({group['device'].iloc[0]})")):
+        for strategy, rows in group.groupby("strategy", sort=True):
+            xs, ys = x[rows.index], rows["score"].astype(float)
+            if strategy == "none":
+                axis.scatter(xs, ys, marker="*", s=160, color="black", label="none (unpruned)", zorder=3)
+            else:
+                order = xs.argsort()
+                axis.plot(xs.iloc[order], ys.iloc[order], marker="o", label=strategy)
+        axis.set_xlabel(label)
+        axis.set_ylabel(f"score ({group['metric'].iloc[0]})")
+        axis.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, loc="lower right")
+    figure.suptitle(f"{group['task'].iloc[0]}: {group['model'].iloc[0]}", fontsize=10)
+    figure.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(figure)
+
+
+def build(paths: list[Path], output: Path) -> tuple[Path, pd.DataFrame]:
+    """Write `output/leaderboard.md`, `output/leaderboard.csv` and `output/plots/*.png`; returns the page's path."""
+    frame = load_results(paths)
+    if frame.empty:
+        raise PruningZooError(f"no finished results under {', '.join(map(str, paths))}; run `pruning-zoo run` first")
+    output.mkdir(parents=True, exist_ok=True)
+    plots = {}
+    (output / "plots").mkdir(exist_ok=True)
+    for key, group in frame.groupby(GROUP, sort=False):
+        name = f"plots/{_slug(*key)}.png"
+        plot_group(group, output / name)
+        plots[key] = name
+    page = output / "leaderboard.md"
+    page.write_text(markdown(frame, plots))
+    frame.drop(columns=["budget_order"], errors="ignore").to_csv(output / "leaderboard.csv", index=False)
+    return page, frame

@@ -1,0 +1,327 @@
+"""pruning-zoo as an lmms-eval model: an unmodified transformers VLM whose generation runs inside
+`prune(model, strategy, budget)`, measuring what each request cost.
+
+    lmms-eval --model pruning_zoo --model_args pretrained=llava-hf/llava-1.5-7b-hf,strategy=fastv,budget=64 ...
+
+Extra `model_args` are the strategy's parameters (`k=3`). `pruning-zoo run` builds the same class around a
+model it loaded once for the whole sweep.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from lmms_eval.api.model import lmms
+from PIL import Image
+
+from pruning_zoo import get_strategy
+from pruning_zoo.budget import Budget, parse_budget
+from pruning_zoo.engine import ForwardRecord, prune
+from pruning_zoo.errors import InvalidParameterError, PruningZooError
+from pruning_zoo.testbed.evaluate import evidence_recall
+from pruning_zoo.timing import Clock, TokenClock
+
+#: Cap on new tokens when a task sets none (lmms-eval's own wrappers use 1024; short answers dominate VQA).
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+@dataclasses.dataclass
+class LoadedVLM:
+    """A model and its processor, loaded once and shared by every cell of a sweep. Not an nn.Module itself,
+    so lmms-eval's `lmms.clean()` (which deletes module attributes after each evaluation) leaves it alone."""
+
+    name: str
+    model: torch.nn.Module
+    processor: Any
+    device: torch.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' is bfloat16 on a GPU and float32 on a CPU (where bfloat16 matmuls are slow)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in choices:
+        raise InvalidParameterError(f"dtype {dtype!r} is not one of auto, {', '.join(choices)}")
+    return choices[dtype]
+
+
+def load_vlm(pretrained: str, device: str | None = None, dtype: str = "auto", attn_implementation: str | None = None) -> LoadedVLM:
+    """A VLM and its processor from a hub id or a local folder, in eval mode on `device`."""
+    from pruning_zoo.adapters import adapter_for
+
+    target = torch.device(device or default_device())
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise PruningZooError(f"device {target} was asked for but no CUDA device is visible; use --device cpu")
+    options = {"dtype": resolve_dtype(dtype, target)}
+    if attn_implementation:
+        options["attn_implementation"] = attn_implementation
+    try:
+        model = transformers.AutoModelForImageTextToText.from_pretrained(pretrained, **options)
+        processor = transformers.AutoProcessor.from_pretrained(pretrained)
+    except (OSError, ValueError) as error:
+        where = "folder" if Path(pretrained).exists() else "hub id"
+        raise PruningZooError(
+            f"cannot load model {pretrained!r} ({where}): {str(error).splitlines()[0]}. A hub id needs the Hugging "
+            "Face hub or its files in the local cache; on a machine without network, download it elsewhere "
+            f"(`hf download {pretrained} --local-dir DIR`), copy DIR here and pass --model DIR (or list DIR under "
+            "`models:` in the suite file)"
+        ) from None
+    adapter_for(model)  # an unsupported family is a clear error now, not in the middle of a sweep
+    if getattr(processor, "tokenizer", None) is not None:
+        processor.tokenizer.padding_side = "left"  # batched generation continues every row at the end
+    return LoadedVLM(pretrained, model.to(target).eval(), processor, target)
+
+
+def _batches(indices: list[int], size: int) -> list[list[int]]:
+    return [indices[start : start + size] for start in range(0, len(indices), size)]
+
+
+class PrunedVLM(lmms):
+    """An lmms-eval `lmms` model: generation and log-likelihoods of a VLM pruned by one strategy at one budget.
+
+    Besides the answers it keeps, per document, the visual tokens kept, the FLOPs of the prefill and (when the
+    document carries `evidence` patch indices, as the testbed's do) the evidence recall; and per batch the
+    time to first token, the engine's selection time, decode time per token and peak GPU memory."""
+
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        strategy: str = "none",
+        budget: Budget | str = 1.0,
+        device: str | None = None,
+        dtype: str = "auto",
+        batch_size: int | str = 1,
+        attn_implementation: str | None = None,
+        loaded: LoadedVLM | None = None,
+        max_batch_size: int | None = None,  # passed by lmms-eval's CLI; batches here are fixed-size
+        **strategy_params: Any,
+    ):
+        super().__init__()
+        if loaded is None:
+            if pretrained is None:
+                raise PruningZooError("PrunedVLM needs pretrained=HUB_ID_OR_FOLDER (or a loaded model)")
+            loaded = load_vlm(str(pretrained), device, dtype, attn_implementation)
+        self.loaded = loaded
+        self.strategy = get_strategy(strategy, **strategy_params)
+        self.budget = 1.0 if strategy == "none" else parse_budget(str(budget))
+        try:
+            self.batch_size = int(batch_size)
+        except ValueError:
+            raise InvalidParameterError(f"batch_size {batch_size!r} must be a whole number (no 'auto')") from None
+        if self.batch_size < 1:
+            raise InvalidParameterError(f"batch_size must be at least 1, got {self.batch_size}")
+        self.clock_kind = Clock(loaded.device).kind
+        #: (task, doc_id) -> what pruning kept and cost for that document.
+        self.document_measurements: dict[tuple[str, int], dict] = {}
+        #: One entry per batch, in the order they ran.
+        self.batch_timings: list[dict] = []
+
+    # -- prompts and inputs ----------------------------------------------------------------------------
+    @property
+    def processor(self):
+        return self.loaded.processor
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    def _documents(self, tasks, splits, doc_ids) -> list[dict]:
+        return [self.task_dict[task][split][doc_id] for task, split, doc_id in zip(tasks, splits, doc_ids)]
+
+    def _images(self, doc_to_visual, doc: dict, task: str) -> list[Image.Image]:
+        visuals = doc_to_visual(doc) if doc_to_visual is not None else []
+        images = []
+        for visual in visuals or []:
+            if not isinstance(visual, Image.Image):
+                raise PruningZooError(
+                    f"task {task!r} gave a {type(visual).__name__} as a visual; pruning-zoo evaluates image tasks "
+                    "(PIL images) only"
+                )
+            images.append(visual.convert("RGB"))
+        return images
+
+    def _prompt(self, context: str, num_images: int) -> str:
+        """The model's own chat template around the images and the context (images first, as LLaVA trains)."""
+        if getattr(self.processor, "chat_template", None) is None:
+            raise PruningZooError(
+                f"model {self.loaded.name!r} has a processor without a chat template; save one with the processor "
+                "(processor.chat_template = ...; processor.save_pretrained(DIR))"
+            )
+        image_token = getattr(self.processor, "image_token", None)
+        if image_token and image_token in context:  # the task placed the images itself
+            content = [{"type": "text", "text": context}]
+        else:
+            content = [{"type": "image"}] * num_images + [{"type": "text", "text": context}]
+        messages = [{"role": "user", "content": content}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def _inputs(self, texts: list[str], images: list[Image.Image]) -> dict:
+        inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+        inputs = inputs.to(self.loaded.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.loaded.dtype)
+        return inputs
+
+    # -- measurements ----------------------------------------------------------------------------------
+    def _record_documents(self, keys: list[tuple[str, int]], docs: list[dict], record: ForwardRecord | None) -> None:
+        """What pruning kept and cost, per document of a batch, from the prefill's record."""
+        flops_2ndm = record.llm_flops("2ndm") if record else None
+        flops_3ndm = record.llm_flops("3ndm") if record else None
+        vision = record.vision_flops() if record else None
+        for sample, (key, doc) in enumerate(zip(keys, docs)):
+            images = [image for image in record.images if image.sample == sample] if record else []
+            entry = {
+                "images": len(images),
+                "visual_tokens": sum(image.num_visual for image in images),
+                "entering_llm": sum(image.entering_llm for image in images),
+                "average_per_layer": sum(image.average_per_layer for image in images),
+                "llm_prefill_flops_2ndm": flops_2ndm[sample] if record else None,
+                "llm_prefill_flops_3ndm": flops_3ndm[sample] if record else None,
+                "vision_flops": vision[sample] if record else 0,
+                "evidence_recall": None,
+            }
+            if isinstance(doc.get("evidence"), list) and len(images) == 1:
+                entry["evidence_recall"] = evidence_recall(doc["evidence"], images[0].kept)
+            self.document_measurements[key] = entry
+
+    def _start_batch(self) -> Clock:
+        if self.loaded.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.loaded.device)
+        return Clock(self.loaded.device)
+
+    def _peak_memory(self) -> int | None:
+        return torch.cuda.max_memory_allocated(self.loaded.device) if self.loaded.device.type == "cuda" else None
+
+    # -- lmms-eval's interface -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_until(self, requests) -> list[str]:
+        answers: list[str | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for index, request in enumerate(requests):
+            context, gen_kwargs, _, _, task, split = request.args
+            groups.setdefault((task, split, json.dumps(gen_kwargs, sort_keys=True, default=str)), []).append(index)
+        for indices in groups.values():
+            # Longest prompts first: the slowest batch runs early, and similar lengths share a batch.
+            indices.sort(key=lambda i: -len(requests[i].args[0]))
+            for batch in _batches(indices, self.batch_size):
+                for index, answer in zip(batch, self._generate_batch([requests[i].args for i in batch])):
+                    answers[index] = answer
+        return answers
+
+    def _generate_batch(self, batch: Sequence[tuple]) -> list[str]:
+        contexts, all_gen_kwargs, doc_to_visuals, doc_ids, tasks, splits = zip(*batch)
+        keys = list(zip(tasks, doc_ids))
+        docs = self._documents(tasks, splits, doc_ids)
+        per_doc_images = [self._images(visual, doc, key[0]) for visual, doc, key in zip(doc_to_visuals, docs, keys)]
+        texts = [self._prompt(context, len(images)) for context, images in zip(contexts, per_doc_images)]
+        inputs = self._inputs(texts, [image for images in per_doc_images for image in images])
+        until, generate_kwargs = self._generation_options(dict(all_gen_kwargs[0]))
+
+        clock = self._start_batch()
+        token_clock = TokenClock(clock)
+        with prune(self.loaded.model, self.strategy, self.budget, clock) as run:
+            start = clock.mark()
+            output = self.loaded.model.generate(**inputs, **generate_kwargs, streamer=token_clock)
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        marks = token_clock.marks
+        self.batch_timings.append({
+            "task": tasks[0],
+            "size": len(batch),
+            "time_to_first_token_ms": clock.elapsed_ms(start, marks[0]),
+            "selection_ms": clock.total_ms("selection"),
+            "decode_ms_per_token": clock.elapsed_ms(marks[0], marks[-1]) / (len(marks) - 1) if len(marks) > 1 else None,
+            "new_tokens": len(marks),
+            "peak_memory_bytes": self._peak_memory(),
+        })
+        self._record_documents(keys, docs, run.records[0] if run.records else None)
+        texts_out = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [cut_at_stop(text, until) for text in texts_out]
+
+    def _generation_options(self, gen_kwargs: dict) -> tuple[list[str], dict]:
+        until = gen_kwargs.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        if int(gen_kwargs.get("num_beams") or 1) > 1:
+            raise PruningZooError("beam search (num_beams > 1) is not supported by the pruning engine; use greedy decoding")
+        temperature = float(gen_kwargs.get("temperature") or 0.0)
+        do_sample = bool(gen_kwargs.get("do_sample")) or temperature > 0
+        options = {"max_new_tokens": int(gen_kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS), "do_sample": do_sample,
+                   "pad_token_id": self.tokenizer.pad_token_id}
+        if do_sample:
+            options["temperature"] = temperature or 1.0
+            if gen_kwargs.get("top_p") is not None:
+                options["top_p"] = float(gen_kwargs["top_p"])
+        return until, options
+
+    @torch.no_grad()
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i].args[0]))
+        for batch in _batches(order, self.batch_size):
+            for index, result in zip(batch, self._loglikelihood_batch([requests[i].args for i in batch])):
+                results[index] = result
+        return results
+
+    def _loglikelihood_batch(self, batch: Sequence[tuple]) -> list[tuple[float, bool]]:
+        contexts, doc_to_targets, doc_to_visuals, doc_ids, tasks, splits = zip(*batch)
+        keys = list(zip(tasks, doc_ids))
+        docs = self._documents(tasks, splits, doc_ids)
+        per_doc_images = [self._images(visual, doc, key[0]) for visual, doc, key in zip(doc_to_visuals, docs, keys)]
+        prompts = [self._prompt(context, len(images)) for context, images in zip(contexts, per_doc_images)]
+        continuations = [target if isinstance(target, str) else str(target(doc)) for target, doc in zip(doc_to_targets, docs)]
+        flat_images = [image for images in per_doc_images for image in images]
+        full = self._inputs([p + c for p, c in zip(prompts, continuations)], flat_images)
+        prompt_only = self._inputs(prompts, flat_images)
+        # Left padding: every row's continuation is its last (full length - prompt length) tokens.
+        full_lengths = full["attention_mask"].sum(dim=1)
+        prompt_lengths = prompt_only["attention_mask"].sum(dim=1)
+
+        clock = self._start_batch()
+        with prune(self.loaded.model, self.strategy, self.budget, clock) as run:
+            start = clock.mark()
+            logits = self.loaded.model(**full).logits  # text positions are never pruned: the tail lines up
+            end = clock.mark()
+        self.batch_timings.append({
+            "task": tasks[0], "size": len(batch), "time_to_first_token_ms": clock.elapsed_ms(start, end),
+            "selection_ms": clock.total_ms("selection"), "decode_ms_per_token": None, "new_tokens": 0,
+            "peak_memory_bytes": self._peak_memory(),
+        })
+        self._record_documents(keys, docs, run.records[0] if run.records else None)
+        results = []
+        ids = full["input_ids"]
+        for row in range(len(batch)):
+            count = int(full_lengths[row] - prompt_lengths[row])
+            if count < 1:
+                raise PruningZooError(f"continuation {continuations[row]!r} of task {tasks[row]!r} adds no tokens")
+            targets = ids[row, -count:]
+            predicted = logits[row, -count - 1 : -1].float().log_softmax(dim=-1)
+            logprob = float(predicted.gather(1, targets[:, None]).sum())
+            results.append((logprob, bool((predicted.argmax(dim=-1) == targets).all())))
+        return results
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise PruningZooError("multi-round generation is not supported by pruning-zoo's lmms-eval model")
+
+
+def cut_at_stop(text: str, until: list[str]) -> str:
+    """The text up to the first stop sequence."""
+    for stop in until:
+        if stop:
+            text = text.split(stop, 1)[0]
+    return text

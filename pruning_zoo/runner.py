@@ -1,0 +1,335 @@
+"""The suite runner: every cell of a suite through lmms-eval's `simple_evaluate`, one result folder per cell.
+
+Finished cells are skipped, so rerunning a command resumes it; a failing cell is recorded with its error and
+the sweep goes on; models are loaded once per sweep and tasks indexed once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import importlib
+import os
+import statistics
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pruning_zoo import get_strategy
+from pruning_zoo.errors import PruningZooError, closest
+from pruning_zoo.provenance import device_description, git_sha, versions
+from pruning_zoo.results import Cell, remove_temporaries, status, write_cell
+from pruning_zoo.strategy import params_as_dict
+from pruning_zoo.suite import Suite, builtin_suite_folder
+
+#: Exception names that mean a hub file could not be fetched (huggingface_hub, datasets, requests).
+UNREACHABLE = ("LocalEntryNotFoundError", "LocalTokenNotFoundError", "OfflineModeIsEnabled", "ConnectionError",
+               "DatasetNotFoundError", "RepositoryNotFoundError", "GatedRepoError", "HfHubHTTPError", "Timeout")
+
+HOW_TOKENS = ("Visual tokens per image: before pruning, entering the LLM, and averaged over decoder layers, "
+              "from the engine's record of the prefill (means over the task's images).")
+HOW_FLOPS = ("Prefill FLOPs per document from the tokens each decoder layer processed (flops.py: multiply-accumulates, "
+             "as the papers count them; 2ndm = two MLP matrices as FastV, 3ndm = three as TransPrune); the vision "
+             "tower and projector separately, from the crops and patches that ran. Means over documents.")
+
+
+def import_lmms_eval() -> None:
+    try:
+        importlib.import_module("lmms_eval.evaluator")
+    except ImportError as error:
+        raise PruningZooError(
+            f"`pruning-zoo run` evaluates through lmms-eval, which is not importable here ({error}); install it with "
+            "`pip install -e '.[eval]'` (it pulls torchvision and a matching full torch)"
+        ) from None
+
+
+def local_task_folders(suite_folder: Path | None, task_paths: list[str]) -> list[Path]:
+    """Folders of task YAMLs: every sub-folder of the built-in suites that holds one, and the suite's own
+    `task_paths` (relative to the suite file)."""
+    folders = [path for path in sorted(builtin_suite_folder().iterdir()) if path.is_dir() and any(path.glob("*.yaml"))]
+    for entry in task_paths:
+        path = Path(entry)
+        if not path.is_absolute() and suite_folder is not None and (suite_folder / path).is_dir():
+            path = suite_folder / path
+        if not path.is_dir():
+            raise PruningZooError(f"task path {entry} is not a folder; give folders that hold lmms-eval task YAMLs")
+        folders.append(path.resolve())
+    return folders
+
+
+def resolve_model(name: str, suite_folder: Path | None) -> str:
+    """A folder relative to the working directory, else one relative to the suite file, else a hub id."""
+    if Path(name).is_dir():
+        return str(Path(name).resolve())
+    if suite_folder is not None and (suite_folder / name).is_dir():
+        return str((suite_folder / name).resolve())
+    return name
+
+
+def check_tasks(task_manager, tasks: list[str]) -> None:
+    known = task_manager.all_tasks
+    for task in tasks:
+        if task not in known:
+            suggestion = closest(task, known)
+            hint = f"; did you mean {suggestion!r}?" if suggestion else ""
+            raise PruningZooError(
+                f"unknown task {task!r}{hint} Tasks are lmms-eval's names (`lmms-eval --tasks list`) or local task "
+                "YAMLs in a folder passed with --task-path"
+            )
+
+
+@contextlib.contextmanager
+def working_directory(folder: Path | None) -> Iterator[None]:
+    """lmms-eval resolves a local task's `data_files` against the working directory: run it from the task's
+    folder, so task YAMLs give paths relative to themselves."""
+    previous = os.getcwd()
+    if folder is not None:
+        os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The innermost error: through tenacity's RetryError and exception chains."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        attempt = getattr(error, "last_attempt", None)
+        if attempt is not None and attempt.exception() is not None:
+            error = attempt.exception()
+        elif error.__cause__ is not None:
+            error = error.__cause__
+        elif error.__context__ is not None and not error.__suppress_context__:
+            error = error.__context__
+        else:
+            break
+    return error
+
+
+def explain_task_error(task: str, yaml_path: str | None, error: BaseException) -> str:
+    cause = root_cause(error)
+    text = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+    names = {kind.__name__ for kind in type(cause).__mro__}
+    if names & set(UNREACHABLE) or any(word in str(cause).lower() for word in ("offline", "connection", "resolve host")):
+        return (
+            f"task {task!r} could not load its dataset from the Hugging Face hub ({text}); this machine cannot reach "
+            f"it. Copy the hub cache (HF_HOME) from a machine with network and set HF_HUB_OFFLINE=1, or write a local "
+            f"task YAML (dataset_path: parquet or json, with data_files) next to the data and pass its folder with "
+            f"--task-path FOLDER (or `task_paths:` in the suite). The task is defined in {yaml_path}"
+        )
+    return f"task {task!r} failed: {text}"
+
+
+@dataclasses.dataclass
+class CellOutcome:
+    cell: Cell
+    folder: Path
+    status: str  # finished, skipped or failed
+    error: str | None = None
+
+
+class Sweep:
+    """Runs the cells of one resolved suite into `output`."""
+
+    def __init__(self, suite: Suite, output: Path, suite_folder: Path | None = None, device: str | None = None,
+                 dtype: str = "auto", command: str = "", on_cell: Callable[[Cell, str], None] | None = None):
+        import torch
+
+        from pruning_zoo.lmms_model import default_device
+
+        self.suite, self.output, self.suite_folder = suite, output.resolve(), suite_folder
+        self.device = torch.device(device or default_device())
+        self.dtype, self.command = dtype, command
+        self.on_cell = on_cell or (lambda cell, state: None)
+        self._models: dict[str, Any] = {}
+        self._broken: dict[tuple[str, str], str] = {}  # ("model", name) or ("task", name) -> error
+
+    def cells(self) -> list[Cell]:
+        return [
+            Cell(model=model, task=task, strategy=strategy, params=dict(self.suite.strategies[strategy]),
+                 budget=budget, limit=self.suite.limit, batch_size=self.suite.batch_size, dtype=self.dtype,
+                 device_type=self.device.type)
+            for model, task, strategy, budget in self.suite.cells()
+        ]
+
+    def run(self) -> list[CellOutcome]:
+        import_lmms_eval()
+        from lmms_eval.tasks import TaskManager
+
+        self.output.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(self.output)
+        self.task_manager = TaskManager("WARNING", include_path=[str(p) for p in local_task_folders(self.suite_folder, self.suite.task_paths)])
+        check_tasks(self.task_manager, self.suite.tasks)
+        for name in self.suite.strategies:  # parameters were validated with the suite; build once to be sure
+            get_strategy(name, **self.suite.strategies[name])
+        outcomes = []
+        for cell in self.cells():
+            folder = self.output / cell.folder_name
+            if status(folder) == "finished":
+                outcomes.append(CellOutcome(cell, folder, "skipped"))
+                self.on_cell(cell, "skipped")
+                continue
+            self.on_cell(cell, "running")
+            outcome = self.run_cell(cell)
+            outcomes.append(outcome)
+            self.on_cell(cell, outcome.status)
+        return outcomes
+
+    def run_cell(self, cell: Cell) -> CellOutcome:
+        config = {"cell": cell.as_dict(), "command": self.command, "git_sha": git_sha(), "versions": versions(),
+                  "device": device_description(self.device),
+                  "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        try:
+            known_error = self._broken.get(("model", cell.model)) or self._broken.get(("task", cell.task))
+            if known_error:
+                raise PruningZooError(known_error)
+            lm = self.model_for(cell)
+            config["strategy_params"] = params_as_dict(lm.strategy.params)
+            config["model_path"] = lm.loaded.name
+            results = self.evaluate(cell, lm)
+            metrics, samples = cell_metrics(cell, results, lm, device_description(self.device))
+            config["lmms_eval"] = {key: value for key, value in (results.get("config") or {}).items() if key != "model"}
+            folder = write_cell(self.output, cell, config, metrics=metrics, samples=samples)
+            return CellOutcome(cell, folder, "finished")
+        except KeyboardInterrupt:
+            raise
+        except Exception as error:  # noqa: BLE001 - a failing cell is recorded and the sweep goes on
+            message = str(error) if isinstance(error, PruningZooError) else f"{type(error).__name__}: {error}"
+            record = {"error": message, "type": type(error).__name__, "traceback": traceback.format_exc()}
+            folder = write_cell(self.output, cell, config, error=record)
+            return CellOutcome(cell, folder, "failed", message)
+
+    def model_for(self, cell: Cell):
+        from pruning_zoo.lmms_model import PrunedVLM, load_vlm
+
+        if cell.model not in self._models:
+            try:
+                self._models[cell.model] = load_vlm(resolve_model(cell.model, self.suite_folder), str(self.device), self.dtype)
+            except PruningZooError as error:
+                self._broken[("model", cell.model)] = str(error)
+                raise
+        return PrunedVLM(loaded=self._models[cell.model], strategy=cell.strategy, budget=cell.budget,
+                         batch_size=cell.batch_size, **cell.params)
+
+    def evaluate(self, cell: Cell, lm) -> dict:
+        from lmms_eval.evaluator import simple_evaluate
+
+        yaml_path = self.task_manager.task_index[cell.task].get("yaml_path")
+        folder = Path(yaml_path).parent if isinstance(yaml_path, str) else None
+        try:
+            with working_directory(folder):
+                results = simple_evaluate(model=lm, tasks=[cell.task], limit=cell.limit, batch_size=cell.batch_size,
+                                          task_manager=self.task_manager, log_samples=True, verbosity="WARNING")
+        except PruningZooError:
+            raise
+        except Exception as error:
+            message = explain_task_error(cell.task, yaml_path, error)
+            if "could not load its dataset" in message:
+                self._broken[("task", cell.task)] = message
+            raise PruningZooError(message) from error
+        if results is None:
+            raise PruningZooError(f"lmms-eval returned no results for task {cell.task!r}")
+        return results
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _median(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def task_scores(task_results: dict) -> dict[str, float | None]:
+    """lmms-eval's 'metric,filter' entries without standard errors, by metric name."""
+    scores = {}
+    for key, value in task_results.items():
+        metric, comma, _ = key.partition(",")
+        if comma and "_stderr" not in metric and isinstance(value, (int, float)):
+            scores.setdefault(metric, value)
+    return scores
+
+
+#: Batches whose timings are left out of the medians: the first one warms kernels and allocators.
+WARMUP_BATCHES = 1
+
+
+def latency_summary(timings: list[dict], device: str, clock_kind: str, batch_size: int) -> dict:
+    timed = timings[WARMUP_BATCHES:] if len(timings) > WARMUP_BATCHES else timings
+    shares = [t["selection_ms"] / t["time_to_first_token_ms"] for t in timed if t["time_to_first_token_ms"]]
+    return {
+        "device": device, "clock": clock_kind, "mode": "eager", "batch_size": batch_size, "batches": len(timings),
+        "timed_batches": len(timed),
+        "time_to_first_token_ms": _median([t["time_to_first_token_ms"] for t in timed]),
+        "selection_ms": _median([t["selection_ms"] for t in timed]),
+        "selection_share_of_ttft": _median(shares),
+        "decode_ms_per_token": _median([t["decode_ms_per_token"] for t in timed]),
+        "peak_memory_bytes": max((t["peak_memory_bytes"] for t in timings if t["peak_memory_bytes"] is not None), default=None),
+        "how": (f"Per batch of up to {batch_size} documents, measured with {clock_kind}, eager transformers: time to "
+                "first token from the generate() call to the first new token on the host (vision encoder, selection "
+                "and prefill; the processor's CPU preprocessing excluded); selection = the engine's scoring, selecting "
+                "and gathering; decode = time per further token. Medians over batches, the first "
+                f"{WARMUP_BATCHES} left out as warm-up when there are more; peak memory = the largest "
+                "torch.cuda.max_memory_allocated of a batch (GPU only)."),
+    }
+
+
+def cell_metrics(cell: Cell, results: dict, lm, device: str) -> tuple[dict, list[dict]]:
+    """metrics.json and the per-sample records of one evaluated cell."""
+    task_results = results["results"].get(cell.task) or next(iter(results["results"].values()))
+    scores = task_scores(task_results)
+    samples = []
+    for task, rows in sorted((results.get("samples") or {}).items()):
+        for row in rows:
+            doc = row.get("doc") or {}
+            measured = lm.document_measurements.get((task, row["doc_id"]), {})
+            prediction = row.get("filtered_resps", [None])[0]
+            samples.append({
+                "task": task, "doc_id": row["doc_id"], "id": doc.get("id") if isinstance(doc, dict) else None,
+                "target": row.get("target"), "prediction": prediction,
+                **{name: row[name] for name in scores if isinstance(row.get(name), (int, float))},
+                **measured,
+            })
+    measured = list(lm.document_measurements.values())
+    with_images = [m for m in measured if m["images"]]
+    images = sum(m["images"] for m in with_images) or None
+    metrics = {
+        "task": cell.task,
+        "documents": len(samples),
+        "primary_metric": next(iter(scores), None),
+        "scores": scores,
+        "visual_tokens": {
+            "per_image": sum(m["visual_tokens"] for m in with_images) / images if images else None,
+            "entering_llm": sum(m["entering_llm"] for m in with_images) / images if images else None,
+            "average_per_layer": sum(m["average_per_layer"] for m in with_images) / images if images else None,
+            "budget_counts": lm.strategy.budget_meaning.value,
+            "how": HOW_TOKENS,
+        },
+        "flops": {
+            "llm_prefill_2ndm": _mean([m["llm_prefill_flops_2ndm"] for m in measured]),
+            "llm_prefill_3ndm": _mean([m["llm_prefill_flops_3ndm"] for m in measured]),
+            "vision": _mean([m["vision_flops"] for m in measured]),
+            "how": HOW_FLOPS,
+        },
+        "evidence_recall": _mean([m["evidence_recall"] for m in measured]),
+        "latency": latency_summary(lm.batch_timings, device, lm.clock_kind, cell.batch_size),
+    }
+    return metrics, samples
+
+
+def quiet_progress_output() -> None:
+    """lmms-eval logs every step at INFO through loguru, and transformers draws a bar per model load; the sweep
+    shows one progress bar of its own instead (warnings still print)."""
+    import transformers
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+    transformers.utils.logging.disable_progress_bar()

@@ -1,0 +1,52 @@
+"""The leaderboard is a pure function of stored results: fixture results give a checked-in markdown page."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from pruning_zoo.cli import app
+from pruning_zoo.errors import PruningZooError
+from pruning_zoo.leaderboard import build
+
+FIXTURES = Path(__file__).parent / "fixtures"
+RESULTS = [FIXTURES / "results", FIXTURES / "results-rerun"]
+
+
+def test_the_leaderboard_of_fixture_results_matches_the_expected_page(tmp_path):
+    page, frame = build(RESULTS, tmp_path)
+    assert page.read_text() == (FIXTURES / "leaderboard.md").read_text()
+    # Failed cells and what an interrupted run left are not results; a cell stored twice counts once (the latest).
+    assert len(frame) == 7 and "transprune" not in set(frame["strategy"])
+    latest = frame[(frame["strategy"] == "fastv") & (frame["budget"] == "64") & (frame["device"].str.startswith("NVIDIA"))]
+    assert latest["score"].tolist() == [0.596]
+    assert len(pd.read_csv(tmp_path / "leaderboard.csv")) == 7
+    plots = sorted((tmp_path / "plots").iterdir())
+    assert len(plots) == 2 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
+
+
+def test_devices_never_share_a_latency_column(tmp_path):
+    page, _ = build(RESULTS, tmp_path)
+    sections = page.read_text().split("\n## ")[1:]
+    assert len(sections) == 2
+    assert sum("NVIDIA H100" in s for s in sections) == 1 and sum("CPU Example" in s for s in sections) == 1
+
+
+def test_the_leaderboard_does_not_depend_on_the_order_of_its_inputs(tmp_path):
+    first, _ = build(RESULTS, tmp_path / "a")
+    second, _ = build(list(reversed(RESULTS)), tmp_path / "b")
+    assert first.read_text() == second.read_text()
+
+
+def test_no_results_is_a_clear_error_and_writes_nothing(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PruningZooError, match="no finished results under"):
+        build([tmp_path / "empty"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_leaderboard_command(tmp_path):
+    result = CliRunner().invoke(app, ["leaderboard", *map(str, RESULTS), "-o", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "leaderboard.md").read_text() == (FIXTURES / "leaderboard.md").read_text()

@@ -1,0 +1,245 @@
+"""The suite runner through the real lmms-eval evaluator on CPU: full sweeps of the testbed task on a tiny
+model, resuming after an interruption, failing cells, offline errors, and the lmms-eval model itself."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import tiny_models
+import torch
+
+import pruning_zoo
+from pruning_zoo import plugins, results
+from pruning_zoo.errors import PruningZooError
+from pruning_zoo.lmms_model import PrunedVLM, load_vlm
+from pruning_zoo.runner import Sweep
+from pruning_zoo.strategy import BudgetMeaning, PruningStrategy, Stage
+from pruning_zoo.suite import validate_suite
+
+BUILTIN = ["none", "random", "pool", "fastv", "visionzip", "transprune", "learnpruner"]
+
+
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """The hub unreachable at once, as HF_HUB_OFFLINE=1 makes it (the libraries read it at import, so set
+    their constants; without it a blocked network takes tens of seconds of retries to fail)."""
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+
+
+@pytest.fixture(scope="module")
+def tiny_testbed_model(tmp_path_factory):
+    return tiny_models.testbed_like(tmp_path_factory.mktemp("tiny-testbed"))
+
+
+def make_suite(model: str, strategies, budgets=(64,), limit=6, batch_size=3, tasks=("testbed",), task_paths=()):
+    data = {"name": "test", "tasks": list(tasks), "models": [model], "budgets": list(budgets), "limit": limit,
+            "batch_size": batch_size, "task_paths": list(task_paths),
+            "strategies": strategies if isinstance(strategies, dict) else {name: {} for name in strategies}}
+    return validate_suite(data, origin="test")
+
+
+def sweep(suite, output, on_cell=None):
+    return Sweep(suite, output, device="cpu", command="pytest", on_cell=on_cell)
+
+
+def read(folder: Path, name: str):
+    return json.loads((folder / name).read_text())
+
+
+def test_a_full_sweep_of_the_testbed_suite_through_lmms_eval(tiny_testbed_model, tmp_path):
+    suite = make_suite(tiny_testbed_model, BUILTIN, budgets=(64, 0.25))
+    outcomes = sweep(suite, tmp_path).run()
+    assert [o.status for o in outcomes] == ["finished"] * (1 + 2 * (len(BUILTIN) - 1))
+    by_cell = {(o.cell.strategy, o.cell.budget_label): o.folder for o in outcomes}
+    unpruned = read(by_cell["none", "all"], results.METRICS)
+    assert unpruned["documents"] == 6 and unpruned["primary_metric"] == "accuracy"
+    assert unpruned["visual_tokens"]["entering_llm"] == unpruned["visual_tokens"]["average_per_layer"] == 576
+    for (strategy, budget), folder in by_cell.items():
+        metrics, config = read(folder, results.METRICS), read(folder, results.CONFIG)
+        samples = [json.loads(line) for line in (folder / results.SAMPLES).read_text().splitlines()]
+        assert len(samples) == 6 and {s["id"] for s in samples} == {s["id"] for s in samples if s["id"]}
+        assert all(s["prediction"] is not None and s["visual_tokens"] == 576 for s in samples)
+        assert 0.0 <= metrics["scores"]["accuracy"] <= 1.0
+        assert config["cell"]["strategy"] == strategy and config["git_sha"] and config["versions"]["lmms-eval"]
+        latency = metrics["latency"]
+        assert latency["clock"].startswith("CPU wall-clock") and latency["time_to_first_token_ms"] > 0
+        assert latency["batches"] == 2 and latency["timed_batches"] == 1
+        if strategy == "none":
+            continue
+        kept = 64 if budget == "64" else 144
+        tokens = metrics["visual_tokens"]
+        if tokens["budget_counts"] == BudgetMeaning.ENTERING_LLM.value:
+            assert tokens["entering_llm"] == kept
+        else:  # in-LLM methods: the last stage keeps the budget, so the average lies between
+            assert kept < tokens["average_per_layer"] < 576
+        assert metrics["flops"]["llm_prefill_2ndm"] < unpruned["flops"]["llm_prefill_2ndm"]
+        assert metrics["flops"]["vision"] == unpruned["flops"]["vision"]
+        assert latency["selection_ms"] > 0
+        assert 0 <= metrics["evidence_recall"] <= 1  # the testbed's documents carry evidence masks
+
+
+def test_batched_generation_gives_the_answers_of_batch_one(tiny_testbed_model, tmp_path):
+    answers = {}
+    for batch_size in (1, 4):
+        suite = make_suite(tiny_testbed_model, ["fastv"], limit=8, batch_size=batch_size)
+        (outcome,) = sweep(suite, tmp_path / str(batch_size)).run()
+        rows = (outcome.folder / results.SAMPLES).read_text().splitlines()
+        answers[batch_size] = [json.loads(row)["prediction"] for row in rows]
+    assert answers[1] == answers[4]
+
+
+def test_rerunning_skips_finished_cells_and_an_interrupted_run_resumes(tiny_testbed_model, tmp_path, monkeypatch):
+    suite = make_suite(tiny_testbed_model, ["none", "random", "pool", "fastv"], limit=3)
+    renames = []
+    real_rename = os.rename
+
+    def interrupt_the_third_write(source, target):
+        renames.append(target)
+        if len(renames) == 3:
+            raise KeyboardInterrupt  # as if Ctrl-C arrived while the third cell was being stored
+        real_rename(source, target)
+
+    monkeypatch.setattr(results.os, "rename", interrupt_the_third_write)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(suite, tmp_path).run()
+    monkeypatch.setattr(results.os, "rename", real_rename)
+    first = sorted(p.name for p in tmp_path.iterdir())
+    assert len(first) == 2 and not any(name.startswith(results.TEMPORARY_PREFIX) for name in first)
+    stamps = {name: (tmp_path / name / results.METRICS).read_bytes() for name in first}
+
+    (tmp_path / f"{results.TEMPORARY_PREFIX}left-by-a-killed-run").mkdir()  # a kill -9 leaves one behind
+    states = []
+    outcomes = sweep(suite, tmp_path, on_cell=lambda cell, state: states.append(state)).run()
+    assert [o.status for o in outcomes] == ["skipped", "skipped", "finished", "finished"]
+    assert states.count("running") == 2  # no finished cell was recomputed
+    assert {name: (tmp_path / name / results.METRICS).read_bytes() for name in first} == stamps
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(o.folder.name for o in outcomes)  # none lost
+    assert all(results.status(o.folder) == "finished" for o in outcomes)
+
+    again = sweep(suite, tmp_path).run()
+    assert [o.status for o in again] == ["skipped"] * 4
+
+
+class Broken(PruningStrategy):
+    name = "broken"
+    budget_meaning = BudgetMeaning.ENTERING_LLM
+
+    def plan(self, budget, num_visual, num_layers):
+        return (Stage(after_layer=None, keep=budget),)
+
+    def score(self, ctx):
+        raise RuntimeError("this strategy always fails")
+
+
+class BrokenPlugin:
+    @pruning_zoo.hookimpl
+    def register_strategies(self, register):
+        register(Broken)
+
+
+@pytest.fixture
+def broken_strategy():
+    plugins.reset()
+    plugins.plugin_manager().register(BrokenPlugin(), name="broken-plugin")
+    yield
+    plugins.reset()
+
+
+def test_a_failing_strategy_is_recorded_and_the_others_finish(tiny_testbed_model, tmp_path, broken_strategy):
+    suite = make_suite(tiny_testbed_model, ["none", "broken", "fastv"], limit=3)
+    outcomes = sweep(suite, tmp_path).run()
+    assert [o.status for o in outcomes] == ["finished", "failed", "finished"]
+    failed = outcomes[1].folder
+    error = read(failed, results.ERROR)
+    assert "this strategy always fails" in error["error"] and "Traceback" in error["traceback"]
+    assert read(failed, results.CONFIG)["cell"]["strategy"] == "broken"
+    assert not (failed / results.METRICS).exists()
+    # A rerun retries the failed cell (it may have been fixed) and skips the finished ones.
+    states = []
+    again = sweep(suite, tmp_path, on_cell=lambda cell, state: states.append((cell.strategy, state))).run()
+    assert [o.status for o in again] == ["skipped", "failed", "skipped"]
+    assert ("broken", "running") in states and ("fastv", "running") not in states
+
+
+def test_a_model_that_cannot_be_loaded_is_a_clear_error(offline_hub):
+    with pytest.raises(PruningZooError, match=r"cannot load model 'some-org/not-downloaded' \(hub id\).*hf download "
+                                              r"some-org/not-downloaded --local-dir DIR.*--model DIR"):
+        load_vlm("some-org/not-downloaded", device="cpu")
+
+
+def test_a_sweep_over_an_unreachable_model_records_why_and_writes_nothing_else(tmp_path, offline_hub):
+    outcomes = sweep(make_suite("some-org/not-downloaded", ["none", "fastv"], limit=2), tmp_path).run()
+    assert [o.status for o in outcomes] == ["failed", "failed"]
+    for outcome in outcomes:
+        assert "hf download" in read(outcome.folder, results.ERROR)["error"]
+        assert sorted(p.name for p in outcome.folder.iterdir()) == [results.CONFIG, results.ERROR]
+
+
+def test_a_hub_dataset_that_cannot_be_reached_is_a_clear_error(tiny_testbed_model, tmp_path, offline_hub):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "hub_task.yaml").write_text(
+        "task: hub_task\ndataset_path: some-org/not-downloaded-dataset\ntest_split: test\n"
+        "output_type: generate_until\ndoc_to_text: question\ndoc_to_target: answer\n"
+        "metric_list:\n  - metric: exact_match\n"
+    )
+    suite = make_suite(tiny_testbed_model, ["none", "fastv"], tasks=["hub_task"], task_paths=[str(tasks)], limit=2)
+    outcomes = sweep(suite, tmp_path / "results").run()
+    assert [o.status for o in outcomes] == ["failed", "failed"]
+    message = read(outcomes[0].folder, results.ERROR)["error"]
+    assert "task 'hub_task' could not load its dataset from the Hugging Face hub" in message
+    assert "--task-path FOLDER" in message and "HF_HUB_OFFLINE=1" in message
+    assert read(outcomes[1].folder, results.ERROR)["error"] == message  # not retried for every cell
+
+
+def test_an_unknown_task_stops_before_anything_is_written(tiny_testbed_model, tmp_path):
+    with pytest.raises(PruningZooError, match=r"unknown task 'testbd'; did you mean 'testbed'\?"):
+        sweep(make_suite(tiny_testbed_model, ["none"], tasks=["testbd"]), tmp_path / "out").run()
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_the_model_is_exposed_through_lmms_evals_entry_points(tiny_testbed_model):
+    from lmms_eval.models.registry_v2 import ModelRegistryV2
+
+    registry = ModelRegistryV2()
+    registry.load_entrypoint_manifests()
+    model_class = registry.get_model_class("pruning_zoo")
+    assert model_class is PrunedVLM
+    lm = model_class.create_from_arg_string(f"pretrained={tiny_testbed_model},strategy=fastv,budget=64,k=3",
+                                            {"batch_size": 2, "device": "cpu"})
+    assert lm.strategy.params.k == 3 and lm.budget == 64 and lm.batch_size == 2
+
+
+class Request:
+    def __init__(self, *args):
+        self.args = args
+
+
+def test_loglikelihood_matches_a_direct_computation(tiny_testbed_model):
+    from PIL import Image
+
+    lm = PrunedVLM(pretrained=tiny_testbed_model, device="cpu", batch_size=2)
+    images = [Image.new("RGB", (336, 336), color) for color in ("red", "blue", "green")]
+    docs = [{"q": "is there a red circle ?", "a": " yes"}, {"q": "what colour is the square ?", "a": " blue"},
+            {"q": "how many circle objects are there ?", "a": " two three"}]
+    lm.task_dict = {"t": {"test": docs}}
+    requests = [Request(d["q"], d["a"], lambda doc, i=i: [images[i]], i, "t", "test") for i, d in enumerate(docs)]
+    batched = lm.loglikelihood(requests)
+    model, processor = lm.loaded.model, lm.loaded.processor
+    for (logprob, greedy), doc, image in zip(batched, docs, images):
+        prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": doc["q"]}]}],
+                                               add_generation_prompt=True, tokenize=False)
+        full = processor(text=[prompt + doc["a"]], images=[image], return_tensors="pt")
+        count = full["input_ids"].shape[1] - processor(text=[prompt], images=[image], return_tensors="pt")["input_ids"].shape[1]
+        with torch.no_grad():
+            logits = model(**full).logits[0, -count - 1 : -1].log_softmax(-1)
+        targets = full["input_ids"][0, -count:]
+        assert logprob == pytest.approx(float(logits.gather(1, targets[:, None]).sum()), abs=1e-4)
+        assert greedy == bool((logits.argmax(-1) == targets).all())
+    assert [m["entering_llm"] for m in lm.document_measurements.values()] == [576] * 3
