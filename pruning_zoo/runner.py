@@ -146,6 +146,8 @@ class Sweep:
         self.device = torch.device(device or default_device())
         self.dtype, self.command = dtype, command
         self.on_cell = on_cell or (lambda cell, state: None)
+        #: Read once: the code that runs is the code imported at the start, whatever changes on disk later.
+        self.provenance = {"git_sha": git_sha(), "versions": versions(), "device": device_description(self.device)}
         self._models: dict[str, Any] = {}
         self._broken: dict[tuple[str, str], str] = {}  # ("model", name) or ("task", name) -> error
 
@@ -181,8 +183,7 @@ class Sweep:
         return outcomes
 
     def run_cell(self, cell: Cell) -> CellOutcome:
-        config = {"cell": cell.as_dict(), "command": self.command, "git_sha": git_sha(), "versions": versions(),
-                  "device": device_description(self.device),
+        config = {"cell": cell.as_dict(), "command": self.command, **self.provenance,
                   "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         try:
             known_error = self._broken.get(("model", cell.model)) or self._broken.get(("task", cell.task))
@@ -192,7 +193,7 @@ class Sweep:
             config["strategy_params"] = params_as_dict(lm.strategy.params)
             config["model_path"] = lm.loaded.name
             results = self.evaluate(cell, lm)
-            metrics, samples = cell_metrics(cell, results, lm, device_description(self.device))
+            metrics, samples = cell_metrics(cell, results, lm, self.provenance["device"])
             config["lmms_eval"] = {key: value for key, value in (results.get("config") or {}).items() if key != "model"}
             folder = write_cell(self.output, cell, config, metrics=metrics, samples=samples)
             return CellOutcome(cell, folder, "finished")
