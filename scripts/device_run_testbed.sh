@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The testbed suite on a lent GPU, in one call: install the wheels carried in .wheels/ (lmms-eval and the
-# packages the device image lacks; see scripts/README.md), run `pruning-zoo run --suite testbed` on CUDA, build
+# packages the device image lacks: scripts/device-wheels.txt), run `pruning-zoo run --suite testbed` on CUDA, build
 # its leaderboard, and pack both into $OUT/testbed-gpu.tgz (the device returns few files).
 # Usage on the device: PRUNING_ZOO_GIT_SHA=<commit> bash scripts/device_run_testbed.sh [extra run options]
 set -euo pipefail

@@ -14,6 +14,23 @@ def test_image_vqa_uses_lmms_eval_task_names():
     assert load_suite("image-vqa").tasks == ["gqa", "mme", "pope", "textvqa_val", "scienceqa_img", "mmbench_en_dev"]
 
 
+@pytest.mark.parametrize("name", sorted(builtin_suite_files()))
+def test_every_builtin_suite_task_is_known_to_lmms_eval(name):
+    from lmms_eval.tasks import TaskManager
+
+    from pruning_zoo.runner import check_tasks, local_task_folders
+
+    suite = load_suite(name)
+    manager = TaskManager("WARNING", include_path=[str(p) for p in local_task_folders(None, suite.task_paths)])
+    check_tasks(manager, suite.tasks)  # raises for a name lmms-eval does not index
+
+
+def test_none_runs_once_per_model_and_task_with_every_token():
+    suite = load_suite("testbed")
+    assert [cell for cell in suite.cells() if cell[2] == "none"] == [("testbed/model", "testbed", "none", 1.0)]
+    assert len(suite.cells()) == 1 + 2 * (len(suite.strategies) - 1)
+
+
 def test_a_suite_file_by_path(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("tasks: [pope]\nmodels: [./model]\nstrategies: {none: {}, fastv: {k: 3}}\nbudgets: [64, 0.25]\n")
