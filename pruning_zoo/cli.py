@@ -297,6 +297,87 @@ def leaderboard(
         Console().print(f"wrote {page} ({len(frame)} cells) and its plots")
 
 
+train_app = typer.Typer(help="Train the learned parts of strategies.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+
+@train_app.command("learnpruner")
+def train_learnpruner_command(
+    model: Annotated[str, typer.Option(help="The VLM (hub id or local folder); it stays frozen.")],
+    out: Annotated[Path, typer.Option(help="Folder for learnpruner.safetensors and learnpruner.json.")],
+    data: Annotated[str, typer.Option(help="'testbed' (generated questions) or a JSON / JSON-lines file of "
+                                           "image/question/answer records (LLaVA conversations or flat).")] = "testbed",
+    image_folder: Annotated[Path | None, typer.Option(help="Folder the records' images are relative to (default: the file's).")] = None,
+    validation: Annotated[str | None, typer.Option(help="'testbed' (its validation split) or a file of records; default: "
+                                                        "testbed when training on testbed, else none.")] = None,
+    validation_limit: Annotated[int, typer.Option(min=1, help="Validation questions per check.")] = 256,
+    budget: Annotated[int, typer.Option(min=1, help="Visual tokens after both stages (stage 1 is trained for its share).")] = 64,
+    steps: Annotated[int, typer.Option(min=1)] = 600,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    micro_batch: Annotated[int | None, typer.Option(min=1, help="Examples per forward (gradients accumulate).")] = None,
+    learning_rate: Annotated[float, typer.Option(min=0.0)] = 2e-3,
+    hidden: Annotated[int, typer.Option(min=1, help="Hidden width of the module's MLP.")] = 512,
+    seed: Annotated[int, typer.Option()] = 0,
+    validate_every: Annotated[int, typer.Option(min=1)] = 100,
+    workers: Annotated[int, typer.Option(min=0, help="Data-loader processes drawing batches.")] = 0,
+    device: Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda when there is one).")] = None,
+    dtype: Annotated[str, typer.Option(help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16.")] = "auto",
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in backward (large models).")] = False,
+    max_seconds: Annotated[float, typer.Option(help="Stop and save after this long; continue with --resume.")] = float("inf"),
+    stop_at: Annotated[int | None, typer.Option(min=1, help="Stop after this step, leaving a resumable state.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out.")] = False,
+) -> None:
+    """Train LearnPruner's pruning module end to end through a frozen VLM (straight-through hard mask, the
+    VLM's own answer loss), with periodic validation accuracy; checkpoints are resumable."""
+    with user_errors():
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from pruning_zoo.loading import load_vlm
+        from pruning_zoo.train_learnpruner import (
+            STATE, FileExamples, LearnPrunerTrainingConfig, SceneExamples, train_learnpruner, validation_examples,
+        )
+
+        if resume and not (out / STATE).is_file():
+            raise PruningZooError(f"--resume but {out / STATE} does not exist; start without --resume")
+        if not resume and out.exists() and any(out.iterdir()):
+            raise PruningZooError(f"--out {out} is not empty; choose a new folder (or --resume an interrupted run there)")
+        config = LearnPrunerTrainingConfig(budget=budget, steps=steps, batch_size=batch_size, micro_batch=micro_batch,
+                                           learning_rate=learning_rate, hidden=hidden, seed=seed, validate_every=validate_every,
+                                           gradient_checkpointing=gradient_checkpointing, workers=workers, max_seconds=max_seconds,
+                                           stop_at=stop_at)
+        source = SceneExamples(seed) if data == "testbed" else FileExamples(Path(data), image_folder, seed)
+        validation = validation or ("testbed" if data == "testbed" else None)
+        held_out = validation_examples(validation, validation_limit, image_folder) if validation else []
+        loaded = load_vlm(_resolve_model_path(model), device, dtype, attn_implementation="eager")
+        console = Console()
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console) as progress:
+            bar = progress.add_task("training", total=steps, completed=0)
+
+            def on_step(step, values):
+                text = f"loss {values['loss']:.4f}"
+                if values.get("validation") is not None:
+                    text += f", validation accuracy {values['validation']:.3f}"
+                    progress.console.print(f"step {step}: {text}")
+                progress.update(bar, completed=step, description=text)
+
+            record = train_learnpruner(loaded.model, loaded.processor, model, source, held_out, out, config, resume=resume,
+                                       command="pruning-zoo " + " ".join(sys.argv[1:]), on_step=on_step)
+        if "stopped_at" in record:
+            console.print(f"stopped at step {record['stopped_at']}; continue with the same options and --resume")
+        else:
+            console.print(f"trained in {record['seconds']} s; saved to {out} (use --param learnpruner.module={out})")
+
+
+def _resolve_model_path(model: str) -> str:
+    """A local folder as given, else the testbed's reference model for 'testbed', else a hub id."""
+    if model == "testbed":
+        from pruning_zoo.suite import builtin_suite_folder
+
+        return str(builtin_suite_folder() / "testbed" / "model")
+    return model
+
+
 testbed_app = typer.Typer(help="The offline testbed: generated scenes and its trained reference VLM.", no_args_is_help=True)
 app.add_typer(testbed_app, name="testbed")
 

@@ -9,82 +9,24 @@ model it loaded once for the whole sweep.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from lmms_eval.api.model import lmms
 from PIL import Image
 
 from pruning_zoo import get_strategy
 from pruning_zoo.budget import Budget, parse_budget
 from pruning_zoo.engine import ForwardRecord, prune
+from pruning_zoo.loading import LoadedVLM, load_vlm
 from pruning_zoo.errors import InvalidParameterError, PruningZooError
 from pruning_zoo.testbed.evaluate import evidence_recall
 from pruning_zoo.timing import Clock, TokenClock
 
 #: Cap on new tokens when a task sets none (lmms-eval's own wrappers use 1024; short answers dominate VQA).
 DEFAULT_MAX_NEW_TOKENS = 128
-
-
-@dataclasses.dataclass
-class LoadedVLM:
-    """A model and its processor, loaded once and shared by every cell of a sweep. Not an nn.Module itself,
-    so lmms-eval's `lmms.clean()` (which deletes module attributes after each evaluation) leaves it alone."""
-
-    name: str
-    model: torch.nn.Module
-    processor: Any
-    device: torch.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """'auto' is bfloat16 on a GPU and float32 on a CPU (where bfloat16 matmuls are slow)."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in choices:
-        raise InvalidParameterError(f"dtype {dtype!r} is not one of auto, {', '.join(choices)}")
-    return choices[dtype]
-
-
-def load_vlm(pretrained: str, device: str | None = None, dtype: str = "auto", attn_implementation: str | None = None) -> LoadedVLM:
-    """A VLM and its processor from a hub id or a local folder, in eval mode on `device`."""
-    from pruning_zoo.adapters import adapter_for
-
-    target = torch.device(device or default_device())
-    if target.type == "cuda" and not torch.cuda.is_available():
-        raise PruningZooError(f"device {target} was asked for but no CUDA device is visible; use --device cpu")
-    options = {"dtype": resolve_dtype(dtype, target)}
-    if attn_implementation:
-        options["attn_implementation"] = attn_implementation
-    try:
-        model = transformers.AutoModelForImageTextToText.from_pretrained(pretrained, **options)
-        processor = transformers.AutoProcessor.from_pretrained(pretrained)
-    except (OSError, ValueError) as error:
-        where = "folder" if Path(pretrained).exists() else "hub id"
-        raise PruningZooError(
-            f"cannot load model {pretrained!r} ({where}): {str(error).splitlines()[0]}. A hub id needs the Hugging "
-            "Face hub or its files in the local cache; on a machine without network, download it elsewhere "
-            f"(`hf download {pretrained} --local-dir DIR`), copy DIR here and pass --model DIR (or list DIR under "
-            "`models:` in the suite file)"
-        ) from None
-    adapter_for(model)  # an unsupported family is a clear error now, not in the middle of a sweep
-    if getattr(processor, "tokenizer", None) is not None:
-        processor.tokenizer.padding_side = "left"  # batched generation continues every row at the end
-    return LoadedVLM(pretrained, model.to(target).eval(), processor, target)
 
 
 def _batches(indices: list[int], size: int) -> list[list[int]]:

@@ -69,6 +69,18 @@ def resolve_model(name: str, suite_folder: Path | None) -> str:
     return name
 
 
+def resolve_paths(params: dict[str, Any], suite_folder: Path | None) -> dict[str, Any]:
+    """Strategy parameters that name a path relative to the suite file (e.g. learnpruner's `module`) resolved
+    to it, as model paths are; anything else as given."""
+    resolved = {}
+    for name, value in params.items():
+        if (isinstance(value, str) and suite_folder is not None and not Path(value).exists()
+                and (suite_folder / value).exists()):
+            value = str((suite_folder / value).resolve())
+        resolved[name] = value
+    return resolved
+
+
 def check_tasks(task_manager, tasks: list[str]) -> None:
     known = task_manager.all_tasks
     for task in tasks:
@@ -140,7 +152,7 @@ class Sweep:
                  dtype: str = "auto", command: str = "", on_cell: Callable[[Cell, str], None] | None = None):
         import torch
 
-        from pruning_zoo.lmms_model import default_device
+        from pruning_zoo.loading import default_device
 
         self.suite, self.output, self.suite_folder = suite, output.resolve(), suite_folder
         self.device = torch.device(device or default_device())
@@ -206,7 +218,8 @@ class Sweep:
             return CellOutcome(cell, folder, "failed", message)
 
     def model_for(self, cell: Cell):
-        from pruning_zoo.lmms_model import PrunedVLM, load_vlm
+        from pruning_zoo.lmms_model import PrunedVLM
+        from pruning_zoo.loading import load_vlm
 
         if cell.model not in self._models:
             try:
@@ -215,7 +228,7 @@ class Sweep:
                 self._broken[("model", cell.model)] = str(error)
                 raise
         return PrunedVLM(loaded=self._models[cell.model], strategy=cell.strategy, budget=cell.budget,
-                         batch_size=cell.batch_size, **cell.params)
+                         batch_size=cell.batch_size, **resolve_paths(cell.params, self.suite_folder))
 
     def evaluate(self, cell: Cell, lm) -> dict:
         from lmms_eval.evaluator import simple_evaluate

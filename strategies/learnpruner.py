@@ -132,6 +132,13 @@ class LearnPruner(PruningStrategy):
         if self.params.module is not None:
             self._module, self._config = LearnablePruningModule.load(self.params.module)
 
+    @classmethod
+    def with_module(cls, module: LearnablePruningModule, **params) -> LearnPruner:
+        """A strategy around a module in memory (one being trained): used as it is, for any model."""
+        strategy = cls(params)
+        strategy._module = module
+        return strategy
+
     # -- schedule --------------------------------------------------------------------------------------------
     def stage_layer(self, num_layers: int) -> int:
         layer = math.floor(self.params.layer * num_layers / self.params.reference_depth + 0.5)

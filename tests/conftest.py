@@ -20,3 +20,9 @@ def family_model(request, tmp_path_factory):
     """(family, model) for every supported family: a tiny random model saved and loaded with from_pretrained."""
     family = tiny_models.FAMILIES[request.param]
     return family, family.build(tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="session")
+def tiny_testbed_model(tmp_path_factory):
+    """A tiny random LLaVA with the testbed's processor (576 visual tokens), saved like a hub model."""
+    return tiny_models.testbed_like(tmp_path_factory.mktemp("tiny-testbed"))

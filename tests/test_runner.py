@@ -6,13 +6,13 @@ import os
 from pathlib import Path
 
 import pytest
-import tiny_models
 import torch
 
 import pruning_zoo
 from pruning_zoo import plugins, results
 from pruning_zoo.errors import PruningZooError
-from pruning_zoo.lmms_model import PrunedVLM, load_vlm
+from pruning_zoo.lmms_model import PrunedVLM
+from pruning_zoo.loading import load_vlm
 from pruning_zoo.runner import Sweep
 from pruning_zoo.strategy import BudgetMeaning, PruningStrategy, Stage
 from pruning_zoo.suite import validate_suite
@@ -30,11 +30,6 @@ def offline_hub(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
-
-
-@pytest.fixture(scope="module")
-def tiny_testbed_model(tmp_path_factory):
-    return tiny_models.testbed_like(tmp_path_factory.mktemp("tiny-testbed"))
 
 
 def make_suite(model: str, strategies, budgets=(64,), limit=6, batch_size=3, tasks=("testbed",), task_paths=()):
