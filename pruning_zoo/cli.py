@@ -319,7 +319,9 @@ def train_learnpruner_command(
     hidden: Annotated[int, typer.Option(min=1, help="Hidden width of the module's MLP.")] = 512,
     seed: Annotated[int, typer.Option()] = 0,
     validate_every: Annotated[int, typer.Option(min=1)] = 100,
-    workers: Annotated[int, typer.Option(min=0, help="Data-loader processes drawing batches.")] = 0,
+    workers: Annotated[int, typer.Option(min=0, help="Data-loader processes drawing and encoding batches.")] = 0,
+    train_keep: Annotated[str, typer.Option(help="What the hard mask keeps in training: stage1 (3x the budget, as stage 1 "
+                                                 "at inference) or budget.")] = "stage1",
     device: Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda when there is one).")] = None,
     dtype: Annotated[str, typer.Option(help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16.")] = "auto",
     gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in backward (large models).")] = False,
@@ -343,7 +345,7 @@ def train_learnpruner_command(
             raise PruningZooError(f"--out {out} is not empty; choose a new folder (or --resume an interrupted run there)")
         config = LearnPrunerTrainingConfig(budget=budget, steps=steps, batch_size=batch_size, micro_batch=micro_batch,
                                            learning_rate=learning_rate, hidden=hidden, seed=seed, validate_every=validate_every,
-                                           gradient_checkpointing=gradient_checkpointing, workers=workers, max_seconds=max_seconds,
+                                           gradient_checkpointing=gradient_checkpointing, workers=workers, train_keep=train_keep, max_seconds=max_seconds,
                                            stop_at=stop_at)
         source = SceneExamples(seed) if data == "testbed" else FileExamples(Path(data), image_folder, seed)
         validation = validation or ("testbed" if data == "testbed" else None)

@@ -180,7 +180,7 @@ class Sweep:
         self.task_manager = TaskManager("WARNING", include_path=[str(p) for p in local_task_folders(self.suite_folder, self.suite.task_paths)])
         check_tasks(self.task_manager, self.suite.tasks)
         for name in self.suite.strategies:  # parameters were validated with the suite; build once to be sure
-            get_strategy(name, **self.suite.strategies[name])
+            get_strategy(name, **resolve_paths(self.suite.strategies[name], self.suite_folder))
         outcomes = []
         for cell in self.cells():
             folder = self.output / cell.folder_name

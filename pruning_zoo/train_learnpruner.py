@@ -60,8 +60,11 @@ class LearnPrunerTrainingConfig:
     mask_eps: float = 1e-10
     validate_every: int = 100
     gradient_checkpointing: bool = False
-    #: Processes drawing the batches (scene rendering and image decoding run there).
+    #: Processes drawing and encoding the batches (scene rendering and the processor run there).
     workers: int = 0
+    #: What the hard mask keeps in training: "stage1", the tokens stage 1 keeps at inference for the budget
+    #: (R1 = 3x the budget), or "budget", the budget itself (a harder selection, a stronger signal).
+    train_keep: str = "stage1"
     max_seconds: float = float("inf")
     stop_at: int | None = None
 
@@ -71,6 +74,8 @@ class LearnPrunerTrainingConfig:
                 raise InvalidParameterError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.micro_batch is not None and not 1 <= self.micro_batch <= self.batch_size:
             raise InvalidParameterError(f"micro_batch must be between 1 and batch_size ({self.batch_size}), got {self.micro_batch}")
+        if self.train_keep not in ("stage1", "budget"):
+            raise InvalidParameterError(f"train_keep must be 'stage1' or 'budget', got {self.train_keep!r}")
         if not self.learning_rate > 0:
             raise InvalidParameterError(f"learning_rate must be positive, got {self.learning_rate}")
 
@@ -171,16 +176,20 @@ def validation_examples(data: str, limit: int, image_folder: Path | None = None)
 
 
 class StepBatches(torch.utils.data.Dataset):
-    """Step s -> its batch, so a data loader's workers can draw batches ahead, in step order."""
+    """Step s -> its batch, encoded by the processor in micro-batches, so a data loader's workers draw and
+    encode batches ahead, in step order."""
 
-    def __init__(self, data, batch_size: int, first_step: int, steps: int):
-        self.data, self.batch_size, self.first_step, self.steps = data, batch_size, first_step, steps
+    def __init__(self, data, processor, batch_size: int, micro_batch: int, first_step: int, steps: int):
+        self.data, self.processor, self.batch_size, self.micro_batch = data, processor, batch_size, micro_batch
+        self.first_step, self.steps = first_step, steps
 
     def __len__(self) -> int:
         return self.steps - self.first_step
 
-    def __getitem__(self, index: int) -> list[Example]:
-        return self.data.batch(self.first_step + index, self.batch_size)
+    def __getitem__(self, index: int) -> list[dict]:
+        examples = self.data.batch(self.first_step + index, self.batch_size)
+        return [dict(encode(self.processor, examples[start : start + self.micro_batch], "cpu"))
+                for start in range(0, len(examples), self.micro_batch)]
 
 
 # -- the masked forward ------------------------------------------------------------------------------------
@@ -188,8 +197,10 @@ class SoftMaskedLanguageModel:
     """For the span of the block, the module's straight-through keep mask over each image's visual tokens is
     an attention bias on their key columns in every decoder layer. Hooks only; removed on exit."""
 
-    def __init__(self, model, module: LearnablePruningModule | None, strategy: LearnPruner, budget: int, eps: float):
+    def __init__(self, model, module: LearnablePruningModule | None, strategy: LearnPruner, budget: int, eps: float,
+                 keep: str = "stage1"):
         self.adapter = adapter_for(model)
+        self.keep = keep
         #: Without a module nothing is masked: the block only reads the features' width.
         self.feature_dim: int | None = None
         self.module, self.strategy, self.budget, self.eps = module, strategy, budget, eps
@@ -245,7 +256,7 @@ class SoftMaskedLanguageModel:
                 image_index += 1
                 if self.module is None:
                     continue
-                weights, kept = self.keep_mask(features, stage_one.keep)
+                weights, kept = self.keep_mask(features, stage_one.keep if self.keep == "stage1" else min(self.budget, num_visual))
                 bias = bias.index_put((torch.full_like(image_positions, sample), image_positions), torch.log(weights + self.eps))
                 self.kept.append((sample, kept))
         if self.module is None:
@@ -357,16 +368,18 @@ def train_learnpruner(
             (out / STATE).unlink()
 
     out.mkdir(parents=True, exist_ok=True)
-    batches = iter(torch.utils.data.DataLoader(StepBatches(data, config.batch_size, step, config.steps), batch_size=None,
-                                               num_workers=config.workers, collate_fn=lambda batch: batch))
+    batches = iter(torch.utils.data.DataLoader(StepBatches(data, processor, config.batch_size, micro, step, config.steps),
+                                               batch_size=None, num_workers=config.workers, collate_fn=lambda batch: batch))
     while step < config.steps:
-        examples = next(batches)
+        parts = next(batches)
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        with SoftMaskedLanguageModel(model, module, strategy, config.budget, config.mask_eps):
-            for start in range(0, len(examples), micro):
-                part = examples[start : start + micro]
-                loss = answer_loss(model, encode(processor, part, device)) * len(part) / len(examples)
+        with SoftMaskedLanguageModel(model, module, strategy, config.budget, config.mask_eps, config.train_keep):
+            for part in parts:
+                inputs = {name: value.to(device) for name, value in part.items()}
+                inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
+                share = len(inputs["input_ids"]) / config.batch_size
+                loss = answer_loss(model, inputs) * share
                 loss.backward()
                 total += float(loss.detach())
         optimizer.step()

@@ -1,20 +1,19 @@
 #!/usr/bin/env bash
-# LearnPruner's module for the testbed's reference model, on a lent GPU in one call: train one module at budget
-# 64 and one at 32 into suites/testbed/, evaluate both on the test split through `pruning-zoo run`, and pack the
-# modules and results into $OUT/learnpruner-gpu.tgz.
+# LearnPruner's module for the testbed's reference model, on a lent GPU in one call: train a module at budget 64
+# with each training selection (--train-keep stage1 and budget) into suites/testbed/, evaluate each at 64 and 32
+# tokens on the test split through `pruning-zoo run`, and pack modules and results into $OUT/learnpruner-gpu.tgz.
 # Usage on the device: PRUNING_ZOO_GIT_SHA=<commit> bash scripts/device_train_learnpruner.sh STEPS
 set -euo pipefail
-steps=${1:-2000}
+steps=${1:-1500}
 python3 -m pip install -q --no-deps .wheels/*.whl
 python3 -m pip install -q --no-deps --no-build-isolation -e .
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 mkdir -p "$OUT/work"
-for budget in 64 32; do
-  pruning-zoo train learnpruner --model testbed --budget $budget --out suites/testbed/learnpruner-$budget \
-    --steps "$steps" --batch-size 32 --workers 12 --validate-every 250 --device cuda --max-seconds 240
+for keep in stage1 budget; do
+  pruning-zoo train learnpruner --model testbed --budget 64 --train-keep $keep --out suites/testbed/learnpruner-64-$keep \
+    --steps "$steps" --batch-size 32 --workers 12 --validate-every 500 --device cuda --max-seconds 200
+  pruning-zoo run --suite testbed --strategies learnpruner --param learnpruner.module=testbed/learnpruner-64-$keep \
+    --device cuda --output "$OUT/work/results" || true
 done
-pruning-zoo run --suite testbed --strategies learnpruner --device cuda --output "$OUT/work/results" || true
-pruning-zoo run --suite testbed --strategies learnpruner --param learnpruner.module=testbed/learnpruner-32 \
-  --device cuda --output "$OUT/work/results" || true
-tar czf "$OUT/learnpruner-gpu.tgz" suites/testbed/learnpruner-64 suites/testbed/learnpruner-32 -C "$OUT/work" results
+tar czf "$OUT/learnpruner-gpu.tgz" suites/testbed/learnpruner-64-* -C "$OUT/work" results
 rm -rf "$OUT/work"
