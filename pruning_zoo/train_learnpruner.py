@@ -352,6 +352,7 @@ def train_learnpruner(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, record["curve"], record["seconds"] = state["step"], state["curve"], state["seconds"]
+        record["resumed_at"] = step
     strategy = LearnPruner.with_module(module)
     micro = config.micro_batch or config.batch_size
     started = time.monotonic() - record["seconds"]
@@ -398,8 +399,8 @@ def train_learnpruner(
             on_step(step, {"loss": total, **({"validation": point["validation_accuracy"]} if point else {})})
         out_of_time = time.monotonic() - started > config.max_seconds
         if step < config.steps and (out_of_time or (config.stop_at is not None and step >= config.stop_at)):
-            save(final=False)
             record["stopped_at"] = step
+            save(final=False)
             return record
     if config.gradient_checkpointing:
         model.gradient_checkpointing_disable()
