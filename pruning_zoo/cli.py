@@ -245,9 +245,9 @@ def run_with_progress(sweep, console: Console) -> list:
 def print_sweep_summary(outcomes: list, output: Path, console: Console) -> None:
     from pruning_zoo.leaderboard import format_flops, load_results
 
-    done = {str(o.folder) for o in outcomes if o.status in {"finished", "skipped"}}
+    done = {str(o.folder.resolve()) for o in outcomes if o.status in {"finished", "skipped"}}
     if done:
-        frame = load_results([output])
+        frame = load_results([output.resolve()])
         frame = frame[frame["folder"].isin(done)]
         columns = {"task": "task", "strategy": "strategy", "budget": "budget", "score": "score",
                    "pct_of_none": "% of unpruned", "entering_llm": "entering LLM", "average_per_layer": "avg / layer",

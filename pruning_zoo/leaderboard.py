@@ -162,29 +162,32 @@ def markdown(frame: pd.DataFrame, plots: dict[tuple, str] | None = None) -> str:
 
 
 def plot_group(group: pd.DataFrame, path: Path) -> None:
-    """Score against prefill TFLOPs (LLM 2ndm + vision) and against TTFT: one line per strategy over budgets,
-    the unpruned model as a star."""
+    """Score against prefill FLOPs (LLM 2ndm + vision) and against TTFT: one line per strategy and parameters
+    over budgets, the unpruned model as a star."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    figure, axes = plt.subplots(1, 2, figsize=(14, 4.6), constrained_layout=True)
     total_flops = group["llm_flops_2ndm"].astype(float) + group["vision_flops"].astype(float)
     scale, unit = flops_unit(total_flops)
+    for axis in axes:
+        axis.set_prop_cycle(color=plt.cm.tab20.colors)  # more lines than tab10 has colours
     for axis, x, label in ((axes[0], total_flops / scale, f"prefill {unit} (LLM 2ndm + vision)"),
                            (axes[1], group["ttft_ms"].astype(float), f"time to first token, ms ({group['device'].iloc[0]})")):
-        for strategy, rows in group.groupby("strategy", sort=True):
+        for (strategy, params), rows in group.groupby(["strategy", "params"], sort=True):
             xs, ys = x[rows.index], rows["score"].astype(float)
             if strategy == "none":
                 axis.scatter(xs, ys, marker="*", s=160, color="black", label="none (unpruned)", zorder=3)
             else:
                 order = xs.argsort()
-                axis.plot(xs.iloc[order], ys.iloc[order], marker="o", label=strategy)
+                name = strategy if params == "defaults" else f"{strategy} ({params})"
+                axis.plot(xs.iloc[order], ys.iloc[order], marker="o", label=name)
         axis.set_xlabel(label)
         axis.set_ylabel(f"score ({group['metric'].iloc[0]})")
         axis.grid(alpha=0.3)
-    axes[1].legend(fontsize=8, loc="lower right")
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     figure.suptitle(f"{group['task'].iloc[0]}: {group['model'].iloc[0]}", fontsize=10)
     figure.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(figure)
