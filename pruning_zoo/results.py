@@ -1,6 +1,6 @@
 """Stored results: one folder per cell (model x task x strategy x budget), written atomically.
 
-A cell folder holds `config.json` (what ran, with provenance) and either `metrics.json` plus `samples.jsonl`
+A cell folder holds `config.json` (what ran, with provenance) and either `metrics.json` plus `samples.jsonl.gz`
 (finished) or `error.json` (failed). It is written under a temporary name and renamed into place, so a folder
 with the cell's name is always complete; an interrupted run leaves only temporaries, removed on the next run.
 """
@@ -8,7 +8,9 @@ with the cell's name is always complete; an interrupted run leaves only temporar
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
+import io
 import json
 import math
 import os
@@ -21,7 +23,8 @@ from typing import Any
 from pruning_zoo.budget import Budget
 from pruning_zoo.errors import PruningZooError
 
-CONFIG, METRICS, SAMPLES, ERROR = "config.json", "metrics.json", "samples.jsonl", "error.json"
+#: Per-document records are gzipped JSON lines: a full testbed cell is 420 kB as text, 60 kB compressed.
+CONFIG, METRICS, SAMPLES, ERROR = "config.json", "metrics.json", "samples.jsonl.gz", "error.json"
 TEMPORARY_PREFIX = ".partial-"
 
 
@@ -88,7 +91,8 @@ def write_cell(output: Path, cell: Cell, config: dict, metrics: dict | None = No
         if error is not None:
             (temporary / ERROR).write_text(json.dumps(clean_json(error), indent=1) + "\n")
         else:
-            with open(temporary / SAMPLES, "w") as file:
+            # mtime=0: the same samples give the same bytes.
+            with gzip.GzipFile(temporary / SAMPLES, "wb", mtime=0) as raw, io.TextIOWrapper(raw, encoding="utf-8") as file:
                 for sample in samples or []:
                     file.write(json.dumps(clean_json(sample), default=str) + "\n")
             (temporary / METRICS).write_text(json.dumps(clean_json(metrics), indent=1) + "\n")
@@ -101,6 +105,12 @@ def write_cell(output: Path, cell: Cell, config: dict, metrics: dict | None = No
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     return final
+
+
+def read_samples(folder: Path) -> list[dict]:
+    """The per-document records of a finished cell."""
+    with gzip.open(folder / SAMPLES, "rt", encoding="utf-8") as file:
+        return [json.loads(line) for line in file]
 
 
 def remove_temporaries(output: Path) -> list[Path]:

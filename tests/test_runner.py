@@ -57,7 +57,7 @@ def test_a_full_sweep_of_the_testbed_suite_through_lmms_eval(tiny_testbed_model,
     assert unpruned["visual_tokens"]["entering_llm"] == unpruned["visual_tokens"]["average_per_layer"] == 576
     for (strategy, budget), folder in by_cell.items():
         metrics, config = read(folder, results.METRICS), read(folder, results.CONFIG)
-        samples = [json.loads(line) for line in (folder / results.SAMPLES).read_text().splitlines()]
+        samples = results.read_samples(folder)
         assert len(samples) == 6 and {s["id"] for s in samples} == {s["id"] for s in samples if s["id"]}
         assert all(s["prediction"] is not None and s["visual_tokens"] == 576 for s in samples)
         assert 0.0 <= metrics["scores"]["accuracy"] <= 1.0
@@ -84,8 +84,7 @@ def test_batched_generation_gives_the_answers_of_batch_one(tiny_testbed_model, t
     for batch_size in (1, 4):
         suite = make_suite(tiny_testbed_model, ["fastv"], limit=8, batch_size=batch_size)
         (outcome,) = sweep(suite, tmp_path / str(batch_size)).run()
-        rows = (outcome.folder / results.SAMPLES).read_text().splitlines()
-        answers[batch_size] = [json.loads(row)["prediction"] for row in rows]
+        answers[batch_size] = [row["prediction"] for row in results.read_samples(outcome.folder)]
     assert answers[1] == answers[4]
 
 
