@@ -20,7 +20,7 @@ from PIL import Image
 from pruning_zoo import get_strategy
 from pruning_zoo.budget import Budget, parse_budget
 from pruning_zoo.engine import ForwardRecord, prune
-from pruning_zoo.loading import LoadedVLM, load_vlm
+from pruning_zoo.loading import LoadedVLM, chat_prompt, load_vlm
 from pruning_zoo.errors import InvalidParameterError, PruningZooError
 from pruning_zoo.testbed.evaluate import evidence_recall
 from pruning_zoo.timing import Clock, TokenClock
@@ -100,19 +100,7 @@ class PrunedVLM(lmms):
         return images
 
     def _prompt(self, context: str, num_images: int) -> str:
-        """The model's own chat template around the images and the context (images first, as LLaVA trains)."""
-        if getattr(self.processor, "chat_template", None) is None:
-            raise PruningZooError(
-                f"model {self.loaded.name!r} has a processor without a chat template; save one with the processor "
-                "(processor.chat_template = ...; processor.save_pretrained(DIR))"
-            )
-        image_token = getattr(self.processor, "image_token", None)
-        if image_token and image_token in context:  # the task placed the images itself
-            content = [{"type": "text", "text": context}]
-        else:
-            content = [{"type": "image"}] * num_images + [{"type": "text", "text": context}]
-        messages = [{"role": "user", "content": content}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return chat_prompt(self.processor, context, num_images, f"model {self.loaded.name!r}")
 
     def _inputs(self, texts: list[str], images: list[Image.Image]) -> dict:
         inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")

@@ -67,3 +67,19 @@ def load_vlm(pretrained: str, device: str | None = None, dtype: str = "auto", at
     if getattr(processor, "tokenizer", None) is not None:
         processor.tokenizer.padding_side = "left"  # batched generation continues every row at the end
     return LoadedVLM(pretrained, model.to(target).eval(), processor, target)
+
+
+def chat_prompt(processor, text: str, num_images: int = 1, model_name: str = "this model") -> str:
+    """The model's own chat template around `num_images` images and `text`, images first (as LLaVA trains);
+    text that already holds the image token places the images itself."""
+    if getattr(processor, "chat_template", None) is None:
+        raise PruningZooError(
+            f"{model_name} has a processor without a chat template; save one with the processor "
+            "(processor.chat_template = ...; processor.save_pretrained(DIR))"
+        )
+    image_token = getattr(processor, "image_token", None)
+    if image_token and image_token in text:
+        content = [{"type": "text", "text": text}]
+    else:
+        content = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)

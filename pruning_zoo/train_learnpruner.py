@@ -28,6 +28,7 @@ from PIL import Image
 
 from pruning_zoo.adapters import adapter_for
 from pruning_zoo.errors import InvalidParameterError, PruningZooError
+from pruning_zoo.loading import chat_prompt
 from pruning_zoo.provenance import device_description, git_sha, versions
 from pruning_zoo.strategies.learnpruner import LearnablePruningModule, LearnPruner, max_min_diverse
 from pruning_zoo.strategy import ScoreContext, Stage
@@ -273,9 +274,7 @@ class SoftMaskedLanguageModel:
 def encode(processor, examples: list[Example], device) -> dict:
     """Right-padded prompt + answer with labels on the answer tokens (and the end of sequence) only."""
     tokenizer = processor.tokenizer
-    prompts = [processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": e.question}]}],
-        add_generation_prompt=True, tokenize=False) for e in examples]
+    prompts = [chat_prompt(processor, e.question) for e in examples]
     texts = [p + " " + e.answer + tokenizer.eos_token for p, e in zip(prompts, examples)]
     images = [e.image for e in examples]
     previous = tokenizer.padding_side
@@ -307,9 +306,7 @@ def validation_accuracy(model, processor, examples: list[Example], strategy, bud
     device = next(model.parameters()).device
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
-        prompts = [processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": e.question}]}],
-            add_generation_prompt=True, tokenize=False) for e in batch]
+        prompts = [chat_prompt(processor, e.question) for e in batch]
         inputs = processor(text=prompts, images=[e.image for e in batch], padding=True, return_tensors="pt").to(device)
         inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
         with prune(model, strategy, budget):
