@@ -58,10 +58,10 @@ def load_vlm(pretrained: str, device: str | None = None, dtype: str = "auto", at
     except (OSError, ValueError) as error:
         where = "folder" if Path(pretrained).exists() else "hub id"
         raise PruningZooError(
-            f"cannot load model {pretrained!r} ({where}): {str(error).splitlines()[0]}. A hub id needs the Hugging "
-            "Face hub or its files in the local cache; on a machine without network, download it elsewhere "
+            f"cannot load model {pretrained!r} ({where}): {str(error).splitlines()[0].rstrip('.')}. A hub id needs the "
+            "Hugging Face hub or its files in the local cache; on a machine without network, download it elsewhere "
             f"(`hf download {pretrained} --local-dir DIR`), copy DIR here and pass --model DIR (or list DIR under "
-            "`models:` in the suite file)"
+            "`models:` in the suite file); HF_HUB_OFFLINE=1 makes such lookups fail at once instead of retrying"
         ) from None
     adapter_for(model)  # an unsupported family is a clear error now, not in the middle of a sweep
     if getattr(processor, "tokenizer", None) is not None:
