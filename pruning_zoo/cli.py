@@ -249,13 +249,15 @@ def print_sweep_summary(outcomes: list, output: Path, console: Console) -> None:
     if done:
         frame = load_results([output.resolve()])
         frame = frame[frame["folder"].isin(done)]
-        columns = {"task": "task", "strategy": "strategy", "budget": "budget", "score": "score",
-                   "pct_of_none": "% of unpruned", "entering_llm": "entering LLM", "average_per_layer": "avg / layer",
-                   "llm_flops_2ndm": "LLM FLOPs", "evidence_recall": "evidence recall", "ttft_ms": "TTFT ms",
-                   "decode_ms_per_token": "decode ms/token"}
-        table = Table(title=f"Results in {output} (latency: {', '.join(sorted(set(frame['device'])))})")
-        for header in columns.values():
-            table.add_column(header, overflow="fold")
+        columns = {"strategy": "strategy", "budget": "budget", "score": "score",
+                   "pct_of_none": "% of none", "entering_llm": "tokens in", "average_per_layer": "per layer",
+                   "llm_flops_2ndm": "LLM FLOPs", "evidence_recall": "evidence", "ttft_ms": "TTFT ms"}
+        if len(set(frame["task"])) > 1:
+            columns = {"task": "task", **columns}
+        table = Table(title=f"{', '.join(sorted(set(frame['task'])))}: results in {output}, latency on "
+                            f"{', '.join(sorted(set(frame['device'])))}")
+        for key, header in columns.items():
+            table.add_column(header, overflow="fold", no_wrap=key in {"task", "strategy"})
         for row in frame.to_dict("records"):
             row["llm_flops_2ndm"] = format_flops(row["llm_flops_2ndm"])
             table.add_row(*[format_value(row[column]) for column in columns])
@@ -275,7 +277,7 @@ def format_value(value) -> str:
     if value is None or (isinstance(value, float) and value != value):
         return "-"
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
     return str(value)
 
 

@@ -45,7 +45,7 @@ def format_flops(value) -> str:
     if value is None or value != value:
         return "-"
     scale, unit = flops_unit([value])
-    return f"{value / scale:.3g} {unit[0]}"
+    return f"{value / scale:.3g}{unit[0]}"
 
 
 def _budget_order(label: str) -> tuple:
