@@ -324,6 +324,8 @@ def train_learnpruner_command(
     workers: Annotated[int, typer.Option(min=0, help="Data-loader processes drawing and encoding batches.")] = 0,
     train_keep: Annotated[str, typer.Option(help="What the hard mask keeps in training: stage1 (3x the budget, as stage 1 "
                                                  "at inference) or budget.")] = "stage1",
+    positions: Annotated[str | None, typer.Option(help="Positions of kept tokens in validation: keep or renumber "
+                                                       "(default: the strategy's).")] = None,
     device: Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda when there is one).")] = None,
     dtype: Annotated[str, typer.Option(help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16.")] = "auto",
     gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in backward (large models).")] = False,
@@ -347,7 +349,8 @@ def train_learnpruner_command(
             raise PruningZooError(f"--out {out} is not empty; choose a new folder (or --resume an interrupted run there)")
         config = LearnPrunerTrainingConfig(budget=budget, steps=steps, batch_size=batch_size, micro_batch=micro_batch,
                                            learning_rate=learning_rate, hidden=hidden, seed=seed, validate_every=validate_every,
-                                           gradient_checkpointing=gradient_checkpointing, workers=workers, train_keep=train_keep, max_seconds=max_seconds,
+                                           gradient_checkpointing=gradient_checkpointing, workers=workers, train_keep=train_keep, positions=positions,
+                                           max_seconds=max_seconds,
                                            stop_at=stop_at)
         source = SceneExamples(seed) if data == "testbed" else FileExamples(Path(data), image_folder, seed)
         validation = validation or ("testbed" if data == "testbed" else None)

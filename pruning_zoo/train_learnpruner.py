@@ -66,6 +66,8 @@ class LearnPrunerTrainingConfig:
     #: What the hard mask keeps in training: "stage1", the tokens stage 1 keeps at inference for the budget
     #: (R1 = 3x the budget), or "budget", the budget itself (a harder selection, a stronger signal).
     train_keep: str = "stage1"
+    #: Positions of the kept tokens when validating ("keep" or "renumber"); None: the strategy's default.
+    positions: str | None = None
     max_seconds: float = float("inf")
     stop_at: int | None = None
 
@@ -75,6 +77,8 @@ class LearnPrunerTrainingConfig:
                 raise InvalidParameterError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.micro_batch is not None and not 1 <= self.micro_batch <= self.batch_size:
             raise InvalidParameterError(f"micro_batch must be between 1 and batch_size ({self.batch_size}), got {self.micro_batch}")
+        if self.positions not in (None, "keep", "renumber"):
+            raise InvalidParameterError(f"positions must be 'keep' or 'renumber', got {self.positions!r}")
         if self.train_keep not in ("stage1", "budget"):
             raise InvalidParameterError(f"train_keep must be 'stage1' or 'budget', got {self.train_keep!r}")
         if not self.learning_rate > 0:
@@ -350,7 +354,7 @@ def train_learnpruner(
         scheduler.load_state_dict(state["scheduler"])
         step, record["curve"], record["seconds"] = state["step"], state["curve"], state["seconds"]
         record["resumed_at"] = step
-    strategy = LearnPruner.with_module(module)
+    strategy = LearnPruner.with_module(module, **({"positions": config.positions} if config.positions else {}))
     micro = config.micro_batch or config.batch_size
     started = time.monotonic() - record["seconds"]
     losses: list[float] = []

@@ -153,11 +153,13 @@ def test_the_train_command_saves_a_module_the_strategy_loads(tiny_testbed_model,
     out = tmp_path / "module"
     result = CliRunner().invoke(app, ["train", "learnpruner", "--model", tiny_testbed_model, "--out", str(out),
                                       "--budget", str(BUDGET), "--steps", "2", "--batch-size", "2", "--hidden", "16",
-                                      "--validate-every", "2", "--validation-limit", "2", "--device", "cpu"])
+                                      "--validate-every", "2", "--validation-limit", "2", "--device", "cpu",
+                                      "--positions", "keep"])
     assert result.exit_code == 0, result.output
     assert (out / WEIGHTS).is_file() and "validation accuracy" in result.output
     record = json.loads((out / "learnpruner.json").read_text())["training"]
     assert record["curve"][-1]["validation_accuracy"] is not None and record["command"].startswith("pruning-zoo ")
+    assert record["config"]["positions"] == "keep"
     model, processor = tiny
     strategy = get_strategy("learnpruner", module=str(out))
     example = SceneExamples(seed=0).batch(0, 1)[0]
