@@ -210,6 +210,8 @@ def run(
         import_lmms_eval()
         sweep = Sweep(resolved, output, suite_folder=suite_file(suite).parent.resolve(), device=device, dtype=dtype,
                       command="pruning-zoo " + " ".join(sys.argv[1:]))
+        if not sweep.ranks.main:  # other processes of a multi-process run work silently; rank 0 reports
+            console = Console(quiet=True)
         outcomes = run_with_progress(sweep, console)
         print_sweep_summary(outcomes, output, console)
         if any(outcome.status == "failed" for outcome in outcomes):

@@ -74,6 +74,22 @@ class PrunedVLM(lmms):
         self.document_measurements: dict[tuple[str, int], dict] = {}
         #: One entry per batch, in the order they ran.
         self.batch_timings: list[dict] = []
+        #: With several processes, a batch that fails is recorded here instead of raising: a process leaving
+        #: lmms-eval's collectives would leave the others waiting. The runner fails the cell from it.
+        self.errors: list[str] = []
+
+    @property
+    def device(self) -> torch.device:  # lmms-eval gathers counts on the model's device
+        return self.loaded.device
+
+    def _guarded(self, run_batch, batch: list, failed_value) -> list:
+        try:
+            return run_batch(batch)
+        except Exception as error:
+            if self.world_size == 1:
+                raise
+            self.errors.append(str(error) if isinstance(error, PruningZooError) else f"{type(error).__name__}: {error}")
+            return [failed_value] * len(batch)
 
     # -- prompts and inputs ----------------------------------------------------------------------------
     @property
@@ -151,7 +167,8 @@ class PrunedVLM(lmms):
             # Longest prompts first: the slowest batch runs early, and similar lengths share a batch.
             indices.sort(key=lambda i: -len(requests[i].args[0]))
             for batch in _batches(indices, self.batch_size):
-                for index, answer in zip(batch, self._generate_batch([requests[i].args for i in batch])):
+                outputs = self._guarded(self._generate_batch, [requests[i].args for i in batch], "")
+                for index, answer in zip(batch, outputs):
                     answers[index] = answer
         return answers
 
@@ -204,7 +221,8 @@ class PrunedVLM(lmms):
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i].args[0]))
         for batch in _batches(order, self.batch_size):
-            for index, result in zip(batch, self._loglikelihood_batch([requests[i].args for i in batch])):
+            outputs = self._guarded(self._loglikelihood_batch, [requests[i].args for i in batch], (float("-inf"), False))
+            for index, result in zip(batch, outputs):
                 results[index] = result
         return results
 

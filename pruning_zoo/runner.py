@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pruning_zoo import get_strategy
+from pruning_zoo.distributed import ProcessGroupAccelerator, Ranks
 from pruning_zoo.errors import PruningZooError, closest
 from pruning_zoo.provenance import device_description, git_sha, versions
 from pruning_zoo.results import Cell, remove_temporaries, status, write_cell
@@ -152,10 +153,11 @@ class Sweep:
                  dtype: str = "auto", command: str = "", on_cell: Callable[[Cell, str], None] | None = None):
         import torch
 
-        from pruning_zoo.loading import default_device
-
+        self.ranks = Ranks()
         self.suite, self.output, self.suite_folder = suite, output.resolve(), suite_folder
-        self.device = torch.device(device or default_device())
+        self.device = torch.device(device or self.ranks.default_device())
+        if self.device.type == "cuda" and self.device.index is None and self.ranks.world > 1:
+            self.device = torch.device("cuda", self.ranks.local)
         self.dtype, self.command = dtype, command
         self.on_cell = on_cell or (lambda cell, state: None)
         #: Read once: the code that runs is the code imported at the start, whatever changes on disk later.
@@ -175,8 +177,11 @@ class Sweep:
         import_lmms_eval()
         from lmms_eval.tasks import TaskManager
 
-        self.output.mkdir(parents=True, exist_ok=True)
-        remove_temporaries(self.output)
+        self.ranks.start(self.device)
+        if self.ranks.main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            remove_temporaries(self.output)
+        self.ranks.barrier()
         self.task_manager = TaskManager("WARNING", include_path=[str(p) for p in local_task_folders(self.suite_folder, self.suite.task_paths)])
         check_tasks(self.task_manager, self.suite.tasks)
         for name in self.suite.strategies:  # parameters were validated with the suite; build once to be sure
@@ -184,7 +189,7 @@ class Sweep:
         outcomes = []
         for cell in self.cells():
             folder = self.output / cell.folder_name
-            if status(folder) == "finished":
+            if self.ranks.broadcast(status(folder)) == "finished":  # rank 0's view: every rank skips alike
                 outcomes.append(CellOutcome(cell, folder, "skipped"))
                 self.on_cell(cell, "skipped")
                 continue
@@ -195,27 +200,49 @@ class Sweep:
         return outcomes
 
     def run_cell(self, cell: Cell) -> CellOutcome:
-        config = {"cell": cell.as_dict(), "command": self.command, **self.provenance,
+        """Evaluate one cell on every rank; rank 0 writes it. Every rank returns rank 0's outcome."""
+        config = {"cell": cell.as_dict(), "command": self.command, **self.provenance, "processes": self.ranks.world,
                   "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        lm, results, failure = None, None, None
         try:
             known_error = self._broken.get(("model", cell.model)) or self._broken.get(("task", cell.task))
             if known_error:
                 raise PruningZooError(known_error)
             lm = self.model_for(cell)
-            config["strategy_params"] = params_as_dict(lm.strategy.params)
-            config["model_path"] = lm.loaded.name
-            results = self.evaluate(cell, lm)
-            metrics, samples = cell_metrics(cell, results, lm, self.provenance["device"])
-            config["lmms_eval"] = {key: value for key, value in (results.get("config") or {}).items() if key != "model"}
-            folder = write_cell(self.output, cell, config, metrics=metrics, samples=samples)
-            return CellOutcome(cell, folder, "finished")
-        except KeyboardInterrupt:
-            raise
         except Exception as error:  # noqa: BLE001 - a failing cell is recorded and the sweep goes on
-            message = str(error) if isinstance(error, PruningZooError) else f"{type(error).__name__}: {error}"
-            record = {"error": message, "type": type(error).__name__, "traceback": traceback.format_exc()}
-            folder = write_cell(self.output, cell, config, error=record)
-            return CellOutcome(cell, folder, "failed", message)
+            failure = failure_record(error)
+        # Evaluate only when every rank could build its model: a rank missing from lmms-eval's collectives
+        # would leave the others waiting.
+        ready = [f for f in self.ranks.gather(failure) if f is not None]
+        if not ready:
+            try:
+                results = self.evaluate(cell, lm)
+                if lm.errors:  # in a multi-process run the model records batch errors instead of raising
+                    raise PruningZooError(lm.errors[0])
+            except KeyboardInterrupt:
+                raise
+            except Exception as error:  # noqa: BLE001
+                failure = failure_record(error)
+        shared = self.ranks.gather({"failure": failure,
+                                    "documents": lm.document_measurements if lm is not None else {},
+                                    "timings": lm.batch_timings if lm is not None else []})
+        failures = [part["failure"] for part in shared if part["failure"] is not None]
+        outcome = None
+        if self.ranks.main:
+            if failures:
+                folder = write_cell(self.output, cell, config, error=failures[0])
+                outcome = CellOutcome(cell, folder, "failed", failures[0]["error"])
+            else:
+                for part in shared[1:]:  # every rank's documents and batches into rank 0's model
+                    lm.document_measurements.update(part["documents"])
+                    lm.batch_timings.extend(part["timings"])
+                config["strategy_params"] = params_as_dict(lm.strategy.params)
+                config["model_path"] = lm.loaded.name
+                metrics, samples = cell_metrics(cell, results, lm, self.provenance["device"])
+                config["lmms_eval"] = {key: value for key, value in (results.get("config") or {}).items() if key != "model"}
+                folder = write_cell(self.output, cell, config, metrics=metrics, samples=samples)
+                outcome = CellOutcome(cell, folder, "finished")
+        return self.ranks.broadcast(outcome)
 
     def model_for(self, cell: Cell):
         from pruning_zoo.lmms_model import PrunedVLM
@@ -227,8 +254,11 @@ class Sweep:
             except PruningZooError as error:
                 self._broken[("model", cell.model)] = str(error)
                 raise
-        return PrunedVLM(loaded=self._models[cell.model], strategy=cell.strategy, budget=cell.budget,
-                         batch_size=cell.batch_size, **resolve_paths(cell.params, self.suite_folder))
+        lm = PrunedVLM(loaded=self._models[cell.model], strategy=cell.strategy, budget=cell.budget,
+                       batch_size=cell.batch_size, **resolve_paths(cell.params, self.suite_folder))
+        if self.ranks.world > 1:
+            lm.accelerator = ProcessGroupAccelerator()
+        return lm
 
     def evaluate(self, cell: Cell, lm) -> dict:
         from lmms_eval.evaluator import simple_evaluate
@@ -246,9 +276,14 @@ class Sweep:
             if "could not load its dataset" in message:
                 self._broken[("task", cell.task)] = message
             raise PruningZooError(message) from error
-        if results is None:
+        if results is None and self.ranks.main:  # lmms-eval returns results on rank 0 only
             raise PruningZooError(f"lmms-eval returned no results for task {cell.task!r}")
         return results
+
+
+def failure_record(error: BaseException) -> dict:
+    message = str(error) if isinstance(error, PruningZooError) else f"{type(error).__name__}: {error}"
+    return {"error": message, "type": type(error).__name__, "traceback": traceback.format_exc()}
 
 
 def _mean(values: list) -> float | None:
