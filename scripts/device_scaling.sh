@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Issue 9's measurement on a lent 2-GPU machine, in one call: the testbed suite on one GPU, then on two through
+# torchrun (one process per GPU), each timed wall-clock from the command's start to its end; accuracy figures
+# compared cell by cell. Writes $OUT/scaling.json and $OUT/scaling-results.tgz.
+# Usage on the device: PRUNING_ZOO_GIT_SHA=<commit> bash scripts/device_scaling.sh [extra run options]
+set -euo pipefail
+python3 -m pip install -q --no-deps .wheels/*.whl
+python3 -m pip install -q --no-deps --no-build-isolation -e .
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+work="$OUT/work"; mkdir -p "$work"
+start=$(date +%s.%N)
+CUDA_VISIBLE_DEVICES=0 pruning-zoo run --suite testbed --device cuda --output "$work/one-gpu" "$@" > "$work/one.log" 2>&1
+middle=$(date +%s.%N)
+python3 -m torch.distributed.run --nproc_per_node 2 -m pruning_zoo.cli run --suite testbed --output "$work/two-gpus" "$@" \
+  > "$work/two.log" 2>&1
+end=$(date +%s.%N)
+python3 - "$work" "$start" "$middle" "$end" > "$OUT/scaling.json" <<'PY'
+import json, sys, pathlib
+work, start, middle, end = pathlib.Path(sys.argv[1]), *map(float, sys.argv[2:])
+def scores(folder):
+    return {p.name: json.loads((p / "metrics.json").read_text())["scores"] for p in sorted((work / folder).iterdir())}
+one, two = scores("one-gpu"), scores("two-gpus")
+print(json.dumps({"one_gpu_seconds": round(middle - start, 1), "two_gpu_seconds": round(end - middle, 1),
+                  "speedup": round((middle - start) / (end - middle), 2), "cells": len(one),
+                  "identical_scores": one == two,
+                  "differences": {k: [one[k], two.get(k)] for k in one if one[k] != two.get(k)}}, indent=1))
+PY
+cat "$OUT/scaling.json"
+tail -5 "$work/one.log" "$work/two.log"
+tar czf "$OUT/scaling-results.tgz" -C "$work" one-gpu two-gpus one.log two.log
+rm -rf "$work"
