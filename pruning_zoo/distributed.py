@@ -53,6 +53,11 @@ class Ranks:
         if self.world > 1:
             dist.barrier()
 
+    def finish(self) -> None:
+        """Leave the process group this sweep joined."""
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
 
 class ProcessGroupAccelerator:
     """What lmms-eval asks of `lm.accelerator` in a multi-process run (`gather`, `wait_for_everyone`), over

@@ -197,6 +197,7 @@ class Sweep:
             outcome = self.run_cell(cell)
             outcomes.append(outcome)
             self.on_cell(cell, outcome.status)
+        self.ranks.finish()
         return outcomes
 
     def run_cell(self, cell: Cell) -> CellOutcome:

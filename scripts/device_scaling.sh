@@ -27,6 +27,6 @@ print(json.dumps({"one_gpu_seconds": round(middle - start, 1), "two_gpu_seconds"
                   "differences": {k: [one[k], two.get(k)] for k in one if one[k] != two.get(k)}}, indent=1))
 PY
 cat "$OUT/scaling.json"
-tail -5 "$work/one.log" "$work/two.log"
+tail -n 5 "$work/one.log"; tail -n 5 "$work/two.log"
 tar czf "$OUT/scaling-results.tgz" -C "$work" one-gpu two-gpus one.log two.log
 rm -rf "$work"
