@@ -245,7 +245,7 @@ def run_with_progress(sweep, console: Console) -> list:
 
 
 def print_sweep_summary(outcomes: list, output: Path, console: Console) -> None:
-    from pruning_zoo.leaderboard import format_flops, load_results
+    from pruning_zoo.leaderboard import cell_text, format_flops, load_results
 
     done = {str(o.folder.resolve()) for o in outcomes if o.status in {"finished", "skipped"}}
     if done:
@@ -262,7 +262,7 @@ def print_sweep_summary(outcomes: list, output: Path, console: Console) -> None:
             table.add_column(header, overflow="fold", no_wrap=key in {"task", "strategy"})
         for row in frame.to_dict("records"):
             row["llm_flops_2ndm"] = format_flops(row["llm_flops_2ndm"])
-            table.add_row(*[format_value(row[column]) for column in columns])
+            table.add_row(*[cell_text(row[column], digits=3) for column in columns])
         console.print(table)
     counts = {state: sum(o.status == state for o in outcomes) for state in ("finished", "skipped", "failed")}
     console.print(f"{counts['finished']} cells evaluated, {counts['skipped']} already finished (skipped), "
@@ -273,14 +273,6 @@ def print_sweep_summary(outcomes: list, output: Path, console: Console) -> None:
                           f"{escape(outcome.error or '')}", highlight=False, soft_wrap=True)
     if counts["failed"]:
         console.print("Rerun the same command to retry the failed cells; finished ones are skipped.")
-
-
-def format_value(value) -> str:
-    if value is None or (isinstance(value, float) and value != value):
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
-    return str(value)
 
 
 @app.command()

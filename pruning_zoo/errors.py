@@ -44,3 +44,8 @@ def unknown_name_message(kind: str, name: str, known: Iterable[str]) -> str:
         message += f"; did you mean {suggestion!r}?"
     listed = ", ".join(known) if known else "(none registered)"
     return f"{message} known: {listed}"
+
+
+def describe(error: BaseException) -> str:
+    """A one-line account of an error: our own messages as they are, others with their type."""
+    return str(error) if isinstance(error, PruningZooError) else f"{type(error).__name__}: {error}"

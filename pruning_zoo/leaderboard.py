@@ -95,12 +95,12 @@ def load_results(paths: list[Path]) -> pd.DataFrame:
     return frame.sort_values([*GROUP, "budget_order", "strategy", "params"]).reset_index(drop=True)
 
 
-def cell_text(value) -> str:
-    """A number as a table shows it: 4 significant digits, whole numbers from 1000 on, '-' when missing."""
+def cell_text(value, digits: int = 4) -> str:
+    """A number as a table shows it: `digits` significant digits, whole numbers from 1000 on, '-' when missing."""
     if value is None or (isinstance(value, float) and value != value):
         return "-"
     if isinstance(value, float):
-        return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+        return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.{digits}g}"
     return str(value)
 
 

@@ -21,7 +21,7 @@ from pruning_zoo import get_strategy
 from pruning_zoo.budget import Budget, parse_budget
 from pruning_zoo.engine import ForwardRecord, prune
 from pruning_zoo.loading import LoadedVLM, chat_prompt, load_vlm
-from pruning_zoo.errors import InvalidParameterError, PruningZooError
+from pruning_zoo.errors import InvalidParameterError, PruningZooError, describe
 from pruning_zoo.testbed.evaluate import evidence_recall
 from pruning_zoo.timing import Clock, TokenClock
 
@@ -88,7 +88,7 @@ class PrunedVLM(lmms):
         except Exception as error:
             if self.world_size == 1:
                 raise
-            self.errors.append(str(error) if isinstance(error, PruningZooError) else f"{type(error).__name__}: {error}")
+            self.errors.append(describe(error))
             return [failed_value] * len(batch)
 
     # -- prompts and inputs ----------------------------------------------------------------------------
@@ -102,6 +102,14 @@ class PrunedVLM(lmms):
 
     def _documents(self, tasks, splits, doc_ids) -> list[dict]:
         return [self.task_dict[task][split][doc_id] for task, split, doc_id in zip(tasks, splits, doc_ids)]
+
+    def _prepare(self, contexts, doc_to_visuals, doc_ids, tasks, splits):
+        """(keys, documents, each document's images, each document's prompt) of one batch of requests."""
+        keys = list(zip(tasks, doc_ids))
+        docs = self._documents(tasks, splits, doc_ids)
+        per_doc_images = [self._images(visual, doc, task) for visual, doc, task in zip(doc_to_visuals, docs, tasks)]
+        prompts = [self._prompt(context, len(images)) for context, images in zip(contexts, per_doc_images)]
+        return keys, docs, per_doc_images, prompts
 
     def _images(self, doc_to_visual, doc: dict, task: str) -> list[Image.Image]:
         visuals = doc_to_visual(doc) if doc_to_visual is not None else []
@@ -174,10 +182,7 @@ class PrunedVLM(lmms):
 
     def _generate_batch(self, batch: Sequence[tuple]) -> list[str]:
         contexts, all_gen_kwargs, doc_to_visuals, doc_ids, tasks, splits = zip(*batch)
-        keys = list(zip(tasks, doc_ids))
-        docs = self._documents(tasks, splits, doc_ids)
-        per_doc_images = [self._images(visual, doc, key[0]) for visual, doc, key in zip(doc_to_visuals, docs, keys)]
-        texts = [self._prompt(context, len(images)) for context, images in zip(contexts, per_doc_images)]
+        keys, docs, per_doc_images, texts = self._prepare(contexts, doc_to_visuals, doc_ids, tasks, splits)
         inputs = self._inputs(texts, [image for images in per_doc_images for image in images])
         until, generate_kwargs = self._generation_options(dict(all_gen_kwargs[0]))
 
@@ -228,10 +233,7 @@ class PrunedVLM(lmms):
 
     def _loglikelihood_batch(self, batch: Sequence[tuple]) -> list[tuple[float, bool]]:
         contexts, doc_to_targets, doc_to_visuals, doc_ids, tasks, splits = zip(*batch)
-        keys = list(zip(tasks, doc_ids))
-        docs = self._documents(tasks, splits, doc_ids)
-        per_doc_images = [self._images(visual, doc, key[0]) for visual, doc, key in zip(doc_to_visuals, docs, keys)]
-        prompts = [self._prompt(context, len(images)) for context, images in zip(contexts, per_doc_images)]
+        keys, docs, per_doc_images, prompts = self._prepare(contexts, doc_to_visuals, doc_ids, tasks, splits)
         continuations = [target if isinstance(target, str) else str(target(doc)) for target, doc in zip(doc_to_targets, docs)]
         flat_images = [image for images in per_doc_images for image in images]
         full = self._inputs([p + c for p, c in zip(prompts, continuations)], flat_images)

@@ -20,7 +20,7 @@ from typing import Any
 
 from pruning_zoo import get_strategy
 from pruning_zoo.distributed import ProcessGroupAccelerator, Ranks
-from pruning_zoo.errors import PruningZooError, closest
+from pruning_zoo.errors import PruningZooError, closest, describe
 from pruning_zoo.provenance import device_description, git_sha, versions
 from pruning_zoo.results import Cell, remove_temporaries, status, write_cell
 from pruning_zoo.strategy import params_as_dict
@@ -283,8 +283,7 @@ class Sweep:
 
 
 def failure_record(error: BaseException) -> dict:
-    message = str(error) if isinstance(error, PruningZooError) else f"{type(error).__name__}: {error}"
-    return {"error": message, "type": type(error).__name__, "traceback": traceback.format_exc()}
+    return {"error": describe(error), "type": type(error).__name__, "traceback": traceback.format_exc()}
 
 
 def _mean(values: list) -> float | None:

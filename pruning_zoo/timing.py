@@ -4,7 +4,6 @@ host's perf_counter on a CPU. Both give milliseconds; every result says which cl
 from __future__ import annotations
 
 import contextlib
-import statistics
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -68,7 +67,3 @@ class TokenClock(BaseStreamer):
 
     def end(self) -> None:
         pass
-
-
-def median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
