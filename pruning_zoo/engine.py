@@ -304,11 +304,7 @@ class PruningRun:
     def _positions_after(self, positions: torch.Tensor, step: Survivors, changes: list) -> tuple[torch.Tensor, torch.Tensor]:
         """Position ids of the survivors of `step` (kept, or renumbered by the adapter's rule) and, per sample,
         how far renumbering moved the positions after the prompt (zero when positions are kept)."""
-        gathered = gather_axes(positions, step)
-        if self.strategy.params.positions == "keep":
-            return gathered, torch.zeros(step.index.shape[0], dtype=torch.long, device=step.index.device)
-        shift, total = self.adapter.renumber_shift(positions, step, changes)
-        return gathered - shift, total
+        return positions_after(self.adapter, self.strategy.params.positions, positions, step, changes)
 
     def _relocate_images(self, survivors: Survivors) -> None:
         """Re-express image positions in the coordinates of the pruned sequence."""
@@ -492,6 +488,16 @@ class PruningRun:
         counts = self._current_valid().sum(dim=1).tolist()
         for sample, count in enumerate(counts):
             self.records[-1].tokens_per_layer[sample][index:] = [int(count)] * (self.adapter.num_layers - index)
+
+def positions_after(adapter: ModelAdapter, mode: str, positions: torch.Tensor, step: Survivors, changes: list):
+    """Position ids of the survivors of `step`, kept (`mode` 'keep') or renumbered by the family's rule, and per
+    sample how far renumbering moved the positions after the prompt (zero when positions are kept)."""
+    gathered = gather_axes(positions, step)
+    if mode == "keep":
+        return gathered, torch.zeros(step.index.shape[0], dtype=torch.long, device=step.index.device)
+    shift, total = adapter.renumber_shift(positions, step, changes)
+    return gathered - shift, total
+
 
 def gather_axes(positions: torch.Tensor, survivors: Survivors) -> torch.Tensor:
     """Survivors of position ids [B, L] or multi-axis [axes, B, L] (M-RoPE)."""

@@ -62,21 +62,25 @@ class AttentionProbe:
         self.key_valid = key_valid
 
     def observations(self, sample: int, positions: torch.Tensor) -> dict:
-        def rows_after_image() -> torch.Tensor:
-            valid = self.key_valid[sample].nonzero().flatten()
-            return valid[valid > positions.max()]
+        # Query rows are chosen with tensors, never by reading the mask on the host, so that observing does
+        # not wait for the GPU (the segmented prefill captures the selection in a CUDA graph).
+        valid = self.key_valid[sample]
+        order = torch.arange(valid.shape[0], device=valid.device)
 
-        def last_row() -> torch.Tensor:
-            return self.key_valid[sample].nonzero().flatten()[-1:]
+        def last_row() -> tuple[torch.Tensor, None]:
+            return torch.where(valid, order, -1).max().reshape(1), None
 
-        def all_rows() -> torch.Tensor:
-            return self.key_valid[sample].nonzero().flatten()
+        def all_rows() -> tuple[torch.Tensor, torch.Tensor]:
+            return order, valid
+
+        def rows_after_image() -> tuple[torch.Tensor, torch.Tensor]:
+            return order, valid & (order > positions.max())
 
         def at_stage(rows) -> torch.Tensor:
-            return self._mean_onto(self.stage_layer, self.stage_hidden, self.stage_kwargs, sample, rows(), positions)
+            return self._mean_onto(self.stage_layer, self.stage_hidden, self.stage_kwargs, sample, *rows(), positions)
 
         def at_next(rows) -> torch.Tensor:
-            return self._mean_onto(self.stage_layer + 1, self.next_hidden, self.next_kwargs, sample, rows(), positions)
+            return self._mean_onto(self.stage_layer + 1, self.next_hidden, self.next_kwargs, sample, *rows(), positions)
 
         return {
             "last_token_attention": functools.partial(at_stage, last_row),
@@ -85,10 +89,16 @@ class AttentionProbe:
             "next_layer_instruction_attention": functools.partial(at_next, rows_after_image),
         }
 
-    def _mean_onto(self, layer_index, hidden, kwargs, sample, rows, positions) -> torch.Tensor:
+    def _mean_onto(self, layer_index, hidden, kwargs, sample, rows, row_weights, positions) -> torch.Tensor:
+        """Attention of the query `rows` onto the image's `positions`, averaged over the rows (only those whose
+        weight is True, when `row_weights` is given): [heads, n]."""
         cos, sin = kwargs["position_embeddings"]
         pick = sample if cos.shape[0] > 1 else 0
         probabilities = attention_probabilities(
             self.adapter.layers[layer_index], hidden[sample], cos[pick], sin[pick], rows, self.key_valid[sample]
-        )
-        return probabilities[:, :, positions].mean(dim=1)
+        )[:, :, positions]
+        if row_weights is None:
+            return probabilities.mean(dim=1)
+        # masked_fill, not a product: a padding row attends to nothing and its softmax is NaN.
+        chosen = probabilities.masked_fill(~row_weights[None, :, None], 0.0).sum(dim=1)
+        return chosen / row_weights.sum()

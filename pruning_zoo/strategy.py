@@ -33,6 +33,7 @@ __all__ = [
     "StrategyParams",
     "params_dataclass",
     "top_k_in_order",
+    "true_indices",
 ]
 
 
@@ -143,6 +144,12 @@ class ScoreContext:
 def top_k_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k highest scores, sorted ascending so kept tokens keep their original order."""
     return torch.topk(scores, k, sorted=False).indices.sort().values
+
+
+def true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the first `count` True entries of a 1-D mask, ascending. Unlike `mask.nonzero()` it never
+    waits for the GPU to learn the count, so a selection using it can be captured in a CUDA graph."""
+    return torch.sort((~mask).to(torch.uint8), stable=True).indices[:count]
 
 
 class PruningStrategy(ABC):

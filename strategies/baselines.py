@@ -87,8 +87,9 @@ class GridPool(PruningStrategy):
             pooled = F.adaptive_avg_pool2d(grid, (side, side)).flatten(2)[0].T
         else:
             pooled = F.adaptive_avg_pool1d(ctx.tokens.T[None].float(), side * side)[0].T
-        chosen = torch.linspace(0, side * side - 1, keep).round().long()
-        return Selection(keep=torch.arange(keep), features=pooled[chosen].to(ctx.tokens.dtype))
+        device = ctx.tokens.device  # indices made where the tokens are: nothing copied from the host
+        chosen = torch.linspace(0, side * side - 1, keep, device=device).round().long()
+        return Selection(keep=torch.arange(keep, device=device), features=pooled[chosen].to(ctx.tokens.dtype))
 
 
 @hookimpl

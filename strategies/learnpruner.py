@@ -211,24 +211,25 @@ class LearnPruner(PruningStrategy):
 
 def max_min_diverse(features: torch.Tensor, selected: torch.Tensor, count: int) -> torch.Tensor:
     """Greedily pick `count` more rows of `features`: each time the unselected row whose smallest cosine
-    distance to the selected rows is largest (first wins ties). With nothing selected, start from row 0."""
+    distance to the selected rows is largest (first wins ties). With nothing selected, start from row 0.
+    Picks stay on the device (no host sync), so the selection can be captured in a CUDA graph."""
     normed = F.normalize(features, dim=-1)
     taken = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
     taken[selected] = True
     picked = []
-    if count and not bool(taken.any()):
+    if count and selected.numel() == 0:
+        selected = torch.zeros(1, dtype=torch.long, device=features.device)
         taken[0] = True
-        picked, count = [0], count - 1
+        picked, count = [selected[0]], count - 1
     if not picked and not count:
         return torch.zeros(0, dtype=torch.long, device=features.device)
-    nearest = (1 - normed @ normed[taken].T).min(dim=1).values
+    nearest = (1 - normed @ normed[selected].T).min(dim=1).values
     for _ in range(count):
-        candidates = nearest.masked_fill(taken, float("-inf"))
-        best = int(candidates.argmax())
+        best = nearest.masked_fill(taken, float("-inf")).argmax()
         picked.append(best)
         taken[best] = True
         nearest = torch.minimum(nearest, 1 - normed @ normed[best])
-    return torch.tensor(picked, dtype=torch.long, device=features.device)
+    return torch.stack(picked)
 
 
 @hookimpl

@@ -19,6 +19,7 @@ from pruning_zoo.strategy import (
     Stage,
     StrategyParams,
     params_dataclass,
+    true_indices,
 )
 
 
@@ -91,7 +92,7 @@ class VisionZip(PruningStrategy):
         dominant = torch.topk(scores, patches, sorted=False).indices.sort().values
         rest = torch.ones(scores.shape[0], dtype=torch.bool, device=scores.device)
         rest[dominant] = False
-        remaining = rest.nonzero().flatten()
+        remaining = true_indices(rest, scores.shape[0] - patches)
 
         features = ctx.observe("vision_features")
         emitted = [features[dominant]]
@@ -109,7 +110,7 @@ class VisionZip(PruningStrategy):
         if with_cls:  # CLS has no slot of its own: it takes the first free one
             free = torch.ones(scores.shape[0], dtype=torch.bool, device=scores.device)
             free[slots] = False
-            slots = torch.cat([free.nonzero().flatten()[:1], slots])
+            slots = torch.cat([true_indices(free, 1), slots])
         # The slots are ascending; the emitted order goes into them in turn, so the sequence order is VisionZip's.
         return Selection(keep=slots.sort().values, features=projected)
 
@@ -124,11 +125,12 @@ def merge_contextual(keys: torch.Tensor, features: torch.Tensor, count: int, mer
     targets = torch.arange(0, keys.shape[0], step, device=keys.device)[:count]
     is_target = torch.zeros(keys.shape[0], dtype=torch.bool, device=keys.device)
     is_target[targets] = True
-    members = (~is_target).nonzero().flatten()
+    members = true_indices(~is_target, keys.shape[0] - targets.shape[0])
     assignment = (normed[members] @ normed[targets].T).argmax(dim=1)  # first maximum wins ties
     flat = features.flatten(1).float()
     sums = torch.zeros(count, flat.shape[1], device=flat.device).index_add_(0, assignment, flat[members])
-    counts = torch.bincount(assignment, minlength=count).float()[:, None]
+    ones = torch.ones(assignment.shape[0], device=flat.device)
+    counts = torch.zeros(count, device=flat.device).index_add_(0, assignment, ones)[:, None]
     if merge == "code":
         merged = flat[targets] + torch.where(counts > 0, sums / counts.clamp(min=1), 0.0)
     else:

@@ -41,6 +41,15 @@ class MethodWatch:
         self.obj.__dict__.pop(self.name, None)
 
 
+def stack_image_features(output) -> torch.Tensor:
+    """`get_image_features`' result as one [images, n, d] tensor, whichever form this transformers version
+    returns: a model output holding `pooler_output`, a tensor, or one tensor per image."""
+    features = getattr(output, "pooler_output", output)
+    if isinstance(features, (list, tuple)):
+        return torch.stack(list(features))
+    return features
+
+
 class ModelAdapter:
     """Adapter for a transformers `...ForConditionalGeneration` VLM whose decoder layers follow the Llama
     layout (input_layernorm, self_attn.{q,k}_proj, post_attention_layernorm, mlp) and whose rotary
@@ -110,6 +119,11 @@ class ModelAdapter:
         """Vision-encoder observations for the `image_index`-th image of the batch, aligned with its
         `num_visual` visual tokens; none by default."""
         return {}
+
+    def image_features(self, vision_inputs: dict) -> torch.Tensor:
+        """The projected visual tokens of every image, [images, n, d], for images that all give n tokens (the
+        segmented prefill's uniform batches), computed by the model's own `get_image_features`."""
+        raise NotImplementedError(f"{type(self).__name__} does not run a segmented prefill")
 
     def vision_flops(self, image_index: int, num_visual: int) -> int:
         """FLOPs (multiply-accumulates) the vision tower and projector spent on this image in this forward."""

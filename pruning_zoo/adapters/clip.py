@@ -27,6 +27,9 @@ class TokenSources:
     feature_row: torch.Tensor
     #: Tokens that are no CLIP output (LLaVA-NeXT's image-newline); they point at the token before them.
     synthetic: torch.Tensor
+    #: The crops these tokens come from, a contiguous range of the tower's batch (known on the host, so that
+    #: observing never waits for the GPU: the selection can be captured in a CUDA graph).
+    crops: range
 
 
 class ClipTowerWatch:
@@ -72,7 +75,10 @@ class ClipTowerWatch:
     def observations(self, sources: TokenSources, with_cls_features: bool) -> dict:
         """Observations for one image (see docs/plugins.md for their shapes and meaning)."""
         device = next(self.projector.parameters()).device
-        sources = TokenSources(*(getattr(sources, f.name).to(device) for f in dataclasses.fields(sources)))
+        sources = dataclasses.replace(
+            sources, **{name: getattr(sources, name).to(device) for name in ("crop", "row", "feature_row", "synthetic")}
+        )
+        crops = slice(sources.crops.start, sources.crops.stop)
 
         def normed_input(layer: int):
             index = self.block(layer)
@@ -85,7 +91,6 @@ class ClipTowerWatch:
 
         def all_keys(layer: int):
             block, normed = normed_input(layer)
-            crops = sources.crop.unique()
             keys = torch.zeros(*normed.shape[:-1], block.self_attn.num_heads, block.self_attn.head_dim,
                                dtype=normed.dtype, device=normed.device)
             keys[crops] = split_heads(block, block.self_attn.k_proj(normed[crops]))
@@ -97,7 +102,6 @@ class ClipTowerWatch:
 
         def vision_attention(layer: int = -2) -> torch.Tensor:
             block, normed, keys = all_keys(layer)
-            crops = sources.crop.unique()
             query = split_heads(block, block.self_attn.q_proj(normed[crops, :1]))  # [c, 1, heads, dh]
             scores = torch.einsum("cqhd,ckhd->chqk", query.float(), keys[crops].float()) * block.self_attn.scale
             cls_rows = torch.zeros(keys.shape[0], keys.shape[2], keys.shape[1], device=keys.device)
@@ -122,6 +126,6 @@ class ClipTowerWatch:
             "vision_project": vision_project,
         }
         if with_cls_features and isinstance(self.feature_layer, int):
-            crop = int(sources.crop[0])
+            crop = sources.crops.start
             observations["vision_cls_features"] = lambda: self.hidden_states[self.feature_layer % (len(self.blocks) + 1)][crop, 0]
         return observations

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from pruning_zoo.adapters.base import VISION_OBSERVATIONS, ModelAdapter
+from pruning_zoo.adapters.base import VISION_OBSERVATIONS, ModelAdapter, stack_image_features
 from pruning_zoo.adapters.clip import ClipTowerWatch, TokenSources
 from pruning_zoo.flops import clip_vision_flops, projector_flops
 
@@ -27,12 +27,15 @@ class LlavaAdapter(ModelAdapter):
         return self._watch.hooks() if observed & VISION_OBSERVATIONS else []
 
     def token_sources(self, image_index: int, num_visual: int) -> TokenSources:
-        rows = torch.arange(self._first_row, self._first_row + num_visual)
+        # Built where the model is, so that observing copies nothing from the host.
+        device = next(self.model.model.multi_modal_projector.parameters()).device
+        rows = torch.arange(self._first_row, self._first_row + num_visual, device=device)
         return TokenSources(
-            crop=torch.full((num_visual,), image_index),
+            crop=torch.full((num_visual,), image_index, device=device),
             row=rows,
             feature_row=rows - self._first_row,
-            synthetic=torch.zeros(num_visual, dtype=torch.bool),
+            synthetic=torch.zeros(num_visual, dtype=torch.bool, device=device),
+            crops=range(image_index, image_index + 1),
         )
 
     def vision_observations(self, image_index: int, num_visual: int) -> dict:
@@ -40,6 +43,13 @@ class LlavaAdapter(ModelAdapter):
         token under the 'default' select strategy)."""
         sources = self.token_sources(image_index, num_visual)
         return self._watch.observations(sources, with_cls_features=self._first_row == 1)
+
+    def image_features(self, vision_inputs):
+        config = self.model.config
+        return stack_image_features(self.model.model.get_image_features(
+            pixel_values=vision_inputs["pixel_values"], vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+        ))
 
     def vision_flops(self, image_index: int, num_visual: int) -> int:
         return clip_vision_tower_flops(self.model, crops=1, tokens=num_visual)

@@ -63,7 +63,8 @@ class LlavaNextAdapter(LlavaAdapter):
             raise AssertionError(f"packed {flat.numel()} tokens for an image with {num_visual} placeholders")
         feature_row = flat % per_crop
         return TokenSources(crop=first_crop + flat // per_crop, row=feature_row + self._first_row,
-                            feature_row=feature_row, synthetic=synthetic)
+                            feature_row=feature_row, synthetic=synthetic,
+                            crops=range(first_crop, first_crop + crops[image_index]))
 
     def vision_observations(self, image_index: int, num_visual: int) -> dict:
         """CLIP observations mapped onto the packed tokens; no `vision_cls_features` (one CLS per crop)."""

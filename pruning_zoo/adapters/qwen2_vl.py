@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers.vision_utils import get_vision_window_index
 
-from pruning_zoo.adapters.base import VISION_OBSERVATIONS, ModelAdapter
+from pruning_zoo.adapters.base import VISION_OBSERVATIONS, ModelAdapter, stack_image_features
 from pruning_zoo.errors import PruningZooError
 from pruning_zoo.observe import rotate_half
 
@@ -62,6 +62,12 @@ class Qwen2VLAdapter(ModelAdapter):
         if watch_inputs:
             handles.append(self.visual.merger.register_forward_pre_hook(record_merger_input))
         return handles
+
+    def image_features(self, vision_inputs):
+        output = self.model.model.get_image_features(
+            pixel_values=vision_inputs["pixel_values"], image_grid_thw=vision_inputs["image_grid_thw"]
+        )
+        return stack_image_features(output)
 
     def image_grids(self, counts):
         grids = [(h // self._merge, w // self._merge) for t, h, w in self._grids if t == 1]

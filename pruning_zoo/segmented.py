@@ -1,0 +1,355 @@
+"""The prefill as a chain of fixed-shape segments between pruning stages, each captured in a CUDA graph on a
+GPU: the latency benchmark's compiled mode.
+
+Eager transformers launches a 7B VLM's kernels one by one from Python: at batch 1 its prefill takes about the
+same time at 640 tokens as at 64 (FACTS.md), which hides what pruning buys. A CUDA graph replays captured
+kernels without Python, but only at the shapes it was captured with, and in-LLM pruning changes the sequence
+length mid-model. So the prefill runs as segments, each of one shape:
+
+    vision -> [selection before the LLM] -> layers 0..k -> [selection after layer k] -> ... -> first token
+
+with the model's own modules, the same strategy objects and the same observations as the hook engine
+(`pruning_zoo.engine`), whose logits it reproduces (tests/test_segmented.py). Shapes are fixed when the batch
+is uniform: every sample holds one image at the same positions and no padding, as the benchmark's prompts do.
+A segment that cannot be captured (it reads a GPU value on the host, or copies from host memory) runs
+eagerly between the graphs, and `eager_segments` says which and why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from pruning_zoo.adapters import adapter_for
+from pruning_zoo.budget import Budget, check_budget, resolve_budget
+from pruning_zoo.engine import check_plan, check_selection, positions_after
+from pruning_zoo.errors import PruningZooError
+from pruning_zoo.flops import Convention, DecoderShape, llm_flops
+from pruning_zoo.observe import AttentionProbe
+from pruning_zoo.sequence import Survivors
+from pruning_zoo.strategy import PruningStrategy, ScoreContext, Selection, Stage
+from pruning_zoo.timing import Clock
+
+
+@dataclasses.dataclass
+class Segment:
+    name: str
+    run: Callable[[], None]
+    #: A pruning step (its time is the selection overhead), not model compute.
+    selection: bool = False
+    graph: torch.cuda.CUDAGraph | None = None
+    #: Why it runs eagerly on a GPU (None: captured, or not yet tried).
+    eager_reason: str | None = None
+
+
+@contextlib.contextmanager
+def attached(handles: list) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def uniform_layout(adapter, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[int, int]:
+    """(first position, count) of the one image every sample holds at the same positions; else a clear error."""
+    if attention_mask is not None and not bool(attention_mask.bool().all()):
+        raise PruningZooError("the segmented prefill takes a batch without padding; pad-free prompts of one length "
+                              "(or the eager engine, `pruning_zoo.engine.prune`) are needed")
+    images = adapter.image_positions(input_ids)
+    first = images[0]
+    if any(len(sample) != 1 for sample in images) or any(not torch.equal(s[0], first[0]) for s in images):
+        raise PruningZooError("the segmented prefill takes one image per sample at the same positions in every "
+                              f"sample; got images at {[[(int(p[0]), p.numel()) for p in s] for s in images]} "
+                              "(position, tokens); use the eager engine for other batches")
+    return int(first[0][0]), int(first[0].numel())
+
+
+class SegmentedPrefill:
+    """One prefill of a uniform batch under `strategy` at `budget`, as segments. `run()` executes it eagerly;
+    on a GPU, `capture()` records each segment in a CUDA graph and `replay()` runs the graphs. After either,
+    `logits` [B, vocab] are the last position's logits and `first_token` [B] their argmax."""
+
+    def __init__(self, model: nn.Module, strategy: PruningStrategy, budget: Budget, inputs: dict):
+        check_budget(budget)
+        self.model, self.strategy = model, strategy
+        self.adapter = adapter_for(model)
+        self.input_ids = inputs["input_ids"]
+        self.vision_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        self.start, self.num_visual = uniform_layout(self.adapter, self.input_ids, inputs.get("attention_mask"))
+        self.batch, self.length = self.input_ids.shape
+        self.entry_positions, self.expected_embeds = self._model_entry(inputs)
+        self.grid = self.adapter.image_grids([self.num_visual] * self.batch)[0]
+        num_layers = self.adapter.num_layers
+        self.stages = strategy.plan(resolve_budget(budget, self.num_visual), self.num_visual, num_layers)
+        check_plan(strategy.name, self.stages, self.num_visual, num_layers)
+        self.vision_flops = [self.adapter.vision_flops(i, self.num_visual) for i in range(self.batch)]
+        self.state: dict = {}
+        self._sublayers: dict[int, dict[str, torch.Tensor]] = {}
+        self._index_at: dict[int, torch.Tensor] = {}
+        self._validate = True
+        self.segments = self._build()
+
+    # -- set-up --------------------------------------------------------------------------------------------
+    def _model_entry(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The position ids and embeddings the model itself hands its language model for these inputs (one
+        unpruned forward, outside any timing): positions are input preparation (M-RoPE's come from the image
+        grids), and the embeddings check our vision segment."""
+        seen = {}
+
+        def read(module, args, kwargs):
+            seen.update(positions=kwargs.get("position_ids"), embeds=kwargs["inputs_embeds"])
+
+        handles = [self.adapter.language_model.register_forward_pre_hook(read, with_kwargs=True)]
+        handles += self.adapter.vision_hooks(frozenset())  # the family learns the image grids
+        with attached(handles), torch.no_grad():
+            self.model(**inputs, use_cache=False, logits_to_keep=1)
+        positions = seen["positions"]
+        if positions is None:
+            positions = torch.arange(self.length, device=self.input_ids.device)[None].expand(self.batch, -1)
+        return positions, seen["embeds"]
+
+    def _build(self) -> list[Segment]:
+        segments = [Segment("vision", self._vision)]
+        current = self.num_visual
+        entry = next((s for s in self.stages if not s.in_llm), None)
+        if entry is not None:
+            segments.append(Segment("selection before the LLM", functools.partial(self._select_entry, entry, current), True))
+            current = entry.keep
+        first = 0
+        for stage in (s for s in self.stages if s.in_llm):
+            segments.append(Segment(f"layers {first}-{stage.after_layer}", functools.partial(self._layers, first, stage.after_layer)))
+            segments.append(Segment(f"selection after layer {stage.after_layer}",
+                                    functools.partial(self._select_in_llm, stage, current), True))
+            first, current = stage.after_layer + 1, stage.keep
+        last = self.adapter.num_layers - 1
+        segments.append(Segment(f"layers {first}-{last} and first token", functools.partial(self._layers, first, last, True)))
+        return segments
+
+    # -- segments ------------------------------------------------------------------------------------------
+    def _vision(self) -> None:
+        observed = self.strategy.observes
+        with attached(self.adapter.vision_hooks(observed) if observed else []):
+            features = self.adapter.image_features(self.vision_inputs)
+        embeds = self.model.get_input_embeddings()(self.input_ids)
+        s, n = self.start, self.num_visual
+        hidden = torch.cat([embeds[:, :s], features.reshape(self.batch, n, -1).to(embeds.dtype), embeds[:, s + n :]], dim=1)
+        order = torch.arange(self.length, device=hidden.device)
+        self.state.update(hidden=hidden, positions=self.entry_positions, index=order[None].expand(self.batch, -1))
+
+    def _layers(self, first: int, last: int, final: bool = False) -> None:
+        hidden, positions = self.state["hidden"], self.state["positions"]
+        kwargs = dict(
+            attention_mask=None,  # causal over a pad-free sequence: SDPA's is_causal
+            position_ids=self.adapter.layer_position_ids(positions),
+            past_key_values=DynamicCache(config=self.model.config),  # the prefill writes its KV cache, as in serving
+            use_cache=True,
+            position_embeddings=self.adapter.rotary_embedding(hidden, positions),
+        )
+        watch = "sublayer_io" in self.strategy.observes
+        for index in range(first, last + 1):
+            layer = self.adapter.layers[index]
+            if index == last and not final:
+                self.state["stage_input"] = (hidden, kwargs)
+            with attached(self._sublayer_hooks(index, layer) if watch else []):
+                output = layer(hidden, **kwargs)
+            hidden = output[0] if isinstance(output, tuple) else output
+            if watch:
+                self._index_at[index] = self.state["index"]
+        self.state.update(hidden=hidden, layer_kwargs=kwargs)
+        if final:
+            normed = self.adapter.language_model.norm(hidden[:, -1:])
+            logits = self.model.get_output_embeddings()(normed)[:, 0]
+            self.state.update(logits=logits, first_token=logits.argmax(dim=-1))
+
+    def _sublayer_hooks(self, index: int, layer: nn.Module) -> list:
+        def keep(part):
+            def hook(module, args, output):
+                self._sublayers.setdefault(index, {})[part] = output[0] if isinstance(output, tuple) else output
+
+            return hook
+
+        parts = {"attn_in": layer.input_layernorm, "attn_out": layer.self_attn,
+                 "mlp_in": layer.post_attention_layernorm, "mlp_out": layer.mlp}
+        return [module.register_forward_hook(keep(part)) for part, module in parts.items()]
+
+    def _select_entry(self, stage: Stage, current: int) -> None:
+        hidden = self.state["hidden"]
+        s = self.start
+        selections = []
+        for sample in range(self.batch):
+            ctx = self._context(stage, hidden[sample, s : s + current], self.grid,
+                                self.adapter.vision_observations(sample, self.num_visual))
+            selections.append(self._select(ctx))
+        self._shrink(current, selections)
+
+    def _select_in_llm(self, stage: Stage, current: int) -> None:
+        hidden = self.state["hidden"]
+        s = self.start
+        key_valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        probe = AttentionProbe(self.adapter, stage.after_layer, self.state["stage_input"], hidden,
+                               self.state["layer_kwargs"], key_valid)
+        image = torch.arange(s, s + current, device=hidden.device)
+        selections = []
+        for sample in range(self.batch):
+            observations = probe.observations(sample, image)
+            observations["sublayer_io"] = functools.partial(self._sublayer_io, sample, current)
+            selections.append(self._select(self._context(stage, hidden[sample, s : s + current], None, observations)))
+        self._shrink(current, selections)
+
+    def _sublayer_io(self, sample: int, current: int, layer: int) -> dict:
+        """As the engine's `sublayer_io` observation, for a pad-free batch."""
+        if layer not in self._sublayers:
+            raise PruningZooError(f"sub-block inputs/outputs of layer {layer} are not available in this segment")
+        entry_rows = self.state["index"][sample, self.start : self.start + current]
+        rows = torch.searchsorted(self._index_at[layer][sample].contiguous(), entry_rows)
+        parts = {part: tensor[sample] for part, tensor in self._sublayers[layer].items()}
+        valid = torch.ones(parts["attn_in"].shape[0], dtype=torch.bool, device=entry_rows.device)
+        return {**parts, "valid": valid, "image_rows": rows}
+
+    def _context(self, stage: Stage, tokens: torch.Tensor, grid, observations: dict) -> ScoreContext:
+        return ScoreContext(stage=stage, tokens=tokens, num_layers=self.adapter.num_layers, grid=grid,
+                            observations=observations, model=self.adapter.identity)
+
+    def _select(self, ctx: ScoreContext) -> Selection:
+        scores = self.strategy.score(ctx)
+        selection = self.strategy.select(scores, ctx.stage.keep, ctx)
+        if self._validate:  # reads indices on the host: only in the first, eager run, never in a capture
+            check_selection(self.strategy.name, selection, ctx.stage, ctx.tokens)
+        return selection
+
+    def _shrink(self, current: int, selections: list[Selection]) -> None:
+        """Keep each sample's selected image tokens (merged features where the strategy gave them)."""
+        hidden = self.state["hidden"]
+        batch, length = hidden.shape[:2]
+        s, device = self.start, hidden.device
+        kept = torch.stack([selection.keep.to(device) for selection in selections])  # [B, keep]
+        rows = torch.stack([
+            hidden[sample, s + selection.keep.to(device)] if selection.features is None else selection.features.to(hidden.dtype)
+            for sample, selection in enumerate(selections)
+        ])
+        shrunk = torch.cat([hidden[:, :s], rows, hidden[:, s + current :]], dim=1)
+        step_index = torch.cat([
+            torch.arange(s, device=device).expand(batch, -1),
+            s + kept,
+            torch.arange(s + current, length, device=device).expand(batch, -1),
+        ], dim=1)
+        step = Survivors(index=step_index, valid=torch.ones_like(step_index, dtype=torch.bool), source_length=length)
+        before = torch.arange(s, s + current, device=device)
+        changes = [(sample, before, s + kept[sample]) for sample in range(batch)]
+        positions, _ = positions_after(self.adapter, self.strategy.params.positions, self.state["positions"], step, changes)
+        self.state.update(hidden=shrunk, positions=positions, index=self.state["index"].gather(1, step_index))
+
+    # -- running -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, clock: Clock | None = None) -> None:
+        """Every segment eagerly, in order (with a clock: a span per segment, named by `span_name`)."""
+        for segment in self.segments:
+            with self._span(clock, segment):
+                segment.run()
+        self._validate = False
+
+    @torch.no_grad()
+    def capture(self) -> None:
+        """Capture each segment in its own CUDA graph, in order, sharing one memory pool (graphs replayed in
+        capture order may share it). A segment that cannot be captured runs eagerly, and so does every
+        selection after it (it would read tensors the eager segment no longer writes in place)."""
+        if self.input_ids.device.type != "cuda":
+            raise PruningZooError("CUDA graphs need the model on a CUDA device; on CPU use run()")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up (lazy initialisation, cuBLAS workspaces) off the capture
+                self.run()
+        torch.cuda.current_stream().wait_stream(side)
+        pool = torch.cuda.graph_pool_handle()
+        eager_before = False
+        for segment in self.segments:
+            reason = self._sync_reason(segment)
+            if reason is None and segment.selection and eager_before:
+                reason = "follows an eager segment whose outputs it reads"
+            if reason is None:
+                graph = torch.cuda.CUDAGraph()
+                try:
+                    with torch.cuda.graph(graph, pool=pool):
+                        segment.run()
+                    segment.graph = graph
+                except RuntimeError as error:
+                    reason = f"capture failed: {str(error).splitlines()[0]}"
+                    torch.cuda.synchronize()
+            if reason is not None:
+                segment.eager_reason, eager_before = reason, True
+                segment.run()
+        self._static = dict(self.state)
+        torch.cuda.synchronize()
+
+    def _sync_reason(self, segment: Segment) -> str | None:
+        """Why the segment cannot be captured, found by running it once with CUDA's sync debugging on."""
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            segment.run()
+        except RuntimeError as error:
+            return f"waits for the GPU on the host: {str(error).splitlines()[0]}"
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+        return None
+
+    @torch.no_grad()
+    def replay(self, clock: Clock | None = None) -> None:
+        """Replay the captured graphs (eager segments run in between and write into the captured tensors)."""
+        for segment in self.segments:
+            with self._span(clock, segment):
+                if segment.graph is not None:
+                    segment.graph.replay()
+                    continue
+                segment.run()
+                for key, static in self._static.items():
+                    value = self.state[key]
+                    if isinstance(static, torch.Tensor) and value is not static:
+                        static.copy_(value)
+                        self.state[key] = static
+
+    @staticmethod
+    def _span(clock: Clock | None, segment: Segment):
+        return contextlib.nullcontext() if clock is None else clock.span(span_name(segment))
+
+    # -- results -------------------------------------------------------------------------------------------
+    @property
+    def logits(self) -> torch.Tensor:
+        return self.state["logits"]
+
+    @property
+    def first_token(self) -> torch.Tensor:
+        return self.state["first_token"]
+
+    @property
+    def eager_segments(self) -> dict[str, str]:
+        return {segment.name: segment.eager_reason for segment in self.segments if segment.eager_reason}
+
+    def visual_per_layer(self) -> list[int]:
+        """Visual tokens per image in each decoder layer."""
+        layers = self.adapter.num_layers
+        counts = [self.num_visual] * layers
+        for stage in self.stages:
+            first = 0 if stage.after_layer is None else stage.after_layer + 1
+            counts[first:] = [stage.keep] * (layers - first)
+        return counts
+
+    def llm_flops(self, convention: Convention) -> int:
+        """FLOPs of the decoder layers for the whole batch (the flops.py convention)."""
+        text = self.length - self.num_visual
+        tokens = [text + visual for visual in self.visual_per_layer()]
+        return self.batch * llm_flops(tokens, DecoderShape.from_config(self.adapter.text_config), convention)
+
+
+def span_name(segment: Segment) -> str:
+    if segment.selection:
+        return "selection"
+    return "vision" if segment.name == "vision" else "llm"

@@ -1,0 +1,99 @@
+"""The segmented prefill (the latency benchmark's compiled mode) computes what the hook engine computes: the
+same logits for every built-in strategy, on the families it supports, and the same tokens per layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pruning_zoo
+import tiny_models
+from pruning_zoo.engine import prune
+from pruning_zoo.errors import PruningZooError
+from pruning_zoo.segmented import SegmentedPrefill
+
+
+def uniform_llava_inputs(batch_size: int) -> dict:
+    rows = [[1] + tiny_models._text(b, 2) + [tiny_models.IMAGE] * 16 + tiny_models._text(b + 1, 5) for b in range(batch_size)]
+    generator = torch.Generator().manual_seed(batch_size)
+    return dict(input_ids=torch.tensor(rows), pixel_values=torch.randn(batch_size, 3, 56, 56, generator=generator))
+
+
+def uniform_qwen_inputs(batch_size: int) -> dict:
+    rows, types = [], []
+    for b in range(batch_size):
+        before = [1] + tiny_models._text(b, 2) + [tiny_models.QWEN_START]
+        after = [tiny_models.QWEN_END] + tiny_models._text(b + 1, 4)
+        rows.append(before + [tiny_models.QWEN_IMAGE] * 16 + after)
+        types.append([0] * len(before) + [1] * 16 + [0] * len(after))
+    generator = torch.Generator().manual_seed(batch_size)
+    return dict(input_ids=torch.tensor(rows), mm_token_type_ids=torch.tensor(types),
+                image_grid_thw=torch.tensor([[1, 8, 8]] * batch_size),
+                pixel_values=torch.randn(batch_size * 64, 3 * 2 * 4 * 4, generator=generator))
+
+
+UNIFORM = {"llava": uniform_llava_inputs, "qwen2_vl": uniform_qwen_inputs}
+
+STRATEGIES = {
+    "none": ({}, 16),
+    "random": ({}, 8),
+    "pool": ({}, 6),
+    "visionzip": ({}, 8),
+    "fastv": ({}, 6),
+    "fastv-renumber": ({"positions": "renumber"}, 5),
+    "transprune": ({}, 4),
+    "learnpruner": ({}, 6),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(UNIFORM))
+def uniform_model(request, tmp_path_factory):
+    family = tiny_models.FAMILIES[request.param]
+    return request.param, family.build(tmp_path_factory.mktemp(request.param))
+
+
+@pytest.mark.parametrize("case", sorted(STRATEGIES))
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_segmented_prefill_gives_the_engines_logits(uniform_model, case, batch_size):
+    name, model = uniform_model
+    params, budget = STRATEGIES[case]
+    strategy_name = case.split("-")[0]
+    inputs = UNIFORM[name](batch_size)
+    with torch.no_grad(), prune(model, pruning_zoo.get_strategy(strategy_name, **params), budget) as run:
+        expected = model(**inputs).logits[:, -1]
+    segmented = SegmentedPrefill(model, pruning_zoo.get_strategy(strategy_name, **params), budget, inputs)
+    segmented.run()
+    torch.testing.assert_close(segmented.logits, expected, atol=1e-5, rtol=1e-4)
+    assert torch.equal(segmented.first_token, expected.argmax(-1))
+    (record,) = run.records
+    assert segmented.visual_per_layer() == record.images[0].kept_per_layer
+    assert segmented.llm_flops("2ndm") == sum(record.llm_flops("2ndm"))
+    assert segmented.vision_flops == record.vision_flops()
+    if case == "random":  # draws afresh on every call, by design
+        return
+    # Running again (as the benchmark's repetitions do) gives the same result.
+    segmented.run()
+    torch.testing.assert_close(segmented.logits, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_the_first_run_validates_the_selection(uniform_model):
+    name, model = uniform_model
+    strategy = pruning_zoo.get_strategy("random")
+    strategy.select = lambda scores, keep, ctx: pruning_zoo.strategy.Selection(keep=torch.arange(keep).flip(0))
+    segmented = SegmentedPrefill(model, strategy, 8, UNIFORM[name](2))
+    with pytest.raises(PruningZooError, match="ascending"):
+        segmented.run()
+
+
+def test_non_uniform_batches_are_refused_with_a_way_out(uniform_model):
+    name, model = uniform_model
+    inputs = tiny_models.FAMILIES[name].inputs(2)  # left-padded, prompts of different lengths
+    with pytest.raises(PruningZooError, match="eager engine"):
+        SegmentedPrefill(model, pruning_zoo.get_strategy("fastv"), 8, inputs)
+
+
+def test_capture_needs_a_gpu(uniform_model):
+    name, model = uniform_model
+    segmented = SegmentedPrefill(model, pruning_zoo.get_strategy("none"), 16, UNIFORM[name](1))
+    with pytest.raises(PruningZooError, match="CUDA"):
+        segmented.capture()
