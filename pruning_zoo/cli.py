@@ -379,6 +379,67 @@ def _resolve_model_path(model: str) -> str:
     return model
 
 
+bench_app = typer.Typer(help="Benchmarks whose results are committed with their provenance.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("latency")
+def bench_latency(
+    arch: Annotated[str, typer.Option(help="Architecture, built from its config with random weights: "
+                                           "llava-1.5-7b or qwen2-vl-7b.")] = "llava-1.5-7b",
+    batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8",
+    budgets: Annotated[str, typer.Option(help="Comma-separated visual-token budgets per image (the unpruned "
+                                              "model runs once, as strategy none).")] = "192,128,64,32",
+    strategies: Annotated[str, typer.Option(help="Comma-separated strategies.")] = (
+        "none,random,pool,visionzip,fastv,transprune,learnpruner"
+    ),
+    param: Annotated[list[str] | None, typer.Option(help="Strategy parameter, STRATEGY.NAME=VALUE; repeatable.")] = None,
+    modes: Annotated[str, typer.Option(help="eager (transformers + hooks), compiled (CUDA-graph segments), or both.")] = "eager,compiled",
+    repeats: Annotated[int, typer.Option(min=1, help="Timed repetitions per cell (medians are reported).")] = 20,
+    decode_tokens: Annotated[int, typer.Option(min=0, help="New tokens generated to time decoding (0: skip).")] = 16,
+    out: Annotated[Path, typer.Option(help="Folder for ARCH.json (every cell, resumable) and ARCH.md.")] = Path("leaderboard/latency"),
+    device: Annotated[str | None, typer.Option(help="cuda or cuda:N (default: cuda when there is one).")] = None,
+) -> None:
+    """Time to first token, selection overhead, decode time, memory, FLOPs and the physical floor of every
+    strategy and budget, eager and compiled, on a real architecture with random weights (GPU)."""
+    with user_errors():
+        import torch
+
+        from pruning_zoo.latency import MODES, LatencyPlan, architecture, run_benchmark
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if not device.startswith("cuda"):
+            raise PruningZooError("the latency benchmark builds 7B models and times them with CUDA events: run it on a "
+                                  "GPU (--device cuda); no CUDA device is visible here")
+        chosen_modes = _split(modes) or []
+        for mode in chosen_modes:
+            if mode not in MODES:
+                raise PruningZooError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
+        overrides = parse_param_overrides(param or [])
+        plan = LatencyPlan(
+            arch=architecture(arch).name,
+            batches=[_positive_int(v, "--batch") for v in _split(batch) or []],
+            budgets=[_positive_int(v, "--budgets") for v in _split(budgets) or []],
+            strategies={name: get_strategy(name, **overrides.get(name, {})) for name in _split(strategies) or []},
+            modes=chosen_modes, repeats=repeats, decode_tokens=decode_tokens,
+        )
+        console = Console()
+
+        def report(cell, measured):
+            text = measured.get("error") or (f"TTFT {measured['ttft_ms']:.2f} ms, selection {measured['selection_ms']:.3f} ms"
+                                            + (f", {measured['ttft_over_floor']:.2f}x floor" if "ttft_over_floor" in measured else ""))
+            console.print(f"{cell.mode:8} batch {cell.batch} {cell.strategy:11} {cell.budget:4}: {text}", highlight=False)
+
+        run_benchmark(plan, out, device, "pruning-zoo " + " ".join(sys.argv[1:]), on_cell=report)
+        console.print(f"wrote {out / (plan.arch + '.json')} and {out / (plan.arch + '.md')}")
+
+
+def _positive_int(text: str, option: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise PruningZooError(f"{option}: {text!r} is not a positive whole number")
+    return int(text)
+
+
 testbed_app = typer.Typer(help="The offline testbed: generated scenes and its trained reference VLM.", no_args_is_help=True)
 app.add_typer(testbed_app, name="testbed")
 

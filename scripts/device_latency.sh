@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The latency benchmark on a lent GPU, in one call: install the project (no dependencies: the device image has
+# torch and transformers), run `pruning-zoo bench latency` for each architecture given, and copy the results
+# (JSON with every cell, and the markdown page) to $OUT.
+# Usage on the device: PRUNING_ZOO_GIT_SHA=<commit> bash scripts/device_latency.sh ARCH [ARCH...] -- [bench options]
+set -euo pipefail
+python3 -m pip install -q --no-deps .wheels/*.whl
+python3 -m pip install -q --no-deps --no-build-isolation -e .
+export HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+archs=()
+while [[ $# -gt 0 && "$1" != "--" ]]; do archs+=("$1"); shift; done
+[[ "${1:-}" == "--" ]] && shift
+mkdir -p "$OUT/latency"
+cp leaderboard/latency/*.json "$OUT/latency/" 2>/dev/null || true   # continue committed results
+for arch in "${archs[@]}"; do
+  pruning-zoo bench latency --arch "$arch" --out "$OUT/latency" "$@" || echo "bench $arch exited with $?"
+done
