@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import traceback
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -46,6 +48,8 @@ class Segment:
     graph: torch.cuda.CUDAGraph | None = None
     #: Why it runs eagerly on a GPU (None: captured, or not yet tried).
     eager_reason: str | None = None
+    #: The state tensors it wrote when captured: later graphs read these, so an eager run copies into them.
+    outputs: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -271,6 +275,7 @@ class SegmentedPrefill:
         pool = torch.cuda.graph_pool_handle()
         eager_before = False
         for segment in self.segments:
+            before = dict(self.state)
             reason = self._sync_reason(segment)
             if reason is None and segment.selection and eager_before:
                 reason = "follows an eager segment whose outputs it reads"
@@ -286,7 +291,8 @@ class SegmentedPrefill:
             if reason is not None:
                 segment.eager_reason, eager_before = reason, True
                 segment.run()
-        self._static = dict(self.state)
+            segment.outputs = {key: value for key, value in self.state.items()
+                               if isinstance(value, torch.Tensor) and value is not before.get(key)}
         torch.cuda.synchronize()
 
     def _sync_reason(self, segment: Segment) -> str | None:
@@ -296,7 +302,8 @@ class SegmentedPrefill:
         try:
             segment.run()
         except RuntimeError as error:
-            return f"waits for the GPU on the host: {str(error).splitlines()[0]}"
+            frame = traceback.extract_tb(error.__traceback__)[-1]  # the line that called the synchronizing operation
+            return f"waits for the GPU on the host ({Path(frame.filename).name}:{frame.lineno} {frame.line})"
         finally:
             torch.cuda.set_sync_debug_mode(previous)
         return None
@@ -310,11 +317,9 @@ class SegmentedPrefill:
                     segment.graph.replay()
                     continue
                 segment.run()
-                for key, static in self._static.items():
-                    value = self.state[key]
-                    if isinstance(static, torch.Tensor) and value is not static:
-                        static.copy_(value)
-                        self.state[key] = static
+                for key, static in segment.outputs.items():
+                    static.copy_(self.state[key])
+                    self.state[key] = static
 
     @staticmethod
     def _span(clock: Clock | None, segment: Segment):
