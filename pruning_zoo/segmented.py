@@ -275,11 +275,12 @@ class SegmentedPrefill:
         pool = torch.cuda.graph_pool_handle()
         eager_before = False
         for segment in self.segments:
-            before = dict(self.state)
+            before = dict(self.state)  # every try starts from the previous segment's outputs
             reason = self._sync_reason(segment)
             if reason is None and segment.selection and eager_before:
                 reason = "follows an eager segment whose outputs it reads"
             if reason is None:
+                self.state = dict(before)
                 graph = torch.cuda.CUDAGraph()
                 try:
                     with torch.cuda.graph(graph, pool=pool):
@@ -290,6 +291,7 @@ class SegmentedPrefill:
                     torch.cuda.synchronize()
             if reason is not None:
                 segment.eager_reason, eager_before = reason, True
+                self.state = dict(before)
                 segment.run()
             segment.outputs = {key: value for key, value in self.state.items()
                                if isinstance(value, torch.Tensor) and value is not before.get(key)}

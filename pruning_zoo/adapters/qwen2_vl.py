@@ -183,10 +183,11 @@ class Qwen2VLAdapter(ModelAdapter):
         image now spans (the text after an image starts one past its largest position)."""
         shift = torch.zeros(step.index.shape[0], step.source_length, dtype=torch.long, device=step.index.device)
         total = torch.zeros(step.index.shape[0], dtype=torch.long, device=step.index.device)
+        order = torch.arange(step.source_length, device=step.index.device)
         for sample, before, kept in changes:
             axes = positions[-3:, sample if positions.shape[1] > 1 else 0]
             gap = axes[:, before].max() - axes[:, kept].max()
-            shift[sample, int(before.max()) + 1 :] += gap
+            shift[sample] += gap * (order > before.max())  # a mask, not a slice: no wait for the GPU
             total[sample] += gap
         return step.gather(shift, dim=1), total
 
