@@ -14,5 +14,6 @@ while [[ $# -gt 0 && "$1" != "--" ]]; do archs+=("$1"); shift; done
 mkdir -p "$OUT/latency"
 cp leaderboard/latency/*.json "$OUT/latency/" 2>/dev/null || true   # continue committed results
 for arch in "${archs[@]}"; do
-  pruning-zoo bench latency --arch "$arch" --out "$OUT/latency" "$@" || echo "bench $arch exited with $?"
+  pruning-zoo bench latency --arch "$arch" --out "$OUT/latency" "$@" > >(tee -a "$OUT/latency/$arch.log") 2>&1 \
+    || echo "bench $arch exited with $?"
 done
