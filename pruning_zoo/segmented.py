@@ -317,6 +317,7 @@ class SegmentedPrefill:
             with self._span(clock, segment):
                 if segment.graph is not None:
                     segment.graph.replay()
+                    self.state.update(segment.outputs)  # eager segments after it read these
                     continue
                 segment.run()
                 for key, static in segment.outputs.items():
