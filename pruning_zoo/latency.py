@@ -244,6 +244,14 @@ def measure(model, inputs: dict, strategy: PruningStrategy, budget: int, mode: s
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
     spans = run_compiled(segmented, repeats) if mode == "compiled" else run_eager(model, inputs, strategy, budget, repeats)
+    if mode == "compiled":  # the graphs must compute what transformers computes under the hook engine
+        with torch.no_grad(), prune(model, strategy, budget):
+            reference = model(**inputs, logits_to_keep=1).logits[:, -1].float()
+        agreement = {
+            "max_abs_logit_difference": float((segmented.logits.float() - reference).abs().max()),
+            "logit_scale": float(reference.abs().max()),
+            "same_first_token": bool(torch.equal(segmented.first_token, reference.argmax(-1))),
+        }
     # Decoding runs the same engine in both modes: measured once, with the eager cell.
     decode = decode_ms_per_token(model, inputs, strategy, budget, decode_tokens) if mode == "eager" and decode_tokens > 1 else None
     result = {
@@ -261,6 +269,7 @@ def measure(model, inputs: dict, strategy: PruningStrategy, budget: int, mode: s
     result["selection_share"] = result["selection_ms"] / result["ttft_ms"]
     if mode == "compiled":
         result["eager_segments"] = spans["eager_segments"]
+        result["agreement_with_eager"] = agreement
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if peaks is not None:
