@@ -17,9 +17,21 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
+def rotated_keys(layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """(normed input, keys with rotary applied) of a whole batch at `layer`: [B, L, d] and [B, kv_heads, L, dh].
+    Computed once per layer and shared by every image's observation (one projection, not one per image).
+
+    hidden: [B, L, d] the layer's input; cos, sin: [B or 1, L, head_dim] its rotary tables."""
+    attention = layer.self_attn
+    normed = layer.input_layernorm(hidden)
+    keys = attention.k_proj(normed).view(*hidden.shape[:2], -1, attention.head_dim).transpose(1, 2)
+    return normed, keys * cos[:, None] + rotate_half(keys) * sin[:, None]
+
+
 def attention_probabilities(
     layer: torch.nn.Module,
-    hidden: torch.Tensor,
+    normed: torch.Tensor,
+    keys: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
     rows: torch.Tensor,
@@ -28,18 +40,15 @@ def attention_probabilities(
     """Post-softmax attention [heads, len(rows), L] of one sample at `layer`, fp32, causal and padding masks
     applied, exactly as the layer's attention would compute it for those query rows.
 
-    hidden: [L, d] the layer's input; cos, sin: [L, head_dim] its rotary tables; key_valid: [L].
+    normed: [L, d] the layer's normed input; keys: [kv_heads, L, dh] its rotated keys (`rotated_keys`);
+    cos, sin: [L, head_dim] its rotary tables; key_valid: [L].
     """
     attention = layer.self_attn
-    head_dim = attention.head_dim
-    normed = layer.input_layernorm(hidden)
-    queries = attention.q_proj(normed[rows]).view(len(rows), -1, head_dim).transpose(0, 1)
-    keys = attention.k_proj(normed).view(hidden.shape[0], -1, head_dim).transpose(0, 1)
+    queries = attention.q_proj(normed[rows]).view(len(rows), -1, attention.head_dim).transpose(0, 1)
     queries = queries * cos[rows] + rotate_half(queries) * sin[rows]
-    keys = keys * cos + rotate_half(keys) * sin
     keys = keys.repeat_interleave(queries.shape[0] // keys.shape[0], dim=0)  # grouped-query attention
     scores = (queries.float() @ keys.float().transpose(-1, -2)) * attention.scaling
-    positions = torch.arange(hidden.shape[0], device=hidden.device)
+    positions = torch.arange(normed.shape[0], device=normed.device)
     allowed = (positions[None, :] <= rows[:, None]) & key_valid[None, :]
     return scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
 
@@ -54,12 +63,17 @@ class AttentionProbe:
       norm, projections and rotary tables (TransPrune's IGA).
     """
 
-    def __init__(self, adapter: ModelAdapter, stage_layer: int, stage_input, stage_output, next_layer_kwargs, key_valid):
+    def __init__(self, adapter: ModelAdapter, stage_layer: int, stage_input, stage_output, next_layer_kwargs, key_valid,
+                 image_end: int | None = None):
         self.adapter = adapter
         self.stage_layer = stage_layer
         self.stage_hidden, self.stage_kwargs = stage_input
         self.next_hidden, self.next_kwargs = stage_output, next_layer_kwargs
         self.key_valid = key_valid
+        #: Where every image ends when the caller knows it (a pad-free batch of one layout): the rows after it
+        #: are then a fixed range, and only those are projected.
+        self.image_end = image_end
+        self._keys: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def observations(self, sample: int, positions: torch.Tensor) -> dict:
         # Query rows are chosen with tensors, never by reading the mask on the host, so that observing does
@@ -73,7 +87,9 @@ class AttentionProbe:
         def all_rows() -> tuple[torch.Tensor, torch.Tensor]:
             return order, valid
 
-        def rows_after_image() -> tuple[torch.Tensor, torch.Tensor]:
+        def rows_after_image() -> tuple[torch.Tensor, torch.Tensor | None]:
+            if self.image_end is not None:
+                return order[self.image_end :], None
             return order, valid & (order > positions.max())
 
         def at_stage(rows) -> torch.Tensor:
@@ -93,9 +109,13 @@ class AttentionProbe:
         """Attention of the query `rows` onto the image's `positions`, averaged over the rows (only those whose
         weight is True, when `row_weights` is given): [heads, n]."""
         cos, sin = kwargs["position_embeddings"]
+        layer = self.adapter.layers[layer_index]
+        if layer_index not in self._keys:
+            self._keys[layer_index] = rotated_keys(layer, hidden, cos, sin)
+        normed, keys = self._keys[layer_index]
         pick = sample if cos.shape[0] > 1 else 0
         probabilities = attention_probabilities(
-            self.adapter.layers[layer_index], hidden[sample], cos[pick], sin[pick], rows, self.key_valid[sample]
+            layer, normed[sample], keys[sample], cos[pick], sin[pick], rows, self.key_valid[sample]
         )[:, :, positions]
         if row_weights is None:
             return probabilities.mean(dim=1)

@@ -198,7 +198,7 @@ class SegmentedPrefill:
         s = self.start
         key_valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         probe = AttentionProbe(self.adapter, stage.after_layer, self.state["stage_input"], hidden,
-                               self.state["layer_kwargs"], key_valid)
+                               self.state["layer_kwargs"], key_valid, image_end=s + current)
         image = torch.arange(s, s + current, device=hidden.device)
         selections = []
         for sample in range(self.batch):

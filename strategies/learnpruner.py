@@ -215,7 +215,7 @@ def max_min_diverse(features: torch.Tensor, selected: torch.Tensor, count: int) 
     Picks stay on the device (no host sync), so the selection can be captured in a CUDA graph."""
     normed = F.normalize(features, dim=-1)
     taken = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
-    taken[selected] = True
+    taken.index_fill_(0, selected, True)  # not taken[selected] = True: that copies the value from the host
     picked = []
     if count and selected.numel() == 0:
         selected = torch.zeros(1, dtype=torch.long, device=features.device)
@@ -227,7 +227,7 @@ def max_min_diverse(features: torch.Tensor, selected: torch.Tensor, count: int) 
     for _ in range(count):
         best = nearest.masked_fill(taken, float("-inf")).argmax()
         picked.append(best)
-        taken[best] = True
+        taken.index_fill_(0, best.reshape(1), True)
         nearest = torch.minimum(nearest, 1 - normed @ normed[best])
     return torch.stack(picked)
 

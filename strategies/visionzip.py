@@ -91,7 +91,7 @@ class VisionZip(PruningStrategy):
         patches = dominant_count - 1 if with_cls else dominant_count
         dominant = torch.topk(scores, patches, sorted=False).indices.sort().values
         rest = torch.ones(scores.shape[0], dtype=torch.bool, device=scores.device)
-        rest[dominant] = False
+        rest.index_fill_(0, dominant, False)  # not rest[dominant] = False: that copies the value from the host
         remaining = true_indices(rest, scores.shape[0] - patches)
 
         features = ctx.observe("vision_features")
@@ -109,7 +109,7 @@ class VisionZip(PruningStrategy):
         slots = torch.cat([dominant, targets])
         if with_cls:  # CLS has no slot of its own: it takes the first free one
             free = torch.ones(scores.shape[0], dtype=torch.bool, device=scores.device)
-            free[slots] = False
+            free.index_fill_(0, slots, False)
             slots = torch.cat([true_indices(free, 1), slots])
         # The slots are ascending; the emitted order goes into them in turn, so the sequence order is VisionZip's.
         return Selection(keep=slots.sort().values, features=projected)
@@ -124,7 +124,7 @@ def merge_contextual(keys: torch.Tensor, features: torch.Tensor, count: int, mer
     step = max(1, keys.shape[0] // count)
     targets = torch.arange(0, keys.shape[0], step, device=keys.device)[:count]
     is_target = torch.zeros(keys.shape[0], dtype=torch.bool, device=keys.device)
-    is_target[targets] = True
+    is_target.index_fill_(0, targets, True)
     members = true_indices(~is_target, keys.shape[0] - targets.shape[0])
     assignment = (normed[members] @ normed[targets].T).argmax(dim=1)  # first maximum wins ties
     flat = features.flatten(1).float()
