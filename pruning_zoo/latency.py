@@ -11,7 +11,9 @@ as medians over repetitions:
   the LLM, with peak and bandwidth measured on the same GPU (a large bf16 matmul, a large copy).
 
 Modes: `eager` is transformers as users run it, with the hook engine; `compiled` is the segmented prefill
-(`pruning_zoo.segmented`), each segment a CUDA graph captured for its token count.
+(`pruning_zoo.segmented`), each segment a CUDA graph captured for its token count, its decoder layers run with
+fused q/k/v and gate/up projections (`pruning_zoo.fused`), as serving engines do. Its peak memory includes those
+weight copies (`fused_copies_gib`); a deployment would keep only them.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pruning_zoo.budget import resolve_budget
 from pruning_zoo.engine import prune
 from pruning_zoo.errors import PruningZooError, closest
 from pruning_zoo.provenance import device_description, git_sha, versions
+from pruning_zoo.fused import FusedLayer, fuse_layers
 from pruning_zoo.segmented import SegmentedPrefill
 from pruning_zoo.strategy import PruningStrategy, params_as_dict
 from pruning_zoo.timing import Clock, TokenClock
@@ -234,10 +237,12 @@ class LatencyCell:
 
 
 def measure(model, inputs: dict, strategy: PruningStrategy, budget: int, mode: str, repeats: int,
-            decode_tokens: int, peaks: dict | None, weights: dict[str, int]) -> dict:
-    """One cell's measurements (see the module docstring); `inputs` already on the model's device."""
+            decode_tokens: int, peaks: dict | None, weights: dict[str, int], fused: list[FusedLayer] | None = None) -> dict:
+    """One cell's measurements (see the module docstring); `inputs` already on the model's device; `fused`: the
+    decoder layers with fused projections the compiled mode runs."""
     device = inputs["input_ids"].device
-    segmented = SegmentedPrefill(model, strategy, budget, inputs)  # also counts the FLOPs both modes compute
+    # Also counts the FLOPs both modes compute.
+    segmented = SegmentedPrefill(model, strategy, budget, inputs, fused if mode == "compiled" else None)
     vision_flops = 2 * sum(segmented.vision_flops)
     llm_flops = 2 * segmented.llm_flops("3ndm")  # SwiGLU: three MLP matrices is what the GPU computes
     if device.type == "cuda":
@@ -367,9 +372,10 @@ class LatencyPlan:
     decode_tokens: int = 16
 
     def cells(self, num_visual: int) -> list[tuple[LatencyCell, PruningStrategy]]:
+        """Eager cells first: the compiled mode's fused weight copies must not count in their peak memory."""
         cells = []
-        for batch in self.batches:
-            for mode in self.modes:
+        for mode in self.modes:
+            for batch in self.batches:
                 for name, strategy in self.strategies.items():
                     budgets = [num_visual] if name == "none" else [b for b in self.budgets if b < num_visual]
                     for budget in budgets:
@@ -417,14 +423,21 @@ def run_benchmark(plan: LatencyPlan, out: Path, device: str, command: str, arch:
     results.update(arch=arch.name, description=arch.description, device=description, dtype=str(dtype).removeprefix("torch."),
                    git_sha=git_sha(), versions=versions(), command=command, peaks=peaks, weight_bytes=weights)
     generator = torch.Generator().manual_seed(0)
+    fused = None
     for cell, strategy in plan.cells(arch.num_visual):
         if cell.key in done:
             continue
+        if cell.mode == "compiled" and fused is None:
+            fused = fuse_layers(adapter_for(model).layers)
+            results["fused_copies_gib"] = sum(
+                f.qkv_weight.numel() * f.qkv_weight.element_size() + f.gate_up_weight.numel() * f.gate_up_weight.element_size()
+                for f in fused) / 2**30
         inputs = arch.prompt(model, cell.batch, torch.Generator().manual_seed(generator.initial_seed() + cell.batch))
         inputs = {k: v.to(device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
         budget = resolve_budget(cell.budget, arch.num_visual)
         try:
-            measured = measure(model, inputs, strategy, budget, cell.mode, plan.repeats, plan.decode_tokens, peaks, weights)
+            measured = measure(model, inputs, strategy, budget, cell.mode, plan.repeats, plan.decode_tokens, peaks, weights,
+                               fused)
         except torch.cuda.OutOfMemoryError as error:
             measured = {"error": f"out of memory: {str(error).splitlines()[0]}"}
             torch.cuda.empty_cache()
@@ -457,8 +470,20 @@ def frame(results: dict):
     return pd.DataFrame(rows)
 
 
+def _get(row, key):
+    """A cell's value, None where the row or the value is missing (NaN in the frame)."""
+    if row is None:
+        return None
+    value = row.get(key)
+    return None if value is None or value != value else value
+
+
 def _number(value, digits: int = 2) -> str:
     return "-" if value is None or value != value else f"{value:.{digits}f}"
+
+
+def _times(value) -> str:
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def targets(results: dict) -> list[tuple[str, str, bool | None]]:
@@ -504,6 +529,7 @@ def markdown(results: dict) -> str:
 
     table = frame(results)
     peaks = results.get("peaks") or {}
+    clock = next((c["clock"] for c in results["cells"] if "clock" in c), "CUDA events")
     lines = [
         f"# Latency: {results['arch']} on {results['device']}",
         "",
@@ -516,9 +542,11 @@ def markdown(results: dict) -> str:
         lines.append(f"- this GPU, measured: {peaks['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s bf16 matmul, "
                      f"{peaks['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s ({peaks['how']})")
     lines += [
-        "- TTFT: vision tower + projector, selection, LLM prefill writing its KV cache, first token; CUDA events, "
+        f"- TTFT: vision tower + projector, selection, LLM prefill writing its KV cache, first token; {clock}, "
         "medians over the repetitions after 3 warm-up runs. `compiled`: the segmented prefill, one CUDA graph per "
-        "segment; `eager`: transformers' forward under the hook engine.",
+        "segment, decoder layers with fused q/k/v and gate/up projections (its peak memory includes "
+        f"{results.get('fused_copies_gib', 0):.1f} GiB of fused weight copies); `eager`: transformers' forward under the "
+        "hook engine.",
         "- selection: every pruning step (scoring, selecting, gathering); decode: eager generate(), per token after "
         "the first; floor: max(FLOPs / peak, weight bytes / bandwidth) for the vision tower plus the same for the LLM.",
         "",
@@ -536,23 +564,21 @@ def markdown(results: dict) -> str:
         body = []
         keys = sorted(set(eager.index) | set(compiled.index), key=lambda k: (k[0] != "none", k[0], -k[1]))
         for key in keys:
-            e = eager.loc[key] if key in eager.index else {}
-            c = compiled.loc[key] if key in compiled.index else {}
-            ttft = c.get("ttft_ms") if len(c) else None
+            e = eager.loc[key] if key in eager.index else None
+            c = compiled.loc[key] if key in compiled.index else None
+            ttft, share = _get(c, "ttft_ms"), _get(c, "selection_share")
             body.append([
-                key[0], key[1], _number(e.get("ttft_ms") if len(e) else None), _number(ttft),
-                _number(base / ttft if base and ttft else None) + "x",
-                _number(c.get("selection_ms") if len(c) else None, 3)
-                + (f" ({c['selection_share']:.1%})" if len(c) and c.get("selection_share") == c.get("selection_share") else ""),
-                _number(c.get("vision_ms") if len(c) else None), _number(c.get("llm_ms") if len(c) else None),
-                _number(e.get("decode_ms_per_token") if len(e) else None),
-                _number(max(e.get("peak_memory_gib") or 0, c.get("peak_memory_gib") or 0) if (len(e) or len(c)) else None, 1),
-                _number((c if len(c) else e).get("tflops"), 2),
-                _number(c.get("floor_ms") if len(c) else None), _number(c.get("ttft_over_floor") if len(c) else None) + "x",
-                (c.get("eager_segments") if len(c) else "") or "",
+                key[0], key[1], _number(_get(e, "ttft_ms")), _number(ttft),
+                _times(base / ttft if base and ttft else None),
+                _number(_get(c, "selection_ms"), 3) + ("" if share is None else f" ({share:.1%})"),
+                _number(_get(c, "vision_ms")), _number(_get(c, "llm_ms")), _number(_get(e, "decode_ms_per_token")),
+                _number(_get(e, "peak_memory_gib"), 1) + " / " + _number(_get(c, "peak_memory_gib"), 1),
+                _number(_get(c if c is not None else e, "tflops"), 2),
+                _number(_get(c, "floor_ms")), _times(_get(c, "ttft_over_floor")),
+                _get(c, "eager_segments") or "",
             ])
         headers = ["strategy", "budget", "TTFT eager ms", "TTFT compiled ms", "speedup", "selection ms (share)",
-                   "vision ms", "LLM ms", "decode ms/token", "peak GiB", "TFLOPs", "floor ms", "TTFT / floor",
+                   "vision ms", "LLM ms", "decode ms/token", "peak GiB eager / compiled", "TFLOPs", "floor ms", "TTFT / floor",
                    "segments run eagerly"]
         lines += [tabulate(body, headers=headers, tablefmt="github"), ""]
     errors = table[table["error"] != ""]

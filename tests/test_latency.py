@@ -1,0 +1,114 @@
+"""The latency benchmark's bookkeeping on CPU (a tiny architecture; the numbers themselves come from a GPU):
+every cell is measured once, results resume, FLOPs follow the budgets, the page reports the targets, and bad
+input is refused with a way out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import pruning_zoo
+import tiny_models
+from pruning_zoo import latency
+from pruning_zoo.cli import app
+from pruning_zoo.errors import PruningZooError
+
+TINY = latency.Architecture("tiny-llava", "a tiny LLaVA", tiny_models.llava_config, latency.llava_prompt(3, 4), 16)
+STRATEGIES = ["none", "random", "pool", "visionzip", "fastv", "transprune", "learnpruner"]
+
+
+def plan(**changes) -> latency.LatencyPlan:
+    options = dict(arch="tiny-llava", batches=[1, 2], budgets=[8, 4, 16],
+                   strategies={name: pruning_zoo.get_strategy(name) for name in STRATEGIES},
+                   modes=["eager", "compiled"], repeats=2, decode_tokens=3)
+    return latency.LatencyPlan(**{**options, **changes})
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    out = tmp_path_factory.mktemp("latency")
+    results = latency.run_benchmark(plan(), out, "cpu", "pruning-zoo bench latency (test)", arch=TINY, dtype=torch.float32)
+    return out, results
+
+
+def test_every_cell_is_measured_once_with_its_figures(measured):
+    _, results = measured
+    cells = [entry["cell"] for entry in results["cells"]]
+    # 2 batches x 2 modes x (none once + 6 strategies x 2 budgets below 16)
+    assert len(cells) == 2 * 2 * (1 + 6 * 2)
+    assert len({json.dumps(c, sort_keys=True) for c in cells}) == len(cells)
+    for entry in results["cells"]:
+        assert entry["ttft_ms"] > 0 and entry["selection_ms"] >= 0 and entry["clock"].startswith("CPU")
+        assert entry["ttft_ms"] >= entry["selection_ms"]
+        assert (entry["decode_ms_per_token"] is not None) == (entry["cell"]["mode"] == "eager")
+        if entry["cell"]["mode"] == "compiled" and entry["cell"]["strategy"] != "random":
+            assert entry["agreement_with_eager"]["max_abs_logit_difference"] < 1e-4
+            assert entry["agreement_with_eager"]["same_first_token"]
+    assert results["git_sha"] and results["versions"]["torch"] and results["device"].startswith("CPU")
+
+
+def test_flops_follow_the_budget(measured):
+    _, results = measured
+    llm = {(e["cell"]["strategy"], e["cell"]["budget"], e["cell"]["batch"]): e["flops"]["llm"]
+           for e in results["cells"] if e["cell"]["mode"] == "eager"}
+    for batch in (1, 2):
+        for name in ("random", "pool", "fastv"):
+            assert llm[("none", 16, batch)] > llm[(name, 8, batch)] > llm[(name, 4, batch)]
+        assert llm[("none", 16, 2)] == 2 * llm[("none", 16, 1)]
+
+
+def test_a_rerun_measures_nothing_again_and_a_larger_plan_only_the_new_cells(measured):
+    out, results = measured
+    before = json.loads((out / "tiny-llava.json").read_text())
+    again = latency.run_benchmark(plan(), out, "cpu", "again", arch=TINY, dtype=torch.float32)
+    assert again["cells"] == before["cells"]
+    seen = []
+    latency.run_benchmark(plan(budgets=[8, 4, 2], strategies={"pool": pruning_zoo.get_strategy("pool")}), out, "cpu",
+                          "more", arch=TINY, dtype=torch.float32, on_cell=lambda cell, _: seen.append(cell))
+    assert sorted((c.mode, c.batch, c.budget) for c in seen) == sorted(
+        (mode, batch, 2) for mode in ("eager", "compiled") for batch in (1, 2))
+
+
+def test_the_page_shows_every_strategy_and_the_targets(measured):
+    out, _ = measured
+    page = (out / "tiny-llava.md").read_text()
+    assert "## Targets" in page and "selection <= 3% of TTFT" in page
+    assert "## Batch 1" in page and "## Batch 2" in page
+    for name in STRATEGIES:
+        assert f"| {name} " in page
+    assert "pruning-zoo bench latency (test)" in page or "more" in page
+
+
+def test_results_of_another_device_are_never_mixed(tmp_path):
+    (tmp_path / "tiny-llava.json").write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3", "cells": [{"cell": {}}]}))
+    with pytest.raises(PruningZooError, match="another --out"):
+        latency.run_benchmark(plan(), tmp_path, "cpu", "x", arch=TINY, dtype=torch.float32)
+
+
+def test_a_damaged_results_file_is_a_clear_error(tmp_path):
+    (tmp_path / "tiny-llava.json").write_text("{not json")
+    with pytest.raises(PruningZooError, match="move it away"):
+        latency.run_benchmark(plan(), tmp_path, "cpu", "x", arch=TINY, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--arch", "llava7b", "--device", "cuda"], "did you mean 'llava-1.5-7b'"),
+    (["--device", "cpu"], "run it on a GPU"),
+    (["--device", "cuda", "--modes", "graphs"], "unknown mode 'graphs'"),
+    (["--device", "cuda", "--batch", "0"], "not a positive whole number"),
+    (["--device", "cuda", "--strategies", "fastvv"], "fastv"),
+])
+def test_bad_options_are_refused_before_anything_is_built(args, message):
+    result = CliRunner().invoke(app, ["bench", "latency", *args])
+    assert result.exit_code != 0
+    assert message in result.output
+
+
+def test_the_7b_architectures_are_the_published_shapes():
+    llava = latency.llava_1_5_7b_config()
+    assert (llava.text_config.hidden_size, llava.text_config.num_hidden_layers, llava.vision_config.image_size) == (4096, 32, 336)
+    qwen = latency.qwen2_vl_7b_config()
+    assert (qwen.text_config.hidden_size, qwen.text_config.num_key_value_heads, qwen.vision_config.depth) == (3584, 4, 32)
