@@ -11,9 +11,7 @@ as medians over repetitions:
   the LLM, with peak and bandwidth measured on the same GPU (a large bf16 matmul, a large copy).
 
 Modes: `eager` is transformers as users run it, with the hook engine; `compiled` is the segmented prefill
-(`pruning_zoo.segmented`), each segment a CUDA graph captured for its token count, its decoder layers run with
-fused q/k/v and gate/up projections (`pruning_zoo.fused`), as serving engines do. Its peak memory includes those
-weight copies (`fused_copies_gib`); a deployment would keep only them.
+(`pruning_zoo.segmented`), each segment a CUDA graph captured for its token count, running the model's own layers.
 """
 
 from __future__ import annotations
@@ -33,7 +31,6 @@ from pruning_zoo.budget import resolve_budget
 from pruning_zoo.engine import prune
 from pruning_zoo.errors import PruningZooError, closest
 from pruning_zoo.provenance import device_description, git_sha, versions
-from pruning_zoo.fused import FusedLayer, fuse_layers
 from pruning_zoo.segmented import SegmentedPrefill
 from pruning_zoo.strategy import PruningStrategy, params_as_dict
 from pruning_zoo.timing import Clock, TokenClock
@@ -237,12 +234,10 @@ class LatencyCell:
 
 
 def measure(model, inputs: dict, strategy: PruningStrategy, budget: int, mode: str, repeats: int,
-            decode_tokens: int, peaks: dict | None, weights: dict[str, int], fused: list[FusedLayer] | None = None) -> dict:
-    """One cell's measurements (see the module docstring); `inputs` already on the model's device; `fused`: the
-    decoder layers with fused projections the compiled mode runs."""
+            decode_tokens: int, peaks: dict | None, weights: dict[str, int]) -> dict:
+    """One cell's measurements (see the module docstring); `inputs` already on the model's device."""
     device = inputs["input_ids"].device
-    # Also counts the FLOPs both modes compute.
-    segmented = SegmentedPrefill(model, strategy, budget, inputs, fused if mode == "compiled" else None)
+    segmented = SegmentedPrefill(model, strategy, budget, inputs)  # also counts the FLOPs both modes compute
     vision_flops = 2 * sum(segmented.vision_flops)
     llm_flops = 2 * segmented.llm_flops("3ndm")  # SwiGLU: three MLP matrices is what the GPU computes
     if device.type == "cuda":
@@ -372,7 +367,6 @@ class LatencyPlan:
     decode_tokens: int = 16
 
     def cells(self, num_visual: int) -> list[tuple[LatencyCell, PruningStrategy]]:
-        """Eager cells first: the compiled mode's fused weight copies must not count in their peak memory."""
         cells = []
         for mode in self.modes:
             for batch in self.batches:
@@ -423,21 +417,14 @@ def run_benchmark(plan: LatencyPlan, out: Path, device: str, command: str, arch:
     results.update(arch=arch.name, description=arch.description, device=description, dtype=str(dtype).removeprefix("torch."),
                    git_sha=git_sha(), versions=versions(), command=command, peaks=peaks, weight_bytes=weights)
     generator = torch.Generator().manual_seed(0)
-    fused = None
     for cell, strategy in plan.cells(arch.num_visual):
         if cell.key in done:
             continue
-        if cell.mode == "compiled" and fused is None:
-            fused = fuse_layers(adapter_for(model).layers)
-            results["fused_copies_gib"] = sum(
-                f.qkv_weight.numel() * f.qkv_weight.element_size() + f.gate_up_weight.numel() * f.gate_up_weight.element_size()
-                for f in fused) / 2**30
         inputs = arch.prompt(model, cell.batch, torch.Generator().manual_seed(generator.initial_seed() + cell.batch))
         inputs = {k: v.to(device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
         budget = resolve_budget(cell.budget, arch.num_visual)
         try:
-            measured = measure(model, inputs, strategy, budget, cell.mode, plan.repeats, plan.decode_tokens, peaks, weights,
-                               fused)
+            measured = measure(model, inputs, strategy, budget, cell.mode, plan.repeats, plan.decode_tokens, peaks, weights)
         except torch.cuda.OutOfMemoryError as error:
             measured = {"error": f"out of memory: {str(error).splitlines()[0]}"}
             torch.cuda.empty_cache()
@@ -543,10 +530,8 @@ def markdown(results: dict) -> str:
                      f"{peaks['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s ({peaks['how']})")
     lines += [
         f"- TTFT: vision tower + projector, selection, LLM prefill writing its KV cache, first token; {clock}, "
-        "medians over the repetitions after 3 warm-up runs. `compiled`: the segmented prefill, one CUDA graph per "
-        "segment, decoder layers with fused q/k/v and gate/up projections (its peak memory includes "
-        f"{results.get('fused_copies_gib', 0):.1f} GiB of fused weight copies); `eager`: transformers' forward under the "
-        "hook engine.",
+        "medians over the repetitions after 3 warm-up runs. `compiled`: the segmented prefill (on a GPU one CUDA "
+        "graph per segment) over the model's own modules; `eager`: transformers' forward under the hook engine.",
         "- selection: every pruning step (scoring, selecting, gathering); decode: eager generate(), per token after "
         "the first; floor: max(FLOPs / peak, weight bytes / bandwidth) for the vision tower plus the same for the LLM.",
         "",

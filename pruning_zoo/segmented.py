@@ -32,7 +32,6 @@ from pruning_zoo.adapters import adapter_for
 from pruning_zoo.budget import Budget, check_budget, resolve_budget
 from pruning_zoo.engine import check_plan, check_selection, positions_after
 from pruning_zoo.errors import PruningZooError
-from pruning_zoo.fused import FusedLayer
 from pruning_zoo.flops import Convention, DecoderShape, llm_flops
 from pruning_zoo.observe import AttentionProbe
 from pruning_zoo.sequence import Survivors
@@ -81,12 +80,9 @@ class SegmentedPrefill:
     on a GPU, `capture()` records each segment in a CUDA graph and `replay()` runs the graphs. After either,
     `logits` [B, vocab] are the last position's logits and `first_token` [B] their argmax."""
 
-    def __init__(self, model: nn.Module, strategy: PruningStrategy, budget: Budget, inputs: dict,
-                 fused_layers: list[FusedLayer] | None = None):
+    def __init__(self, model: nn.Module, strategy: PruningStrategy, budget: Budget, inputs: dict):
         check_budget(budget)
         self.model, self.strategy = model, strategy
-        #: The decoder layers with fused projections (`pruning_zoo.fused`), or None for the model's own layers.
-        self.fused_layers = fused_layers
         self.adapter = adapter_for(model)
         self.input_ids = inputs["input_ids"]
         self.vision_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
@@ -165,13 +161,9 @@ class SegmentedPrefill:
             layer = self.adapter.layers[index]
             if index == last and not final:
                 self.state["stage_input"] = (hidden, kwargs)
-            if self.fused_layers is not None:
-                record = self._sublayers.setdefault(index, {}) if watch else None
-                hidden = self.fused_layers[index](hidden, *kwargs["position_embeddings"], kwargs["past_key_values"], index, record)
-            else:
-                with attached(self._sublayer_hooks(index, layer) if watch else []):
-                    output = layer(hidden, **kwargs)
-                hidden = output[0] if isinstance(output, tuple) else output
+            with attached(self._sublayer_hooks(index, layer) if watch else []):
+                output = layer(hidden, **kwargs)
+            hidden = output[0] if isinstance(output, tuple) else output
             if watch:
                 self._index_at[index] = self.state["index"]
         self.state.update(hidden=hidden, layer_kwargs=kwargs)

@@ -228,7 +228,7 @@ def max_min_diverse(features: torch.Tensor, selected: torch.Tensor, count: int) 
         best = nearest.masked_fill(taken, float("-inf")).argmax()
         picked.append(best)
         taken.index_fill_(0, best.reshape(1), True)
-        nearest = torch.minimum(nearest, 1 - normed @ normed[best])
+        nearest = torch.minimum(nearest, 1 - normed @ normed.index_select(0, best.reshape(1))[0])  # normed[best] reads best on the host
     return torch.stack(picked)
 
 

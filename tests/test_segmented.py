@@ -9,9 +9,7 @@ import torch
 import pruning_zoo
 import tiny_models
 from pruning_zoo.engine import prune
-from pruning_zoo.adapters import adapter_for
 from pruning_zoo.errors import PruningZooError
-from pruning_zoo.fused import fuse_layers
 from pruning_zoo.segmented import SegmentedPrefill
 
 
@@ -54,18 +52,16 @@ def uniform_model(request, tmp_path_factory):
     return request.param, family.build(tmp_path_factory.mktemp(request.param))
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["model-layers", "fused-projections"])
 @pytest.mark.parametrize("case", sorted(STRATEGIES))
 @pytest.mark.parametrize("batch_size", [1, 3])
-def test_segmented_prefill_gives_the_engines_logits(uniform_model, case, batch_size, fused):
+def test_segmented_prefill_gives_the_engines_logits(uniform_model, case, batch_size):
     name, model = uniform_model
     params, budget = STRATEGIES[case]
     strategy_name = case.split("-")[0]
     inputs = UNIFORM[name](batch_size)
     with torch.no_grad(), prune(model, pruning_zoo.get_strategy(strategy_name, **params), budget) as run:
         expected = model(**inputs).logits[:, -1]
-    layers = fuse_layers(adapter_for(model).layers) if fused else None
-    segmented = SegmentedPrefill(model, pruning_zoo.get_strategy(strategy_name, **params), budget, inputs, layers)
+    segmented = SegmentedPrefill(model, pruning_zoo.get_strategy(strategy_name, **params), budget, inputs)
     segmented.run()
     torch.testing.assert_close(segmented.logits, expected, atol=1e-5, rtol=1e-4)
     assert torch.equal(segmented.first_token, expected.argmax(-1))
