@@ -411,6 +411,8 @@ def run_benchmark(plan: LatencyPlan, out: Path, device: str, command: str, arch:
         raise PruningZooError(f"{path} holds results measured on {results.get('device')}, not on {description}; "
                               "choose another --out so devices are never mixed")
     done = {json.dumps(c["cell"], sort_keys=True) for c in results["cells"]}
+    for entry in results["cells"]:  # cells measured by an earlier run keep that run's commit
+        entry.setdefault("git_sha", results.get("git_sha"))
     model = build_random(arch, device, dtype)
     peaks = device_peaks(device) if device.startswith("cuda") else None
     weights = weight_bytes(model)
@@ -428,7 +430,7 @@ def run_benchmark(plan: LatencyPlan, out: Path, device: str, command: str, arch:
         except torch.cuda.OutOfMemoryError as error:
             measured = {"error": f"out of memory: {str(error).splitlines()[0]}"}
             torch.cuda.empty_cache()
-        results["cells"].append({"cell": dataclasses.asdict(cell), **measured})
+        results["cells"].append({"cell": dataclasses.asdict(cell), "git_sha": results["git_sha"], **measured})
         write_results(path, results)
         path.with_suffix(".md").write_text(markdown(results))
         if on_cell is not None:
@@ -467,6 +469,13 @@ def _get(row, key):
 
 def _number(value, digits: int = 2) -> str:
     return "-" if value is None or value != value else f"{value:.{digits}f}"
+
+
+def _earlier_commits(results: dict) -> str:
+    earlier = sorted({c.get("git_sha") for c in results["cells"]} - {results["git_sha"], None})
+    if not earlier:
+        return ""
+    return " (cells resumed from an earlier run name theirs: " + ", ".join(f"`{sha}`" for sha in earlier) + ")"
 
 
 def _times(value) -> str:
@@ -523,7 +532,7 @@ def markdown(results: dict) -> str:
         f"{results['description']}; random {results['dtype']} weights built from the config on the device, SDPA attention.",
         "",
         f"- command: `{results['command']}`",
-        f"- git SHA: `{results['git_sha']}`; versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()),
+        f"- git SHA: `{results['git_sha']}`" + _earlier_commits(results) + "; versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()),
     ]
     if peaks:
         lines.append(f"- this GPU, measured: {peaks['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s bf16 matmul, "

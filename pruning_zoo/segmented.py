@@ -48,8 +48,9 @@ class Segment:
     graph: torch.cuda.CUDAGraph | None = None
     #: Why it runs eagerly on a GPU (None: captured, or not yet tried).
     eager_reason: str | None = None
-    #: The state tensors it wrote when captured: later graphs read these, so an eager run copies into them.
-    outputs: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    #: The state it wrote when captured (tensors, and tuples or dicts of them): later graphs read these tensors,
+    #: so an eager run copies into them, and a replay points the state back at them.
+    outputs: dict[str, object] = dataclasses.field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -293,8 +294,7 @@ class SegmentedPrefill:
                 segment.eager_reason, eager_before = reason, True
                 self.state = dict(before)
                 segment.run()
-            segment.outputs = {key: value for key, value in self.state.items()
-                               if isinstance(value, torch.Tensor) and value is not before.get(key)}
+            segment.outputs = {key: value for key, value in self.state.items() if value is not before.get(key)}
         torch.cuda.synchronize()
 
     def _sync_reason(self, segment: Segment) -> str | None:
@@ -321,8 +321,9 @@ class SegmentedPrefill:
                     continue
                 segment.run()
                 for key, static in segment.outputs.items():
-                    static.copy_(self.state[key])
-                    self.state[key] = static
+                    if isinstance(static, torch.Tensor):  # tuples and dicts stay the fresh ones: only eager reads them
+                        static.copy_(self.state[key])
+                        self.state[key] = static
 
     @staticmethod
     def _span(clock: Clock | None, segment: Segment):
