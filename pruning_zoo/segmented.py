@@ -118,7 +118,7 @@ class SegmentedPrefill:
         positions = seen["positions"]
         if positions is None:
             positions = torch.arange(self.length, device=self.input_ids.device)[None].expand(self.batch, -1)
-        return positions, seen["embeds"]
+        return positions.contiguous(), seen["embeds"]
 
     def _build(self) -> list[Segment]:
         segments = [Segment("vision", self._vision)]
@@ -146,7 +146,8 @@ class SegmentedPrefill:
         s, n = self.start, self.num_visual
         hidden = torch.cat([embeds[:, :s], features.reshape(self.batch, n, -1).to(embeds.dtype), embeds[:, s + n :]], dim=1)
         order = torch.arange(self.length, device=hidden.device)
-        self.state.update(hidden=hidden, positions=self.entry_positions, index=order[None].expand(self.batch, -1))
+        # Materialised, not expanded views: an eager run after a graph copies into them.
+        self.state.update(hidden=hidden, positions=self.entry_positions, index=order[None].repeat(self.batch, 1))
 
     def _layers(self, first: int, last: int, final: bool = False) -> None:
         hidden, positions = self.state["hidden"], self.state["positions"]
