@@ -119,8 +119,13 @@ def _provenance(group: pd.DataFrame) -> str:
     modes = ", ".join(sorted(set(group["mode"])))
     clocks = ", ".join(sorted(set(group["clock"])))
     batch = ", ".join(str(b) for b in sorted(set(group["batch_size"])))
-    return (f"Measured on {group['device'].iloc[0]} ({clocks}, {modes} transformers, batch size {batch}; latencies are "
-            f"medians over batches after one warm-up batch). Made by {commands} at git {shas}; versions {versions}.")
+    if set(group["mode"]) == {"compiled"}:
+        timing = ("TTFT and selection in the compiled mode: the prefill as CUDA-graph segments, on copies of the task's "
+                  "first document, medians after warm-up; decode and memory from the evaluation's batches")
+    else:
+        timing = f"{modes} transformers; latencies are medians over batches after one warm-up batch"
+    return (f"Measured on {group['device'].iloc[0]} ({clocks}, batch size {batch}; {timing}). "
+            f"Made by {commands} at git {shas}; versions {versions}.")
 
 
 def markdown(frame: pd.DataFrame, plots: dict[tuple, str] | None = None) -> str:

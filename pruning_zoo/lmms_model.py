@@ -74,6 +74,8 @@ class PrunedVLM(lmms):
         self.document_measurements: dict[tuple[str, int], dict] = {}
         #: One entry per batch, in the order they ran.
         self.batch_timings: list[dict] = []
+        #: The first document's prompt and images: the compiled-mode latency is measured on copies of it.
+        self.latency_example: tuple[str, list[Image.Image]] | None = None
         #: With several processes, a batch that fails is recorded here instead of raising: a process leaving
         #: lmms-eval's collectives would leave the others waiting. The runner fails the cell from it.
         self.errors: list[str] = []
@@ -163,6 +165,27 @@ class PrunedVLM(lmms):
     def _peak_memory(self) -> int | None:
         return torch.cuda.max_memory_allocated(self.loaded.device) if self.loaded.device.type == "cuda" else None
 
+    def compiled_latency(self, repeats: int = 20) -> dict:
+        """Time to first token in the compiled mode (`pruning_zoo.segmented`: on a GPU one CUDA graph per segment)
+        for a batch of `batch_size` copies of the first document this model answered: what a deployment would
+        see, without Python's launch overhead. Medians over `repeats` after warm-up; an error is returned, not
+        raised (the evaluation's results stand without it)."""
+        from pruning_zoo.latency import run_compiled
+        from pruning_zoo.segmented import SegmentedPrefill
+
+        if self.latency_example is None:
+            return {"error": "no document was answered"}
+        text, images = self.latency_example
+        inputs = dict(self._inputs([text] * self.batch_size, images * self.batch_size))
+        inputs.pop("attention_mask", None)  # identical prompts: no padding
+        try:
+            measured = run_compiled(SegmentedPrefill(self.loaded.model, self.strategy, self.budget, inputs), repeats)
+        except (PruningZooError, NotImplementedError, RuntimeError) as error:
+            return {"error": describe(error)}
+        ttft, selection = (sorted(measured[name])[len(measured[name]) // 2] for name in ("ttft", "selection"))
+        return {"time_to_first_token_ms": ttft, "selection_ms": selection, "selection_share_of_ttft": selection / ttft,
+                "eager_segments": measured["eager_segments"], "repeats": repeats}
+
     # -- lmms-eval's interface -----------------------------------------------------------------------------
     @torch.no_grad()
     def generate_until(self, requests) -> list[str]:
@@ -183,6 +206,7 @@ class PrunedVLM(lmms):
     def _generate_batch(self, batch: Sequence[tuple]) -> list[str]:
         contexts, all_gen_kwargs, doc_to_visuals, doc_ids, tasks, splits = zip(*batch)
         keys, docs, per_doc_images, texts = self._prepare(contexts, doc_to_visuals, doc_ids, tasks, splits)
+        self.latency_example = self.latency_example or (texts[0], per_doc_images[0])
         inputs = self._inputs(texts, [image for images in per_doc_images for image in images])
         until, generate_kwargs = self._generation_options(dict(all_gen_kwargs[0]))
 
@@ -234,6 +258,7 @@ class PrunedVLM(lmms):
     def _loglikelihood_batch(self, batch: Sequence[tuple]) -> list[tuple[float, bool]]:
         contexts, doc_to_targets, doc_to_visuals, doc_ids, tasks, splits = zip(*batch)
         keys, docs, per_doc_images, prompts = self._prepare(contexts, doc_to_visuals, doc_ids, tasks, splits)
+        self.latency_example = self.latency_example or (prompts[0], per_doc_images[0])
         continuations = [target if isinstance(target, str) else str(target(doc)) for target, doc in zip(doc_to_targets, docs)]
         flat_images = [image for images in per_doc_images for image in images]
         full = self._inputs([p + c for p, c in zip(prompts, continuations)], flat_images)

@@ -237,3 +237,25 @@ def test_loglikelihood_matches_a_direct_computation(tiny_testbed_model):
         assert logprob == pytest.approx(float(logits.gather(1, targets[:, None]).sum()), abs=1e-4)
         assert greedy == bool((logits.argmax(-1) == targets).all())
     assert [m["entering_llm"] for m in lm.document_measurements.values()] == [576] * 3
+
+
+def test_the_compiled_latency_times_copies_of_the_first_document(tiny_testbed_model):
+    """On a GPU the leaderboard's latency is the compiled mode's: a batch of copies of the first document
+    answered, run as the segmented prefill. Here (CPU) the same segments run eagerly."""
+    from PIL import Image
+
+    from pruning_zoo.runner import with_compiled_latency
+
+    lm = PrunedVLM(pretrained=tiny_testbed_model, device="cpu", batch_size=3, strategy="fastv", budget="64")
+    assert "error" in lm.compiled_latency()  # nothing answered yet
+    lm.task_dict = {"t": {"test": [{"q": "is there a red circle ?"}]}}
+    image = Image.new("RGB", (336, 336), "red")
+    lm.generate_until([Request("is there a red circle ?", {"max_new_tokens": 2}, lambda doc: [image], 0, "t", "test")])
+    compiled = lm.compiled_latency(repeats=2)
+    assert compiled["time_to_first_token_ms"] > compiled["selection_ms"] > 0
+    eager = {"time_to_first_token_ms": 9.0, "selection_ms": 1.0, "selection_share_of_ttft": 0.11, "batch_size": 3,
+             "mode": "eager", "decode_ms_per_token": 2.0, "how": "Per batch of up to 3 documents ..."}
+    merged = with_compiled_latency(eager, compiled)
+    assert merged["mode"] == "compiled" and merged["eager"]["time_to_first_token_ms"] == 9.0
+    assert merged["time_to_first_token_ms"] == compiled["time_to_first_token_ms"] and merged["decode_ms_per_token"] == 2.0
+    assert with_compiled_latency(eager, {"error": "x"}) == {**eager, "compiled_error": "x"}
