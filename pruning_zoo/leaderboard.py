@@ -1,5 +1,5 @@
 """The leaderboard: a pure function of stored results (folders written by `pruning-zoo run`) to markdown tables
-and plots. One table per model, task, device and document limit, so latencies from different devices never
+and plots. One table per model, task, device, document limit and latency mode, so latencies from different devices never
 share a column; rows by budget, with accuracy beside FLOPs and latency."""
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ TABLE_COLUMNS = {
     "peak_memory_gib": "peak GiB",
 }
 GROUP = ["model", "task", "device", "limit"]
+#: Tables also split by how latency was measured (eager or compiled), so one column never mixes the two.
+TABLE_GROUP = [*GROUP, "mode"]
 FLOPS_COLUMNS = ["llm_flops_2ndm", "llm_flops_3ndm", "vision_flops"]
 
 
@@ -141,8 +143,8 @@ def markdown(frame: pd.DataFrame, plots: dict[tuple, str] | None = None) -> str:
     ]
     if frame.empty:
         return "\n".join(lines + ["", "No finished results.", ""])
-    for key, group in frame.groupby(GROUP, sort=False):
-        model, task, device, limit = key
+    for key, group in frame.groupby(TABLE_GROUP, sort=False):
+        model, task, device, limit, mode = key
         scale, unit = flops_unit(group[FLOPS_COLUMNS].to_numpy().ravel())
         table = group[list(TABLE_COLUMNS)].copy()
         table[FLOPS_COLUMNS] = table[FLOPS_COLUMNS].astype(float) / scale
@@ -153,7 +155,7 @@ def markdown(frame: pd.DataFrame, plots: dict[tuple, str] | None = None) -> str:
         documents = int(group["documents"].iloc[0])
         lines += [
             "",
-            f"## {task}: {model}, {device}",
+            f"## {task}: {model}, {device}" + (", compiled latency" if mode == "compiled" else ""),
             "",
             f"{documents} documents{'' if limit == 'all' else f' (the first {limit})'}; score = `{metric}`.",
             "",
@@ -206,8 +208,8 @@ def build(paths: list[Path], output: Path) -> tuple[Path, pd.DataFrame]:
     output.mkdir(parents=True, exist_ok=True)
     plots = {}
     (output / "plots").mkdir(exist_ok=True)
-    for key, group in frame.groupby(GROUP, sort=False):
-        name = f"plots/{_slug(*key)}.png"
+    for key, group in frame.groupby(TABLE_GROUP, sort=False):
+        name = f"plots/{_slug(*key[:-1])}{'__compiled' if key[-1] == 'compiled' else ''}.png"
         plot_group(group, output / name)
         plots[key] = name
     page = output / "leaderboard.md"
