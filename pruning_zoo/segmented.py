@@ -259,7 +259,18 @@ class SegmentedPrefill:
         for segment in self.segments:
             with self._span(clock, segment):
                 segment.run()
+            if self._validate and segment.name == "vision":
+                self._check_embeddings()
         self._validate = False
+
+    def _check_embeddings(self) -> None:
+        """Our vision segment must hand the language model what the model's own forward does."""
+        ours, expected = self.state["hidden"].float(), self.expected_embeds.float()
+        tolerance = 1e-4 if self.expected_embeds.dtype == torch.float32 else 2e-2
+        if ours.shape != expected.shape or not torch.allclose(ours, expected, atol=tolerance * float(expected.abs().max()), rtol=tolerance):
+            raise PruningZooError(f"the segmented prefill's embeddings differ from {type(self.model).__name__}'s own; its "
+                                  "adapter's image_features does not match the model's forward: use the eager engine")
+        self.expected_embeds = None
 
     @torch.no_grad()
     def capture(self) -> None:

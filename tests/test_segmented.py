@@ -97,3 +97,12 @@ def test_capture_needs_a_gpu(uniform_model):
     segmented = SegmentedPrefill(model, pruning_zoo.get_strategy("none"), 16, UNIFORM[name](1))
     with pytest.raises(PruningZooError, match="CUDA"):
         segmented.capture()
+
+
+def test_a_vision_segment_that_disagrees_with_the_model_is_refused(uniform_model, monkeypatch):
+    name, model = uniform_model
+    segmented = SegmentedPrefill(model, pruning_zoo.get_strategy("none"), 16, UNIFORM[name](1))
+    own = segmented.adapter.image_features
+    monkeypatch.setattr(segmented.adapter, "image_features", lambda inputs: own(inputs) * 2)
+    with pytest.raises(PruningZooError, match="embeddings differ"):
+        segmented.run()
