@@ -80,10 +80,12 @@ class ForwardRecord:
 
 
 @contextlib.contextmanager
-def prune(model: nn.Module, strategy: PruningStrategy, budget: Budget, clock: Clock | None = None) -> Iterator[PruningRun]:
+def prune(model: nn.Module, strategy: PruningStrategy, budget: Budget, clock: Clock | None = None,
+          sample_keys: list[str] | None = None) -> Iterator[PruningRun]:
     """Prune `model`'s visual tokens with `strategy` at `budget` for the span of the block. With a `clock`, the
-    engine's own pruning work (scoring, selecting, gathering the survivors) is timed as spans "selection"."""
-    run = PruningRun(adapter_for(model), strategy, budget, clock)
+    engine's own pruning work (scoring, selecting, gathering the survivors) is timed as spans "selection".
+    `sample_keys` names each sample of the batch (e.g. its document); its images get `image_key`s from them."""
+    run = PruningRun(adapter_for(model), strategy, budget, clock, sample_keys)
     handles = run.attach()
     try:
         yield run
@@ -104,15 +106,18 @@ class _Image:
     vision_flops: int
     #: Original indices of the surviving slots (shared with the record, updated in place).
     kept: list[int] = dataclasses.field(default_factory=list)
+    key: str | None = None
 
 
 class PruningRun:
     """The state of one `prune` block: hooks, the current forward's images, and the records."""
 
-    def __init__(self, adapter: ModelAdapter, strategy: PruningStrategy, budget: Budget, clock: Clock | None = None):
+    def __init__(self, adapter: ModelAdapter, strategy: PruningStrategy, budget: Budget, clock: Clock | None = None,
+                 sample_keys: list[str] | None = None):
         check_budget(budget)
         self.adapter, self.strategy, self.budget = adapter, strategy, budget
         self.clock = clock
+        self.sample_keys = sample_keys
         self.records: list[ForwardRecord] = []
         self._input_ids: torch.Tensor | None = None
         self._prefilling = False
@@ -212,15 +217,18 @@ class PruningRun:
         positions = self.adapter.image_positions(input_ids)
         counts = [int(p.numel()) for sample in positions for p in sample]
         grids = iter(self.adapter.image_grids(counts))
+        if self.sample_keys is not None and len(self.sample_keys) != len(positions):
+            raise PruningZooError(f"{len(self.sample_keys)} sample keys for a batch of {len(positions)} samples")
         for sample, sample_positions in enumerate(positions):
-            for image_positions in sample_positions:
+            for order, image_positions in enumerate(sample_positions):
                 num_visual = int(image_positions.numel())
                 stages = self.strategy.plan(resolve_budget(self.budget, num_visual), num_visual, num_layers)
                 check_plan(self.strategy.name, stages, num_visual, num_layers)
                 vision_flops = self.adapter.vision_flops(len(self._images), num_visual)
+                key = None if self.sample_keys is None else f"{self.sample_keys[sample]}#image{order}"
                 self._images.append(
                     _Image(sample, num_visual, image_positions, stages, [num_visual] * num_layers, next(grids), vision_flops,
-                           list(range(num_visual)))
+                           list(range(num_visual)), key)
                 )
         self._stage_layers = {s.after_layer for image in self._images for s in image.stages if s.in_llm}
         self._attention_mask_2d = kwargs.get("attention_mask")
@@ -243,6 +251,7 @@ class PruningRun:
             grid=image.grid if not stage.in_llm else None,
             observations=observations,
             model=self.adapter.identity,
+            image_key=image.key,
         )
         scores = self.strategy.score(ctx)
         if scores.shape != (tokens.shape[0],):

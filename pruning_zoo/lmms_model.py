@@ -212,7 +212,7 @@ class PrunedVLM(lmms):
 
         clock = self._start_batch()
         token_clock = TokenClock(clock)
-        with prune(self.loaded.model, self.strategy, self.budget, clock) as run:
+        with prune(self.loaded.model, self.strategy, self.budget, clock, document_keys(keys)) as run:
             start = clock.mark()
             output = self.loaded.model.generate(**inputs, **generate_kwargs, streamer=token_clock)
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
@@ -268,7 +268,7 @@ class PrunedVLM(lmms):
         prompt_lengths = prompt_only["attention_mask"].sum(dim=1)
 
         clock = self._start_batch()
-        with prune(self.loaded.model, self.strategy, self.budget, clock) as run:
+        with prune(self.loaded.model, self.strategy, self.budget, clock, document_keys(keys)) as run:
             start = clock.mark()
             logits = self.loaded.model(**full).logits  # text positions are never pruned: the tail lines up
             end = clock.mark()
@@ -292,6 +292,12 @@ class PrunedVLM(lmms):
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise PruningZooError("multi-round generation is not supported by pruning-zoo's lmms-eval model")
+
+
+def document_keys(keys: list[tuple[str, int]]) -> list[str]:
+    """Each sample's document as `task/doc_id`: seeded strategies draw from it (the same subset for a document
+    whatever its batch, order or process)."""
+    return [f"{task}/{doc_id}" for task, doc_id in keys]
 
 
 def cut_at_stop(text: str, until: list[str]) -> str:

@@ -129,6 +129,9 @@ class ScoreContext:
     model: ModelIdentity | None = None
     #: Named extra tensors the strategy declared in `observes`, computed by the engine on first use.
     observations: Mapping[str, Callable[[], torch.Tensor]] = dataclasses.field(default_factory=dict)
+    #: A stable name of this image (its document and place in it) when the caller gave one: seeded strategies
+    #: draw from it, so a document gets the same draw whatever its batch, order or process.
+    image_key: str | None = None
 
     def observe(self, name: str, **options) -> torch.Tensor:
         """An engine observation by name, e.g. `ctx.observe("vision_attention", layer=-2)`."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import pydantic
@@ -41,8 +42,10 @@ class RandomParams(StrategyParams):
 class RandomSubset(PruningStrategy):
     """A uniform random subset of each image's visual tokens before the LLM, seeded.
 
-    Each call draws afresh from one generator seeded at construction, so a strategy object built with the
-    same seed selects the same tokens for the same sequence of images.
+    Where the caller names the image (`ScoreContext.image_key`, as `pruning-zoo run` does with the document),
+    the draw comes from a generator seeded by (seed, key): a document gets the same subset whatever its batch,
+    order or process. Without a key each call draws afresh from one generator seeded at construction.
+    Draws are made on the host, so they are the same on every device.
     """
 
     name = "random"
@@ -57,7 +60,11 @@ class RandomSubset(PruningStrategy):
         return (Stage(after_layer=None, keep=budget),)
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
-        return torch.rand(ctx.tokens.shape[0], generator=self._generator)
+        generator = self._generator
+        if ctx.image_key is not None:
+            digest = hashlib.sha256(f"{self.params.seed}:{ctx.image_key}".encode()).digest()
+            generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+        return torch.rand(ctx.tokens.shape[0], generator=generator)
 
 
 class GridPool(PruningStrategy):

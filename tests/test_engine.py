@@ -517,3 +517,22 @@ def test_renumbered_positions_follow_the_family_rule(family_name, tmp_path):
         renumbered = positions_entering_the_llm(model, inputs, KeepFirst(), budget)
         assert torch.equal(renumbered[:, 0, : first + budget], full[:, 0, : first + budget])
         assert torch.equal(renumbered[:, 0, first + budget :], full[:, 0, last + 1 :] - gap), budget
+
+
+def test_a_keyed_random_draw_follows_the_document_not_the_batch(family_model):
+    family, model = family_model
+    if family.name != "llava":
+        pytest.skip("the draw does not depend on the family")
+    strategy = pruning_zoo.get_strategy("random")
+    with torch.no_grad(), prune(model, strategy, 8, sample_keys=["t/0", "t/1"]) as pair:
+        model(**family.inputs(2))
+    with torch.no_grad(), prune(model, strategy, 8, sample_keys=["t/1"]) as alone:
+        model(**family.inputs(1))
+    with torch.no_grad(), prune(model, strategy, 8, sample_keys=["t/0"]) as other:
+        model(**family.inputs(1))
+    assert alone.records[0].images[0].kept == pair.records[0].images[1].kept
+    assert other.records[0].images[0].kept == pair.records[0].images[0].kept
+    assert alone.records[0].images[0].kept != other.records[0].images[0].kept
+    with pytest.raises(pruning_zoo.errors.PruningZooError, match="sample keys"):
+        with torch.no_grad(), prune(model, strategy, 8, sample_keys=["t/0"]):
+            model(**family.inputs(2))
