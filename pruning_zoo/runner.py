@@ -182,7 +182,8 @@ class Sweep:
             self.output.mkdir(parents=True, exist_ok=True)
             remove_temporaries(self.output)
         self.ranks.barrier()
-        self.task_manager = TaskManager("WARNING", include_path=[str(p) for p in local_task_folders(self.suite_folder, self.suite.task_paths)])
+        self.task_manager = task_manager(TaskManager, local_task_folders(self.suite_folder, self.suite.task_paths),
+                                         self.suite.tasks)
         check_tasks(self.task_manager, self.suite.tasks)
         for name in self.suite.strategies:  # parameters were validated with the suite; build once to be sure
             get_strategy(name, **resolve_paths(self.suite.strategies[name], self.suite_folder))
@@ -308,6 +309,17 @@ def task_scores(task_results: dict) -> dict[str, float | None]:
 
 #: Batches whose timings are left out of the medians: the first one warms kernels and allocators.
 WARMUP_BATCHES = 1
+
+
+def task_manager(manager_class, folders: list[Path], tasks: list[str]):
+    """lmms-eval's task index over our local task folders alone when they hold every task of the sweep: indexing
+    lmms-eval's hundreds of built-in task YAMLs takes many seconds in every process of a sweep. Else the full one."""
+    paths = [str(p) for p in folders]
+    if paths:
+        local = manager_class("WARNING", include_path=paths, include_defaults=False)
+        if all(task in local.all_tasks for task in tasks):
+            return local
+    return manager_class("WARNING", include_path=paths or None)
 
 
 def latency_summary(timings: list[dict], device: str, clock_kind: str, batch_size: int) -> dict:

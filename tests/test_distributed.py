@@ -1,6 +1,7 @@
 """A sweep split across two processes (torchrun, gloo on CPU) gives the results of one process."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -23,6 +24,8 @@ def sweep_command(model: str, output: Path) -> list[str]:
 def read_cells(output: Path) -> dict:
     cells = {}
     for folder in sorted(output.iterdir()):
+        if not (folder / results.METRICS).exists():  # a failed cell
+            continue
         metrics = json.loads((folder / results.METRICS).read_text())
         samples = sorted(results.read_samples(folder), key=lambda row: row["doc_id"])
         cells[folder.name] = (metrics["scores"], metrics["visual_tokens"]["average_per_layer"], metrics["evidence_recall"],
@@ -46,3 +49,66 @@ def test_two_gloo_processes_give_the_results_of_one(tiny_testbed_model, tmp_path
     again = subprocess.run([*launch[:-1], str(free_port()), *sweep_command(tiny_testbed_model, two)],
                            capture_output=True, text=True)
     assert again.returncode == 0 and "0 cells evaluated, 3 already finished" in " ".join(again.stdout.split())
+
+
+DRIVER = '''
+import os, sys
+import pruning_zoo
+from pruning_zoo import plugins
+from pruning_zoo.strategy import BudgetMeaning, PruningStrategy, Stage
+
+
+class FailsOnRankOne(PruningStrategy):
+    """Fails on the second process only, while FAIL_ON_RANK_ONE is set."""
+    name = "fails-on-rank-one"
+    budget_meaning = BudgetMeaning.ENTERING_LLM
+
+    def plan(self, budget, num_visual, num_layers):
+        return (Stage(after_layer=None, keep=budget),)
+
+    def score(self, ctx):
+        if os.environ.get("FAIL_ON_RANK_ONE") and os.environ.get("RANK") == "1":
+            raise RuntimeError("rank 1 fails here")
+        return ctx.tokens.float().norm(dim=-1)
+
+
+class Plugin:
+    @pruning_zoo.hookimpl
+    def register_strategies(self, register):
+        register(FailsOnRankOne)
+
+
+plugins.plugin_manager().register(Plugin(), name="fails-on-rank-one")
+from pruning_zoo.cli import main
+sys.argv = ["pruning-zoo", *sys.argv[1:]]
+main()
+'''
+
+
+def test_a_rank_that_fails_leaves_the_other_cells_intact_and_resumable(tiny_testbed_model, tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    output = tmp_path / "results"
+    command = sweep_command(tiny_testbed_model, output)[2:]  # "run ...", without "-m pruning_zoo.cli"
+    command[command.index("--strategies") + 1] = "none,fails-on-rank-one,fastv"
+
+    def launch(fail: bool):
+        env = {**os.environ, "FAIL_ON_RANK_ONE": "1" if fail else ""}
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                    "--master_port", str(free_port()), str(driver)]
+        return subprocess.run([*launcher, *command], capture_output=True, text=True, env=env)
+
+    first = launch(fail=True)
+    # The sweep goes on past the failed cell and exits 1 to say a cell failed.
+    assert first.returncode == 1 and "2 cells evaluated, 0 already finished (skipped), 1 failed" in " ".join(
+        first.stdout.split()), first.stderr[-3000:] + first.stdout[-3000:]
+    statuses = {folder.name.split("__")[2]: sorted(p.name for p in folder.iterdir()) for folder in output.iterdir()}
+    assert statuses["fails-on-rank-one"] == [results.CONFIG, results.ERROR]
+    assert "rank 1 fails here" in (next(output.glob("*fails-on-rank-one*")) / results.ERROR).read_text()
+    finished = read_cells(output)
+    assert len(finished) == 2 and all(len(cell[4]) == 7 for cell in finished.values())  # every document, both cells
+    second = launch(fail=False)
+    assert second.returncode == 0, second.stderr[-3000:] + second.stdout[-3000:]
+    assert "1 cells evaluated, 2 already finished" in " ".join(second.stdout.split())
+    again = read_cells(output)
+    assert {name: again[name] for name in finished} == finished and len(again) == 3
