@@ -404,6 +404,10 @@ def run_benchmark(plan: LatencyPlan, out: Path, device: str, command: str, arch:
     for mode in plan.modes:
         if mode not in MODES:
             raise PruningZooError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
+    too_large = [b for b in plan.budgets if b > arch.num_visual]
+    if too_large:
+        raise PruningZooError(f"budgets {too_large} exceed the {arch.num_visual} visual tokens of {arch.name}'s prompt; "
+                              f"give budgets below {arch.num_visual} (the unpruned model is measured as strategy none)")
     path = out / f"{arch.name}.json"
     results = read_results(path)
     description = device_description(device)

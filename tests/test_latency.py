@@ -88,6 +88,12 @@ def test_results_of_another_device_are_never_mixed(tmp_path):
         latency.run_benchmark(plan(), tmp_path, "cpu", "x", arch=TINY, dtype=torch.float32)
 
 
+def test_a_budget_above_the_visual_tokens_is_refused(tmp_path):
+    with pytest.raises(PruningZooError, match=r"budgets \[17\] exceed the 16 visual tokens"):
+        latency.run_benchmark(plan(budgets=[8, 17]), tmp_path, "cpu", "x", arch=TINY, dtype=torch.float32)
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_damaged_results_file_is_a_clear_error(tmp_path):
     (tmp_path / "tiny-llava.json").write_text("{not json")
     with pytest.raises(PruningZooError, match="move it away"):
