@@ -316,8 +316,8 @@ def run_eager(model, inputs: dict, strategy: PruningStrategy, budget: int, repea
         clock = Clock(device)
         marks = {}
         handles = [
-            adapter.vision_module.register_forward_pre_hook(lambda *_: marks.__setitem__("vision_start", clock.mark())),
-            adapter.vision_module.register_forward_hook(lambda *_: marks.__setitem__("vision_end", clock.mark())),
+            adapter.vision_module.register_forward_pre_hook(marker(marks, "vision_start", clock)),
+            adapter.vision_module.register_forward_hook(marker(marks, "vision_end", clock)),
         ]
         try:
             with torch.no_grad(), prune(model, strategy, budget, clock):
@@ -338,6 +338,15 @@ def run_eager(model, inputs: dict, strategy: PruningStrategy, budget: int, repea
         measured["selection"].append(selection)
         measured["llm"].append(ttft - vision - selection)
     return measured
+
+
+def marker(marks: dict, name: str, clock: Clock) -> Callable:
+    """A hook that marks `name` on `clock` when the module runs."""
+
+    def hook(*_):
+        marks[name] = clock.mark()
+
+    return hook
 
 
 def decode_ms_per_token(model, inputs: dict, strategy: PruningStrategy, budget: int, tokens: int) -> float:

@@ -20,8 +20,8 @@ from PIL import Image
 from pruning_zoo import get_strategy
 from pruning_zoo.budget import Budget, parse_budget
 from pruning_zoo.engine import ForwardRecord, prune
-from pruning_zoo.loading import LoadedVLM, chat_prompt, load_vlm
 from pruning_zoo.errors import InvalidParameterError, PruningZooError, describe
+from pruning_zoo.loading import LoadedVLM, chat_prompt, load_vlm
 from pruning_zoo.testbed.evaluate import evidence_recall
 from pruning_zoo.timing import Clock, TokenClock
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import tiny_models
 import torch
 from typer.testing import CliRunner
 
 import pruning_zoo
-import tiny_models
 from pruning_zoo import latency
 from pruning_zoo.cli import app
 from pruning_zoo.errors import PruningZooError

@@ -4,10 +4,10 @@ same logits for every built-in strategy, on the families it supports, and the sa
 from __future__ import annotations
 
 import pytest
+import tiny_models
 import torch
 
 import pruning_zoo
-import tiny_models
 from pruning_zoo.engine import prune
 from pruning_zoo.errors import PruningZooError
 from pruning_zoo.segmented import SegmentedPrefill
