@@ -10,6 +10,7 @@ model it loaded once for the whole sweep.
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
@@ -182,7 +183,7 @@ class PrunedVLM(lmms):
             measured = run_compiled(SegmentedPrefill(self.loaded.model, self.strategy, self.budget, inputs), repeats)
         except (PruningZooError, NotImplementedError, RuntimeError) as error:
             return {"error": describe(error)}
-        ttft, selection = (sorted(measured[name])[len(measured[name]) // 2] for name in ("ttft", "selection"))
+        ttft, selection = (statistics.median(measured[name]) for name in ("ttft", "selection"))
         return {"time_to_first_token_ms": ttft, "selection_ms": selection, "selection_share_of_ttft": selection / ttft,
                 "eager_segments": measured["eager_segments"], "repeats": repeats}
 
