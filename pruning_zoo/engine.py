@@ -29,7 +29,7 @@ from pruning_zoo.adapters import ModelAdapter, adapter_for
 from pruning_zoo.budget import Budget, check_budget, resolve_budget
 from pruning_zoo.errors import InvalidParameterError, PruningZooError
 from pruning_zoo.flops import Convention, DecoderShape, llm_flops
-from pruning_zoo.observe import AttentionProbe
+from pruning_zoo.observe import AttentionProbe, sublayer_hooks
 from pruning_zoo.sequence import Survivors, causal_mask, gather_positions, mask_invalid_keys
 from pruning_zoo.strategy import PruningStrategy, ScoreContext, Selection, Stage
 from pruning_zoo.timing import Clock
@@ -161,16 +161,11 @@ class PruningRun:
         return handles
 
     def _sublayer_hooks(self, index: int, layer: nn.Module) -> list:
-        def keep(part: str):
-            def hook(module, args, output):
-                if self._prefilling:
-                    self._sublayers.setdefault(index, {})[part] = output[0] if isinstance(output, tuple) else output
+        def store(part: str, tensor: torch.Tensor) -> None:
+            if self._prefilling:
+                self._sublayers.setdefault(index, {})[part] = tensor
 
-            return hook
-
-        parts = {"attn_in": layer.input_layernorm, "attn_out": layer.self_attn,
-                 "mlp_in": layer.post_attention_layernorm, "mlp_out": layer.mlp}
-        return [module.register_forward_hook(keep(part)) for part, module in parts.items()]
+        return sublayer_hooks(layer, store)
 
     def _read_input_ids(self, module, args, kwargs):
         self._input_ids = kwargs.get("input_ids", args[0] if args else None)

@@ -17,6 +17,22 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
+def sublayer_hooks(layer: torch.nn.Module, store) -> list:
+    """Forward hooks on a Llama-layout decoder layer's sub-blocks that hand `store(part, tensor)` their outputs,
+    the tensors of the `sublayer_io` observation: attn_in (input_layernorm), attn_out (self_attn, before the
+    residual add), mlp_in (post_attention_layernorm), mlp_out (mlp)."""
+
+    def keep(part: str):
+        def hook(module, args, output):
+            store(part, output[0] if isinstance(output, tuple) else output)
+
+        return hook
+
+    parts = {"attn_in": layer.input_layernorm, "attn_out": layer.self_attn,
+             "mlp_in": layer.post_attention_layernorm, "mlp_out": layer.mlp}
+    return [module.register_forward_hook(keep(part)) for part, module in parts.items()]
+
+
 def rotated_keys(layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """(normed input, keys with rotary applied) of a whole batch at `layer`: [B, L, d] and [B, kv_heads, L, dh].
     Computed once per layer and shared by every image's observation (one projection, not one per image).

@@ -33,7 +33,7 @@ from pruning_zoo.budget import Budget, check_budget, resolve_budget
 from pruning_zoo.engine import check_plan, check_selection, positions_after
 from pruning_zoo.errors import PruningZooError
 from pruning_zoo.flops import Convention, DecoderShape, llm_flops
-from pruning_zoo.observe import AttentionProbe
+from pruning_zoo.observe import AttentionProbe, sublayer_hooks
 from pruning_zoo.sequence import Survivors
 from pruning_zoo.strategy import PruningStrategy, ScoreContext, Selection, Stage
 from pruning_zoo.timing import Clock
@@ -163,7 +163,7 @@ class SegmentedPrefill:
             layer = self.adapter.layers[index]
             if index == last and not final:
                 self.state["stage_input"] = (hidden, kwargs)
-            with attached(self._sublayer_hooks(index, layer) if watch else []):
+            with attached(sublayer_hooks(layer, self._sublayers.setdefault(index, {}).__setitem__) if watch else []):
                 output = layer(hidden, **kwargs)
             hidden = output[0] if isinstance(output, tuple) else output
             if watch:
@@ -173,17 +173,6 @@ class SegmentedPrefill:
             normed = self.adapter.language_model.norm(hidden[:, -1:])
             logits = self.model.get_output_embeddings()(normed)[:, 0]
             self.state.update(logits=logits, first_token=logits.argmax(dim=-1))
-
-    def _sublayer_hooks(self, index: int, layer: nn.Module) -> list:
-        def keep(part):
-            def hook(module, args, output):
-                self._sublayers.setdefault(index, {})[part] = output[0] if isinstance(output, tuple) else output
-
-            return hook
-
-        parts = {"attn_in": layer.input_layernorm, "attn_out": layer.self_attn,
-                 "mlp_in": layer.post_attention_layernorm, "mlp_out": layer.mlp}
-        return [module.register_forward_hook(keep(part)) for part, module in parts.items()]
 
     def _select_entry(self, stage: Stage, current: int) -> None:
         hidden = self.state["hidden"]
