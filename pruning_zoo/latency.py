@@ -29,7 +29,7 @@ import transformers
 from pruning_zoo.adapters import adapter_for
 from pruning_zoo.budget import resolve_budget
 from pruning_zoo.engine import prune
-from pruning_zoo.errors import PruningZooError, closest
+from pruning_zoo.errors import PruningZooError, UnknownNameError
 from pruning_zoo.provenance import device_description, git_sha, versions
 from pruning_zoo.segmented import SegmentedPrefill
 from pruning_zoo.strategy import PruningStrategy, params_as_dict
@@ -149,9 +149,7 @@ ARCHITECTURES = {
 
 def architecture(name: str) -> Architecture:
     if name not in ARCHITECTURES:
-        hint = closest(name, list(ARCHITECTURES))
-        raise PruningZooError(f"unknown architecture {name!r}" + (f"; did you mean {hint!r}?" if hint else "")
-                              + f" known: {', '.join(ARCHITECTURES)}")
+        raise UnknownNameError("architecture", name, ARCHITECTURES)
     return ARCHITECTURES[name]
 
 
