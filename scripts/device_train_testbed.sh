@@ -8,6 +8,7 @@
 # Usage on the device: PRUNING_ZOO_GIT_SHA=<commit> [SECONDS_PER_CALL=530] bash scripts/device_train_testbed.sh DIR
 set -euo pipefail
 out=${1:?usage: device_train_testbed.sh DIR}
+python3 -m pip install -q --no-deps .wheels/*.whl   # pydantic and the rest the image lacks (scripts/device-wheels.txt)
 python3 -m pip install -q --no-deps --no-build-isolation -e .
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 resume=()
