@@ -184,6 +184,9 @@ def run(
     device: Annotated[str | None, typer.Option(help="cuda, cuda:N or cpu (default: cuda when there is one).")] = None,
     dtype: Annotated[str, typer.Option(help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")] = "auto",
     dry_run: Annotated[bool, typer.Option(help="Validate everything and print the sweep's cells; run nothing.")] = False,
+    compiled_latency: Annotated[bool | None, typer.Option(
+        help="Also time each cell's first document in the compiled mode (the latency column; CUDA graphs). "
+             "Default: on a GPU only (on a CPU its segments run eagerly).")] = None,
 ) -> None:
     """Evaluate a suite's strategies across its tasks, models and budgets through lmms-eval, one result folder
     per cell. Finished cells are skipped: rerun the same command to resume or to retry failed cells."""
@@ -209,7 +212,7 @@ def run(
 
         import_lmms_eval()
         sweep = Sweep(resolved, output, suite_folder=suite_file(suite).parent.resolve(), device=device, dtype=dtype,
-                      command="pruning-zoo " + " ".join(sys.argv[1:]))
+                      command="pruning-zoo " + " ".join(sys.argv[1:]), compiled_latency=compiled_latency)
         if not sweep.ranks.main:  # other processes of a multi-process run work silently; rank 0 reports
             console = Console(quiet=True)
         outcomes = run_with_progress(sweep, console)

@@ -13,6 +13,7 @@ import importlib
 import os
 import statistics
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -150,7 +151,8 @@ class Sweep:
     """Runs the cells of one resolved suite into `output`."""
 
     def __init__(self, suite: Suite, output: Path, suite_folder: Path | None = None, device: str | None = None,
-                 dtype: str = "auto", command: str = "", on_cell: Callable[[Cell, str], None] | None = None):
+                 dtype: str = "auto", command: str = "", on_cell: Callable[[Cell, str], None] | None = None,
+                 compiled_latency: bool | None = None):
         import torch
 
         self.ranks = Ranks()
@@ -159,6 +161,8 @@ class Sweep:
         if self.device.type == "cuda" and self.device.index is None and self.ranks.world > 1:
             self.device = torch.device("cuda", self.ranks.local)
         self.dtype, self.command = dtype, command
+        #: Time each cell in the compiled mode too (by default on a GPU, where it is the leaderboard's latency).
+        self.compiled_latency = self.device.type == "cuda" if compiled_latency is None else compiled_latency
         self.on_cell = on_cell or (lambda cell, state: None)
         #: Read once: the code that runs is the code imported at the start, whatever changes on disk later.
         self.provenance = {"git_sha": git_sha(), "versions": versions(), "device": device_description(self.device)}
@@ -205,6 +209,7 @@ class Sweep:
         """Evaluate one cell on every rank; rank 0 writes it. Every rank returns rank 0's outcome."""
         config = {"cell": cell.as_dict(), "command": self.command, **self.provenance, "processes": self.ranks.world,
                   "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        seconds = Stopwatch()
         lm, results, failure = None, None, None
         try:
             known_error = self._broken.get(("model", cell.model)) or self._broken.get(("task", cell.task))
@@ -225,22 +230,45 @@ class Sweep:
                 raise
             except Exception as error:  # noqa: BLE001
                 failure = failure_record(error)
+        seconds.lap("evaluate")
         shared = self.ranks.gather({"failure": failure,
                                     "documents": lm.document_measurements if lm is not None else {},
-                                    "timings": lm.batch_timings if lm is not None else []})
+                                    "timings": lm.batch_timings if lm is not None else [],
+                                    "latency_example": lm.latency_example if lm is not None else None})
         failures = [part["failure"] for part in shared if part["failure"] is not None]
-        outcome = None
+        # On a GPU the leaderboard's latency is the compiled mode's. The last rank times it while rank 0 turns
+        # the results into metrics, so that neither waits for the other's serial work (one rank does both). All
+        # ranks time the same document: the task's first one that any of them answered.
+        compiled, timed = None, not failures and self.compiled_latency  # alike on every rank
+        if timed and self.ranks.rank == self.ranks.world - 1:
+            examples = [part["latency_example"] for part in shared if part["latency_example"] is not None]
+            try:
+                compiled = lm.compiled_latency(min(examples, key=lambda example: example[0]) if examples else None)
+            except Exception as error:  # noqa: BLE001 - a measurement that breaks must not lose the evaluation
+                compiled = {"error": describe(error)}
+            seconds.lap("compiled_latency")
+        outcome, metrics, samples = None, None, None
+        if self.ranks.main and not failures:
+            for part in shared[1:]:  # every rank's documents and batches into rank 0's model
+                lm.document_measurements.update(part["documents"])
+                lm.batch_timings.extend(part["timings"])
+            try:
+                metrics, samples = cell_metrics(cell, results, lm, self.provenance["device"])
+            except Exception as error:  # noqa: BLE001 - rank 0 must still meet the others below
+                failures = [failure_record(error)]
+            seconds.lap("metrics")
+        if timed and self.ranks.world > 1:
+            compiled, seconds.laps["compiled_latency"] = self.ranks.gather((compiled, seconds.laps.get("compiled_latency")))[-1]
         if self.ranks.main:
+            config["seconds"] = {**seconds.laps, "total": seconds.total()}
             if failures:
                 folder = write_cell(self.output, cell, config, error=failures[0])
                 outcome = CellOutcome(cell, folder, "failed", failures[0]["error"])
             else:
-                for part in shared[1:]:  # every rank's documents and batches into rank 0's model
-                    lm.document_measurements.update(part["documents"])
-                    lm.batch_timings.extend(part["timings"])
+                if compiled is not None:
+                    metrics["latency"] = with_compiled_latency(metrics["latency"], compiled)
                 config["strategy_params"] = params_as_dict(lm.strategy.params)
                 config["model_path"] = lm.loaded.name
-                metrics, samples = cell_metrics(cell, results, lm, self.provenance["device"])
                 config["lmms_eval"] = {key: value for key, value in (results.get("config") or {}).items() if key != "model"}
                 folder = write_cell(self.output, cell, config, metrics=metrics, samples=samples)
                 outcome = CellOutcome(cell, folder, "finished")
@@ -281,6 +309,22 @@ class Sweep:
         if results is None and self.ranks.main:  # lmms-eval returns results on rank 0 only
             raise PruningZooError(f"lmms-eval returned no results for task {cell.task!r}")
         return results
+
+
+class Stopwatch:
+    """Seconds spent in each step of a cell, kept in its config.json: where a sweep's time goes."""
+
+    def __init__(self):
+        self.started = self.last = time.perf_counter()
+        self.laps: dict[str, float | None] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self.last, 3)
+        self.last = now
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self.started, 3)
 
 
 def failure_record(error: BaseException) -> dict:
@@ -382,8 +426,6 @@ def cell_metrics(cell: Cell, results: dict, lm, device: str) -> tuple[dict, list
         "evidence_recall": _mean([m["evidence_recall"] for m in measured]),
         "latency": latency_summary(lm.batch_timings, device, lm.clock_kind, cell.batch_size),
     }
-    if lm.loaded.device.type == "cuda":  # on a GPU the leaderboard's latency is the compiled mode's
-        metrics["latency"] = with_compiled_latency(metrics["latency"], lm.compiled_latency())
     return metrics, samples
 
 
@@ -397,7 +439,7 @@ def with_compiled_latency(eager: dict, compiled: dict) -> dict:
         **eager, **{key: compiled[key] for key in kept}, "mode": "compiled", "eager": kept,
         "eager_segments": compiled["eager_segments"],
         "how": (f"Time to first token and selection: the compiled mode (the prefill as CUDA-graph segments, "
-                f"pruning_zoo.segmented) on {eager['batch_size']} copies of the task's first document, medians of "
+                f"pruning_zoo.segmented; on a CPU the segments run eagerly) on {eager['batch_size']} copies of the task's first document, medians of "
                 f"{compiled['repeats']} after warm-up, CUDA events. " + eager["how"].replace("Per batch", "`eager`, and decode and memory: per batch")),
     }
 

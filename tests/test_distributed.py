@@ -18,7 +18,8 @@ def free_port() -> int:
 
 def sweep_command(model: str, output: Path) -> list[str]:
     return ["-m", "pruning_zoo.cli", "run", "--suite", "testbed", "--model", model, "--strategies", "none,fastv,random",
-            "--budgets", "64", "--limit", "7", "--batch-size", "2", "--device", "cpu", "--output", str(output)]
+            "--budgets", "64", "--limit", "7", "--batch-size", "2", "--device", "cpu", "--output", str(output),
+            "--compiled-latency"]
 
 
 def read_cells(output: Path) -> dict:
@@ -45,6 +46,11 @@ def test_two_gloo_processes_give_the_results_of_one(tiny_testbed_model, tmp_path
     assert read_cells(one) == read_cells(two)
     config = json.loads(next((two).glob("*fastv*/config.json")).read_text())
     assert config["processes"] == 2
+    # the last process timed the compiled mode while the first wrote the results
+    assert {"evaluate", "metrics", "compiled_latency", "total"} <= set(config["seconds"])
+    for output in (one, two):
+        latency = json.loads(next(output.glob("*fastv*/metrics.json")).read_text())["latency"]
+        assert latency["mode"] == "compiled" and latency["time_to_first_token_ms"] > 0 and "compiled_error" not in latency
     assert len(read_cells(two)["" + next(two.glob("*fastv*")).name][4]) == 7  # every document, once
     again = subprocess.run([*launch[:-1], str(free_port()), *sweep_command(tiny_testbed_model, two)],
                            capture_output=True, text=True)

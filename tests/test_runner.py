@@ -62,6 +62,8 @@ def test_a_full_sweep_of_the_testbed_suite_through_lmms_eval(tiny_testbed_model,
         assert all(s["prediction"] is not None and s["visual_tokens"] == 576 for s in samples)
         assert 0.0 <= metrics["scores"]["accuracy"] <= 1.0
         assert config["cell"]["strategy"] == strategy and config["git_sha"] and config["versions"]["lmms-eval"]
+        assert set(config["seconds"]) == {"evaluate", "metrics", "total"}  # no compiled mode on a CPU by default
+        assert config["seconds"]["total"] >= config["seconds"]["evaluate"] > 0
         latency = metrics["latency"]
         assert latency["clock"].startswith("CPU wall-clock") and latency["time_to_first_token_ms"] > 0
         assert latency["batches"] == 2 and latency["timed_batches"] == 1
@@ -237,6 +239,28 @@ def test_loglikelihood_matches_a_direct_computation(tiny_testbed_model):
         assert logprob == pytest.approx(float(logits.gather(1, targets[:, None]).sum()), abs=1e-4)
         assert greedy == bool((logits.argmax(-1) == targets).all())
     assert [m["entering_llm"] for m in lm.document_measurements.values()] == [576] * 3
+
+
+def test_the_latency_example_is_the_tasks_first_document_whatever_the_batch_order(tiny_testbed_model):
+    """Batches run longest prompt first; the compiled mode must still time the task's first document, so that
+    one process and several (each answering a share) time the same one."""
+    from PIL import Image
+
+    lm = PrunedVLM(pretrained=tiny_testbed_model, device="cpu", batch_size=1, strategy="none")
+    lm.task_dict = {"t": {"test": [{}, {}, {}]}}
+    questions = ["is it red ?", "is there a red circle in the left half of the image ?", "what is it ?"]
+    images = [Image.new("RGB", (336, 336), color) for color in ("red", "green", "blue")]
+    lm.generate_until([Request(q, {"max_new_tokens": 1}, lambda doc, i=i: [images[i]], i, "t", "test")
+                       for i, q in enumerate(questions)])
+    key, prompt, example_images = lm.latency_example
+    assert key == ("t", 0) and "is it red ?" in prompt and example_images[0].getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_lmms_evals_clean_up_keeps_the_sweeps_model(tiny_testbed_model):
+    lm = PrunedVLM(pretrained=tiny_testbed_model, device="cpu", strategy="none")
+    model = lm.loaded.model
+    lm.clean()  # lmms-eval calls it after each task; the next cell reuses the model
+    assert lm.loaded.model is model
 
 
 def test_the_compiled_latency_times_copies_of_the_first_document(tiny_testbed_model):
