@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 9's measurement on a lent 2-GPU machine, in one call: the testbed suite on one GPU, then on two through
 # torchrun (one process per GPU), each timed wall-clock from the command's start to its end; accuracy figures
-# compared cell by cell. Writes $OUT/scaling.json and $OUT/scaling-results.tgz.
+# compared cell by cell. Writes $OUT/scaling.json, $OUT/one-gpu.tgz and $OUT/two-gpus.tgz (results and logs).
 # Usage on the device: PRUNING_ZOO_GIT_SHA=<commit> bash scripts/device_scaling.sh [extra run options]
 set -euo pipefail
 python3 -m pip install -q --no-deps .wheels/*.whl
@@ -12,6 +12,7 @@ work="$OUT/work"; mkdir -p "$work"
 start=$(date +%s.%N)
 CUDA_VISIBLE_DEVICES=0 pruning-zoo run --suite testbed --device cuda --output "$work/one-gpu" "$@" > "$work/one.log" 2>&1
 middle=$(date +%s.%N)
+tar czf "$OUT/one-gpu.tgz" -C "$work" one-gpu one.log  # back even if the two-GPU run is cut off
 python3 -m torch.distributed.run --nproc_per_node 2 -m pruning_zoo.cli run --suite testbed --output "$work/two-gpus" "$@" \
   > "$work/two.log" 2>&1
 end=$(date +%s.%N)
@@ -28,5 +29,5 @@ print(json.dumps({"one_gpu_seconds": round(middle - start, 1), "two_gpu_seconds"
 PY
 cat "$OUT/scaling.json"
 tail -n 5 "$work/one.log"; tail -n 5 "$work/two.log"
-tar czf "$OUT/scaling-results.tgz" -C "$work" one-gpu two-gpus one.log two.log
+tar czf "$OUT/two-gpus.tgz" -C "$work" two-gpus two.log
 rm -rf "$work"
