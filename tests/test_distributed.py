@@ -65,7 +65,7 @@ from pruning_zoo.strategy import BudgetMeaning, PruningStrategy, Stage
 
 
 class FailsOnRankOne(PruningStrategy):
-    """Fails on the second process only, while FAIL_ON_RANK_ONE is set."""
+    """Fails on the second process only, while FAIL_ON_RANK_ONE is set (dies while DIE_ON_RANK_ONE is)."""
     name = "fails-on-rank-one"
     budget_meaning = BudgetMeaning.ENTERING_LLM
 
@@ -75,6 +75,8 @@ class FailsOnRankOne(PruningStrategy):
     def score(self, ctx):
         if os.environ.get("FAIL_ON_RANK_ONE") and os.environ.get("RANK") == "1":
             raise RuntimeError("rank 1 fails here")
+        if os.environ.get("DIE_ON_RANK_ONE") and os.environ.get("RANK") == "1":
+            os._exit(3)  # the process dies (killed, out of memory...) instead of raising
         return ctx.tokens.float().norm(dim=-1)
 
 
@@ -91,18 +93,28 @@ main()
 '''
 
 
-def test_a_rank_that_fails_leaves_the_other_cells_intact_and_resumable(tiny_testbed_model, tmp_path):
+def launcher(tiny_testbed_model, tmp_path):
+    """(output folder, launch(**env)): a torchrun sweep of none, fails-on-rank-one and fastv."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     output = tmp_path / "results"
     command = sweep_command(tiny_testbed_model, output)[2:]  # "run ...", without "-m pruning_zoo.cli"
     command[command.index("--strategies") + 1] = "none,fails-on-rank-one,fastv"
 
-    def launch(fail: bool):
-        env = {**os.environ, "FAIL_ON_RANK_ONE": "1" if fail else ""}
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+    def launch(**env):
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                     "--master_port", str(free_port()), str(driver)]
-        return subprocess.run([*launcher, *command], capture_output=True, text=True, env=env)
+        return subprocess.run([*torchrun, *command], capture_output=True, text=True, env={**os.environ, **env},
+                              timeout=600)  # a hang fails the test instead of blocking it
+
+    return output, launch
+
+
+def test_a_rank_that_fails_leaves_the_other_cells_intact_and_resumable(tiny_testbed_model, tmp_path):
+    output, launch_with = launcher(tiny_testbed_model, tmp_path)
+
+    def launch(fail: bool):
+        return launch_with(FAIL_ON_RANK_ONE="1" if fail else "")
 
     first = launch(fail=True)
     # The sweep goes on past the failed cell and exits 1 to say a cell failed.
@@ -118,3 +130,19 @@ def test_a_rank_that_fails_leaves_the_other_cells_intact_and_resumable(tiny_test
     assert "1 cells evaluated, 2 already finished" in " ".join(second.stdout.split())
     again = read_cells(output)
     assert {name: again[name] for name in finished} == finished and len(again) == 3
+
+
+def test_a_rank_that_dies_stops_the_sweep_and_a_rerun_finishes_it(tiny_testbed_model, tmp_path):
+    """A process that dies cannot record anything: torchrun stops the others (none waits forever), the cells
+    finished before stay as they are, and the same command again evaluates the rest."""
+    output, launch = launcher(tiny_testbed_model, tmp_path)
+    died = launch(DIE_ON_RANK_ONE="1")
+    assert died.returncode != 0
+    finished = read_cells(output)
+    assert list(finished) == [next(output.glob("*__none__*")).name] and len(next(iter(finished.values()))[4]) == 7
+    assert not list(output.glob("*fastv*"))
+    again = launch()
+    assert again.returncode == 0, again.stderr[-3000:] + again.stdout[-3000:]
+    assert "2 cells evaluated, 1 already finished" in " ".join(again.stdout.split())
+    cells = read_cells(output)
+    assert len(cells) == 3 and {name: cells[name] for name in finished} == finished
