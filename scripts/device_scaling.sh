@@ -13,7 +13,8 @@ start=$(date +%s.%N)
 CUDA_VISIBLE_DEVICES=0 pruning-zoo run --suite testbed --device cuda --output "$work/one-gpu" "$@" > "$work/one.log" 2>&1
 middle=$(date +%s.%N)
 tar czf "$OUT/one-gpu.tgz" -C "$work" one-gpu one.log  # back even if the two-GPU run is cut off
-python3 -m torch.distributed.run --nproc_per_node 2 -m pruning_zoo.cli run --suite testbed --output "$work/two-gpus" "$@" \
+# torchrun would give each process OMP_NUM_THREADS=1; the one-GPU run had every core.
+OMP_NUM_THREADS=$(( $(nproc) / 2 )) python3 -m torch.distributed.run --nproc_per_node 2 -m pruning_zoo.cli run --suite testbed --output "$work/two-gpus" "$@" \
   > "$work/two.log" 2>&1
 end=$(date +%s.%N)
 python3 - "$work" "$start" "$middle" "$end" > "$OUT/scaling.json" <<'PY'
