@@ -439,8 +439,9 @@ def with_compiled_latency(eager: dict, compiled: dict) -> dict:
         **eager, **{key: compiled[key] for key in kept}, "mode": "compiled", "eager": kept,
         "eager_segments": compiled["eager_segments"],
         "how": (f"Time to first token and selection: the compiled mode (the prefill as CUDA-graph segments, "
-                f"pruning_zoo.segmented; on a CPU the segments run eagerly) on {eager['batch_size']} copies of the task's first document, medians of "
-                f"{compiled['repeats']} after warm-up, CUDA events. " + eager["how"].replace("Per batch", "`eager`, and decode and memory: per batch")),
+                f"pruning_zoo.segmented; on a CPU the segments run eagerly) on {eager['batch_size']} copies of the "
+                f"task's first document, medians of {compiled['repeats']} after warm-up, with the evaluation's clock. "
+                + eager["how"].replace("Per batch", "`eager`, and decode and memory: per batch")),
     }
 
 
