@@ -112,6 +112,8 @@ def test_an_interrupted_training_resumes_to_the_same_model(tmp_path):
     assert stopped["stopped_at"] == 2 and (tmp_path / "resumed" / CHECKPOINT).is_file()
     resumed = train(tmp_path / "resumed", TrainingConfig(**config), device="cpu", resume=True)
     assert not (tmp_path / "resumed" / CHECKPOINT).exists() and resumed["resumed"]
+    assert [(c["from_step"], c["to_step"]) for c in resumed["calls"]] == [(0, 2), (2, 4)]
+    assert json.loads((tmp_path / "resumed" / "training.json").read_text())["calls"] == resumed["calls"]
     assert [p["loss"] for p in resumed["curve"]] == pytest.approx([p["loss"] for p in straight["curve"]], rel=1e-6)
     weights = [load_file(next((tmp_path / run).glob("*00001*.safetensors"))) for run in ("straight", "resumed")]
     assert all(torch.allclose(weights[0][name], weights[1][name], rtol=0, atol=1e-6) for name in weights[0])

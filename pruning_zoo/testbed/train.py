@@ -246,7 +246,7 @@ def train(out: Path, config: TrainingConfig, device: str = "cuda", init_from: Pa
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     checkpoint_path = out / CHECKPOINT
-    state = {"step": 0, "curve": [], "losses": [], "seconds": 0.0}
+    state = {"step": 0, "curve": [], "losses": [], "seconds": 0.0, "calls": []}
     if resume:
         saved = torch.load(checkpoint_path, map_location=device, weights_only=False)
         if saved["config"] != dataclasses.asdict(config) | {"max_seconds": saved["config"]["max_seconds"], "stop_at": saved["config"]["stop_at"]}:
@@ -275,10 +275,17 @@ def train(out: Path, config: TrainingConfig, device: str = "cuda", init_from: Pa
     validation_images: dict[int, torch.Tensor] = {}
     out.mkdir(parents=True, exist_ok=True)
     started, seconds_before = time.time(), state["seconds"]
+    # Every call of a schedule split by --max-seconds / --stop-at, so that training.json shows how it ran.
+    call = {"command": " ".join(sys.argv), "git_sha": git_sha(), "from_step": state["step"]}
+    state.setdefault("calls", []).append(call)
+
+    def end_call() -> None:
+        call.update(to_step=state["step"], seconds=round(time.time() - started, 1))
     batches = iter(loader)
     while state["step"] < config.steps:
         if time.time() - started > config.max_seconds or state["step"] == config.stop_at:
             state["seconds"] = seconds_before + time.time() - started
+            end_call()
             save_checkpoint()
             return {"stopped_at": state["step"], "checkpoint": str(checkpoint_path), "curve": state["curve"]}
         batch = [t.to(device, non_blocking=True) for t in next(batches)]
@@ -303,6 +310,7 @@ def train(out: Path, config: TrainingConfig, device: str = "cuda", init_from: Pa
             state["seconds"] = seconds_before + time.time() - started
             save_checkpoint()
     curve = state["curve"]
+    end_call()
     model.eval()
     model.to("cpu", torch.float32).save_pretrained(out, max_shard_size="15MB")
     processor.save_pretrained(out)
@@ -318,6 +326,7 @@ def train(out: Path, config: TrainingConfig, device: str = "cuda", init_from: Pa
         "parameters": sum(p.numel() for p in model.parameters()),
         "seconds": round(seconds_before + time.time() - started, 1),
         "resumed": resume,
+        "calls": state["calls"],
         "curve": curve,
     }
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
