@@ -234,7 +234,7 @@ class Sweep:
         shared = self.ranks.gather({"failure": failure,
                                     "documents": lm.document_measurements if lm is not None else {},
                                     "timings": lm.batch_timings if lm is not None else [],
-                                    "latency_example": lm.latency_example if lm is not None else None})
+                                    "latency_example": lm.latency_example if lm is not None and self.compiled_latency else None})
         failures = [part["failure"] for part in shared if part["failure"] is not None]
         # On a GPU the leaderboard's latency is the compiled mode's. The last rank times it while rank 0 turns
         # the results into metrics, so that neither waits for the other's serial work (one rank does both). All

@@ -16,6 +16,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def torchrun() -> list[str]:
+    """Two processes on a fresh local port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port())]
+
+
 def sweep_command(model: str, output: Path) -> list[str]:
     return ["-m", "pruning_zoo.cli", "run", "--suite", "testbed", "--model", model, "--strategies", "none,fastv,random",
             "--budgets", "64", "--limit", "7", "--batch-size", "2", "--device", "cpu", "--output", str(output),
@@ -38,9 +44,7 @@ def read_cells(output: Path) -> dict:
 def test_two_gloo_processes_give_the_results_of_one(tiny_testbed_model, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, *sweep_command(tiny_testbed_model, one)], check=True, capture_output=True)
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-              "--master_port", str(free_port())]
-    done = subprocess.run([*launch, *sweep_command(tiny_testbed_model, two)], capture_output=True, text=True)
+    done = subprocess.run([*torchrun(), *sweep_command(tiny_testbed_model, two)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
     # random too: its draw follows the document, not the process or the order
     assert read_cells(one) == read_cells(two)
@@ -52,8 +56,7 @@ def test_two_gloo_processes_give_the_results_of_one(tiny_testbed_model, tmp_path
         latency = json.loads(next(output.glob("*fastv*/metrics.json")).read_text())["latency"]
         assert latency["mode"] == "compiled" and latency["time_to_first_token_ms"] > 0 and "compiled_error" not in latency
     assert len(read_cells(two)["" + next(two.glob("*fastv*")).name][4]) == 7  # every document, once
-    again = subprocess.run([*launch[:-1], str(free_port()), *sweep_command(tiny_testbed_model, two)],
-                           capture_output=True, text=True)
+    again = subprocess.run([*torchrun(), *sweep_command(tiny_testbed_model, two)], capture_output=True, text=True)
     assert again.returncode == 0 and "0 cells evaluated, 3 already finished" in " ".join(again.stdout.split())
 
 
@@ -102,10 +105,8 @@ def launcher(tiny_testbed_model, tmp_path):
     command[command.index("--strategies") + 1] = "none,fails-on-rank-one,fastv"
 
     def launch(**env):
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                    "--master_port", str(free_port()), str(driver)]
-        return subprocess.run([*torchrun, *command], capture_output=True, text=True, env={**os.environ, **env},
-                              timeout=600)  # a hang fails the test instead of blocking it
+        return subprocess.run([*torchrun(), str(driver), *command], capture_output=True, text=True,
+                              env={**os.environ, **env}, timeout=600)  # a hang fails the test instead of blocking it
 
     return output, launch
 
