@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,6 +86,9 @@ class PrunedVLM(lmms):
         #: With several processes, a batch that fails is recorded here instead of raising: a process leaving
         #: lmms-eval's collectives would leave the others waiting. The runner fails the cell from it.
         self.errors: list[str] = []
+        #: Wall-clock seconds this process spent preparing inputs (images, prompts, the processor) and in
+        #: generate(): with the evaluation's own time, where a sweep's time goes.
+        self.seconds = {"prepare": 0.0, "generate": 0.0}
 
     @property
     def device(self) -> torch.device:  # lmms-eval gathers counts on the model's device
@@ -221,11 +225,14 @@ class PrunedVLM(lmms):
         return answers
 
     def _generate_batch(self, batch: Sequence[tuple]) -> list[str]:
+        started = time.perf_counter()
         contexts, all_gen_kwargs, doc_to_visuals, doc_ids, tasks, splits = zip(*batch)
         keys, docs, per_doc_images, texts = self._prepare(contexts, doc_to_visuals, doc_ids, tasks, splits)
         self._offer_latency_example(keys, texts, per_doc_images)
         inputs = self._inputs(texts, [image for images in per_doc_images for image in images])
         until, generate_kwargs = self._generation_options(dict(all_gen_kwargs[0]))
+        prepared = time.perf_counter()
+        self.seconds["prepare"] += prepared - started
 
         clock = self._start_batch()
         token_clock = TokenClock(clock)
@@ -245,6 +252,7 @@ class PrunedVLM(lmms):
         })
         self._record_documents(keys, docs, run.records[0] if run.records else None)
         texts_out = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        self.seconds["generate"] += time.perf_counter() - prepared
         return [cut_at_stop(text, until) for text in texts_out]
 
     def _generation_options(self, gen_kwargs: dict) -> tuple[list[str], dict]:

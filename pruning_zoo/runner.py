@@ -231,7 +231,11 @@ class Sweep:
             except Exception as error:  # noqa: BLE001
                 failure = failure_record(error)
         seconds.lap("evaluate")
-        shared = self.ranks.gather({"failure": failure,
+        # Each process's evaluation split into lmms-eval's own work, preparing inputs and generating: how
+        # evenly the processes share a cell, and what is left serial.
+        process_seconds = {"evaluate": seconds.laps["evaluate"],
+                           **{name: round(value, 3) for name, value in (lm.seconds if lm is not None else {}).items()}}
+        shared = self.ranks.gather({"failure": failure, "seconds": process_seconds,
                                     "documents": lm.document_measurements if lm is not None else {},
                                     "timings": lm.batch_timings if lm is not None else [],
                                     "latency_example": lm.latency_example if lm is not None and self.compiled_latency else None})
@@ -260,7 +264,8 @@ class Sweep:
         if timed and self.ranks.world > 1:
             compiled, seconds.laps["compiled_latency"] = self.ranks.gather((compiled, seconds.laps.get("compiled_latency")))[-1]
         if self.ranks.main:
-            config["seconds"] = {**seconds.laps, "total": seconds.total()}
+            config["seconds"] = {**seconds.laps, "total": seconds.total(),
+                                 "processes": [part["seconds"] for part in shared]}
             if failures:
                 folder = write_cell(self.output, cell, config, error=failures[0])
                 outcome = CellOutcome(cell, folder, "failed", failures[0]["error"])

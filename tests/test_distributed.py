@@ -52,6 +52,7 @@ def test_two_gloo_processes_give_the_results_of_one(tiny_testbed_model, tmp_path
     assert config["processes"] == 2
     # the last process timed the compiled mode while the first wrote the results
     assert {"evaluate", "metrics", "compiled_latency", "total"} <= set(config["seconds"])
+    assert [set(process) for process in config["seconds"]["processes"]] == [{"evaluate", "prepare", "generate"}] * 2
     for output in (one, two):
         latency = json.loads(next(output.glob("*fastv*/metrics.json")).read_text())["latency"]
         assert latency["mode"] == "compiled" and latency["time_to_first_token_ms"] > 0 and "compiled_error" not in latency

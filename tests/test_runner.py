@@ -62,8 +62,11 @@ def test_a_full_sweep_of_the_testbed_suite_through_lmms_eval(tiny_testbed_model,
         assert all(s["prediction"] is not None and s["visual_tokens"] == 576 for s in samples)
         assert 0.0 <= metrics["scores"]["accuracy"] <= 1.0
         assert config["cell"]["strategy"] == strategy and config["git_sha"] and config["versions"]["lmms-eval"]
-        assert set(config["seconds"]) == {"evaluate", "metrics", "total"}  # no compiled mode on a CPU by default
+        assert set(config["seconds"]) == {"evaluate", "metrics", "total", "processes"}  # no compiled mode on a CPU by default
         assert config["seconds"]["total"] >= config["seconds"]["evaluate"] > 0
+        [process] = config["seconds"]["processes"]
+        assert process["evaluate"] == config["seconds"]["evaluate"] >= process["prepare"] + process["generate"]
+        assert process["prepare"] > 0 and process["generate"] > 0
         latency = metrics["latency"]
         assert latency["clock"].startswith("CPU wall-clock") and latency["time_to_first_token_ms"] > 0
         assert latency["batches"] == 2 and latency["timed_batches"] == 1
