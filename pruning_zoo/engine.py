@@ -31,7 +31,7 @@ from pruning_zoo.errors import InvalidParameterError, PruningZooError
 from pruning_zoo.flops import Convention, DecoderShape, llm_flops
 from pruning_zoo.observe import AttentionProbe, sublayer_hooks
 from pruning_zoo.sequence import Survivors, causal_mask, gather_positions, mask_invalid_keys
-from pruning_zoo.strategy import PruningStrategy, ScoreContext, Selection, Stage
+from pruning_zoo.strategy import PruningStrategy, ScoreContext, Selection, Stage, SublayerIO
 from pruning_zoo.timing import Clock
 
 
@@ -136,8 +136,10 @@ class PruningRun:
         self._current: Survivors | None = None
         self._current_kwargs: dict | None = None
         self._attention_mask_2d: torch.Tensor | None = None
-        #: Per layer: its attention and MLP sub-block inputs and outputs, and the survivors it ran on.
+        #: Per watched layer: its attention and MLP sub-block inputs and outputs until summarized, the
+        #: strategy's summary [B, L_layer] after, and the survivors it ran on.
         self._sublayers: dict[int, dict[str, torch.Tensor]] = {}
+        self._summaries: dict[int, torch.Tensor] = {}
         self._survivors_at: dict[int, Survivors | None] = {}
         #: Position ids of the current sequence ([B, L], or [axes, B, L] for multi-axis positions).
         self._positions: torch.Tensor | None = None
@@ -154,9 +156,10 @@ class PruningRun:
         handles.append(
             self.adapter.language_model.register_forward_pre_hook(self._enter_language_model, with_kwargs=True)
         )
+        watched = set(self.strategy.sublayer_layers(self.adapter.num_layers)) if "sublayer_summary" in self.strategy.observes else set()
         for index, layer in enumerate(self.adapter.layers):
             handles.append(layer.register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
-            if "sublayer_io" in self.strategy.observes:
+            if index in watched:
                 handles += self._sublayer_hooks(index, layer)
         return handles
 
@@ -238,33 +241,25 @@ class PruningRun:
         self._record_tokens_entering()
         return kwargs
 
-    def _select(self, image: _Image, stage: Stage, tokens: torch.Tensor, observations: dict) -> Selection:
-        ctx = ScoreContext(
-            stage=stage,
-            tokens=tokens,
-            num_layers=self.adapter.num_layers,
-            grid=image.grid if not stage.in_llm else None,
-            observations=observations,
-            model=self.adapter.identity,
-            image_key=image.key,
-        )
-        scores = self.strategy.score(ctx)
-        if scores.shape != (tokens.shape[0],):
-            raise PruningZooError(
-                f"strategy {self.strategy.name!r} returned scores of shape {tuple(scores.shape)} {stage}; "
-                f"expected one score per visual token, shape ({tokens.shape[0]},)"
-            )
-        selection = self.strategy.select(scores, stage.keep, ctx)
-        check_selection(self.strategy.name, selection, stage, tokens)
-        return selection
+    def _select_images(self, pending: list[tuple[_Image, Stage, dict]], sequence: torch.Tensor) -> list[Selection]:
+        """The strategy's selections for the images at one stage, (image, stage, observations) each, whose
+        tokens are rows of `sequence` [B, L, d]: one call for them all, each selection checked."""
+        contexts = [
+            ScoreContext(stage=stage, tokens=sequence[image.sample, image.positions], num_layers=self.adapter.num_layers,
+                         grid=image.grid if not stage.in_llm else None, observations=observations,
+                         model=self.adapter.identity, image_key=image.key)
+            for image, stage, observations in pending
+        ]
+        selections = self.strategy.select_images(contexts)
+        check_selections(self.strategy.name, selections, contexts)
+        return selections
 
     def _apply_stage(
-        self, image: _Image, stage: Stage, sequence: torch.Tensor, keep: torch.Tensor, observations: dict, first_layer: int
+        self, image: _Image, stage: Stage, selection: Selection, sequence: torch.Tensor, keep: torch.Tensor, first_layer: int
     ) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """Select one image's tokens at a stage: write merged features into `sequence` [B, L, d] in place, clear
+        """Apply one image's selection at a stage: write merged features into `sequence` [B, L, d] in place, clear
         the dropped positions in `keep` [B, L], and count the survivors from decoder layer `first_layer` on.
         Returns (sample, positions before, positions kept), in the stage's coordinates."""
-        selection = self._select(image, stage, sequence[image.sample, image.positions], observations)
         kept_index = selection.keep.to(image.positions.device)
         kept = image.positions[kept_index]
         if selection.features is not None:
@@ -280,13 +275,14 @@ class PruningRun:
     def _prune_before_llm(self, input_ids: torch.Tensor, kwargs: dict) -> dict:
         embeds = kwargs["inputs_embeds"].clone()
         keep = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
-        changes = []
+        pending = []
         for image_index, image in enumerate(self._images):
             stage = next((s for s in image.stages if not s.in_llm), None)
-            if stage is None:
-                continue
-            observations = self.adapter.vision_observations(image_index, image.num_visual)
-            changes.append(self._apply_stage(image, stage, embeds, keep, observations, first_layer=0))
+            if stage is not None:
+                pending.append((image, stage, self.adapter.vision_observations(image_index, image.num_visual)))
+        selections = self._select_images(pending, embeds)
+        changes = [self._apply_stage(image, stage, selection, embeds, keep, first_layer=0)
+                   for (image, stage, _), selection in zip(pending, selections)]
         survivors = Survivors.from_keep_mask(keep)
         self._entry = survivors
         positions = kwargs.get("position_ids")
@@ -329,16 +325,19 @@ class PruningRun:
             next_layer_kwargs=self._layer_kwargs(index, hidden, kwargs),
             key_valid=self._current_valid(),
         )
+        self._summarize_sublayers(stage_layer)
         hidden = hidden.clone()
         keep = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-        changes = []
+        pending = []
         for image in self._images:
             stage = next((s for s in image.stages if s.after_layer == stage_layer), None)
-            if stage is None:
-                continue
-            observations = probe.observations(image.sample, image.positions)
-            observations["sublayer_io"] = functools.partial(self._sublayer_io, image.sample, image.positions, stage)
-            changes.append(self._apply_stage(image, stage, hidden, keep, observations, first_layer=index))
+            if stage is not None:
+                observations = probe.observations(image.sample, image.positions)
+                observations["sublayer_summary"] = functools.partial(self._sublayer_summary, image.sample, image.positions, stage)
+                pending.append((image, stage, observations))
+        selections = self._select_images(pending, hidden)
+        changes = [self._apply_stage(image, stage, selection, hidden, keep, first_layer=index)
+                   for (image, stage, _), selection in zip(pending, selections)]
         step = Survivors.from_keep_mask(keep)
         self._positions, shift = self._positions_after(self._positions, step, changes)
         self._positions_from_layer[index] = self._positions
@@ -351,25 +350,35 @@ class PruningRun:
         self._record_layer_tokens(index)
         return step.gather(hidden, dim=1)
 
-    def _sublayer_io(self, sample: int, positions: torch.Tensor, stage: Stage, layer: int) -> dict:
-        """sublayer_io(layer): one sample's sub-block tensors at an earlier layer (TransPrune's TTV):
-        attn_in (input_layernorm output), attn_out (self_attn output before the residual add), mlp_in
-        (post_attention_layernorm output), mlp_out (mlp output), each [L_layer, d]; valid [L_layer] (real
-        tokens); image_rows [n]: this image's current tokens as rows of that layer's sequence."""
-        parts = self._sublayers.get(layer)
-        if parts is None or len(parts) < 4:
+    def _summarize_sublayers(self, up_to: int) -> None:
+        """The strategy's summary of every watched layer up to `up_to` not yet summarized, for the whole batch
+        at once; the layer's sub-block tensors are let go."""
+        for layer in sorted(index for index in self._sublayers if index <= up_to):
+            parts = self._sublayers.pop(layer)
+            if len(parts) < 4:
+                raise PruningZooError(f"the sub-blocks of layer {layer} did not all run (got {sorted(parts)})")
+            valid = self._valid_at_entry()
+            survivors = self._survivors_at[layer]
+            if survivors is not None:
+                valid = valid.gather(1, survivors.index) & survivors.valid
+            summary = self.strategy.summarize_sublayers(SublayerIO(**parts, valid=valid))
+            if summary.shape != valid.shape:
+                raise PruningZooError(f"strategy {self.strategy.name!r} summarized layer {layer} as shape "
+                                      f"{tuple(summary.shape)}; expected one value per position, {tuple(valid.shape)}")
+            self._summaries[layer] = summary
+
+    def _sublayer_summary(self, sample: int, positions: torch.Tensor, stage: Stage, layer: int) -> torch.Tensor:
+        """sublayer_summary(layer): the strategy's summary of an earlier watched layer at this image's current
+        tokens, [n] (the tokens' rows in that layer's sequence found through the survivors it ran on)."""
+        if layer not in self._summaries:
             raise PruningZooError(
-                f"sub-block inputs/outputs of layer {layer} are not available {stage}; layers 0..{stage.after_layer} ran"
+                f"no sub-block summary of layer {layer} {stage}: a layer is summarized when the strategy's "
+                f"sublayer_layers lists it and it ran before the stage (layers 0..{stage.after_layer} ran)"
             )
         entry_rows = positions if self._current is None else self._current.index[sample, positions]
         survivors = self._survivors_at[layer]
-        valid = self._valid_at_entry()
-        if survivors is None:
-            rows, valid = entry_rows, valid[sample]
-        else:
-            rows = torch.searchsorted(survivors.index[sample], entry_rows)
-            valid = valid.gather(1, survivors.index)[sample] & survivors.valid[sample]
-        return {**{part: tensor[sample] for part, tensor in parts.items()}, "valid": valid, "image_rows": rows}
+        rows = entry_rows if survivors is None else torch.searchsorted(survivors.index[sample], entry_rows)
+        return self._summaries[layer][sample, rows]
 
     def _valid_at_entry(self) -> torch.Tensor:
         """[B, L] which positions entering the language model are real tokens (not padding, not fillers)."""
@@ -545,3 +554,13 @@ def check_selection(name: str, selection: Selection, stage: Stage, tokens: torch
             f"strategy {name!r} merged features of shape {tuple(selection.features.shape)} {stage}; "
             f"expected ({stage.keep}, {tokens.shape[1]})"
         )
+
+
+def check_selections(name: str, selections: list[Selection], contexts: list[ScoreContext]) -> None:
+    if not isinstance(selections, (list, tuple)) or len(selections) != len(contexts):
+        raise PruningZooError(
+            f"strategy {name!r} gave {len(selections) if isinstance(selections, (list, tuple)) else type(selections).__name__} "
+            f"selections for {len(contexts)} images; select_images returns one Selection per context, in order"
+        )
+    for selection, ctx in zip(selections, contexts):
+        check_selection(name, selection, ctx.stage, ctx.tokens)

@@ -53,20 +53,24 @@ def attention_probabilities(
     rows: torch.Tensor,
     key_valid: torch.Tensor,
 ) -> torch.Tensor:
-    """Post-softmax attention [heads, len(rows), L] of one sample at `layer`, fp32, causal and padding masks
-    applied, exactly as the layer's attention would compute it for those query rows.
+    """Post-softmax attention [B, heads, R, L] of each sample's query `rows` at `layer`, fp32, causal and padding
+    masks applied, exactly as the layer's attention would compute it for those rows.
 
-    normed: [L, d] the layer's normed input; keys: [kv_heads, L, dh] its rotated keys (`rotated_keys`);
-    cos, sin: [L, head_dim] its rotary tables; key_valid: [L].
+    normed: [B, L, d] the layer's normed input; keys: [B, kv_heads, L, dh] its rotated keys (`rotated_keys`);
+    cos, sin: [B or 1, L, head_dim] its rotary tables; rows: [B, R] query positions; key_valid: [B, L].
     """
     attention = layer.self_attn
-    queries = attention.q_proj(normed[rows]).view(len(rows), -1, attention.head_dim).transpose(0, 1)
-    queries = queries * cos[rows] + rotate_half(queries) * sin[rows]
-    keys = keys.repeat_interleave(queries.shape[0] // keys.shape[0], dim=0)  # grouped-query attention
+    batch, count = rows.shape
+    picked = normed.gather(1, rows[..., None].expand(-1, -1, normed.shape[-1]))
+    queries = attention.q_proj(picked).view(batch, count, -1, attention.head_dim).transpose(1, 2)
+    at_rows = rows[..., None].expand(-1, -1, cos.shape[-1])
+    row_cos, row_sin = (table.expand(batch, -1, -1).gather(1, at_rows)[:, None] for table in (cos, sin))
+    queries = queries * row_cos + rotate_half(queries) * row_sin
+    keys = keys.repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)  # grouped-query attention
     scores = (queries.float() @ keys.float().transpose(-1, -2)) * attention.scaling
-    positions = torch.arange(normed.shape[0], device=normed.device)
-    allowed = (positions[None, :] <= rows[:, None]) & key_valid[None, :]
-    return scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+    positions = torch.arange(normed.shape[1], device=normed.device)
+    allowed = (positions[None, None, :] <= rows[..., None]) & key_valid[:, None, :]
+    return scores.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
 
 
 class AttentionProbe:
@@ -77,6 +81,10 @@ class AttentionProbe:
     - instruction_attention: [heads, n] averaged over the query rows after the image, at the stage layer;
     - next_layer_instruction_attention: the same rows, but the stage layer's output through the next layer's
       norm, projections and rotary tables (TransPrune's IGA).
+
+    Where every sample asks for the same number of query rows (the last token; the rows after the image when
+    `image_end` is known), the probabilities are computed once for the whole batch, on first use, and each
+    image reads its own; otherwise sample by sample.
     """
 
     def __init__(self, adapter: ModelAdapter, stage_layer: int, stage_input, stage_output, next_layer_kwargs, key_valid,
@@ -90,51 +98,56 @@ class AttentionProbe:
         #: are then a fixed range, and only those are projected.
         self.image_end = image_end
         self._keys: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._batch: dict[tuple[int, str], torch.Tensor] = {}  # (layer, rows) -> [B, heads, R, L]
 
     def observations(self, sample: int, positions: torch.Tensor) -> dict:
         # Query rows are chosen with tensors, never by reading the mask on the host, so that observing does
         # not wait for the GPU (the segmented prefill captures the selection in a CUDA graph).
-        valid = self.key_valid[sample]
-        order = torch.arange(valid.shape[0], device=valid.device)
+        order = torch.arange(self.key_valid.shape[1], device=self.key_valid.device)
 
-        def last_row() -> tuple[torch.Tensor, None]:
-            return torch.where(valid, order, -1).max().reshape(1), None
+        def last_rows() -> torch.Tensor:  # [B, 1]: each sample's last real token
+            return torch.where(self.key_valid, order, -1).max(dim=1, keepdim=True).values
 
-        def all_rows() -> tuple[torch.Tensor, torch.Tensor]:
-            return order, valid
+        def after_image_rows() -> torch.Tensor:  # [B, R]
+            return order[self.image_end :].expand(self.key_valid.shape[0], -1)
 
-        def rows_after_image() -> tuple[torch.Tensor, torch.Tensor | None]:
+        def batched(layer_index: int, hidden, kwargs, name: str, rows) -> torch.Tensor:
+            if (layer_index, name) not in self._batch:
+                self._batch[layer_index, name] = self._probabilities(layer_index, hidden, kwargs, rows())
+            return self._batch[layer_index, name][sample][:, :, positions].mean(dim=1)
+
+        def one_sample(layer_index: int, hidden, kwargs, row_weights: torch.Tensor) -> torch.Tensor:
+            """Averaged over the query rows whose weight is True, all rows computed for this sample alone."""
+            probabilities = self._probabilities(layer_index, hidden, kwargs, order[None], sample)[0][:, :, positions]
+            # masked_fill, not a product: a padding row attends to nothing and its softmax is NaN.
+            chosen = probabilities.masked_fill(~row_weights[None, :, None], 0.0).sum(dim=1)
+            return chosen / row_weights.sum()
+
+        def instruction(layer_index: int, hidden, kwargs, name: str) -> torch.Tensor:
             if self.image_end is not None:
-                return order[self.image_end :], None
-            return order, valid & (order > positions.max())
+                return batched(layer_index, hidden, kwargs, name, after_image_rows)
+            valid = self.key_valid[sample]
+            return one_sample(layer_index, hidden, kwargs, valid & (order > positions.max()))
 
-        def at_stage(rows) -> torch.Tensor:
-            return self._mean_onto(self.stage_layer, self.stage_hidden, self.stage_kwargs, sample, *rows(), positions)
-
-        def at_next(rows) -> torch.Tensor:
-            return self._mean_onto(self.stage_layer + 1, self.next_hidden, self.next_kwargs, sample, *rows(), positions)
-
+        stage = (self.stage_layer, self.stage_hidden, self.stage_kwargs)
+        after = (self.stage_layer + 1, self.next_hidden, self.next_kwargs)
         return {
-            "last_token_attention": functools.partial(at_stage, last_row),
-            "received_attention": functools.partial(at_stage, all_rows),
-            "instruction_attention": functools.partial(at_stage, rows_after_image),
-            "next_layer_instruction_attention": functools.partial(at_next, rows_after_image),
+            "last_token_attention": functools.partial(batched, *stage, "last", last_rows),
+            "received_attention": lambda: one_sample(*stage, self.key_valid[sample]),
+            "instruction_attention": functools.partial(instruction, *stage, "instruction"),
+            "next_layer_instruction_attention": functools.partial(instruction, *after, "instruction"),
         }
 
-    def _mean_onto(self, layer_index, hidden, kwargs, sample, rows, row_weights, positions) -> torch.Tensor:
-        """Attention of the query `rows` onto the image's `positions`, averaged over the rows (only those whose
-        weight is True, when `row_weights` is given): [heads, n]."""
+    def _probabilities(self, layer_index: int, hidden, kwargs, rows: torch.Tensor, sample: int | None = None) -> torch.Tensor:
+        """attention_probabilities at a layer for query `rows` [B or 1, R]: of every sample, or of one."""
         cos, sin = kwargs["position_embeddings"]
         layer = self.adapter.layers[layer_index]
         if layer_index not in self._keys:
             self._keys[layer_index] = rotated_keys(layer, hidden, cos, sin)
         normed, keys = self._keys[layer_index]
-        pick = sample if cos.shape[0] > 1 else 0
-        probabilities = attention_probabilities(
-            layer, normed[sample], keys[sample], cos[pick], sin[pick], rows, self.key_valid[sample]
-        )[:, :, positions]
-        if row_weights is None:
-            return probabilities.mean(dim=1)
-        # masked_fill, not a product: a padding row attends to nothing and its softmax is NaN.
-        chosen = probabilities.masked_fill(~row_weights[None, :, None], 0.0).sum(dim=1)
-        return chosen / row_weights.sum()
+        key_valid = self.key_valid
+        if sample is not None:
+            one = slice(sample, sample + 1)
+            pick = one if cos.shape[0] > 1 else slice(0, 1)
+            normed, keys, cos, sin, key_valid = normed[one], keys[one], cos[pick], sin[pick], key_valid[one]
+        return attention_probabilities(layer, normed, keys, cos, sin, rows, key_valid)

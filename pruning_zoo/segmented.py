@@ -30,12 +30,12 @@ from transformers import DynamicCache
 
 from pruning_zoo.adapters import adapter_for
 from pruning_zoo.budget import Budget, check_budget, resolve_budget
-from pruning_zoo.engine import check_plan, check_selection, positions_after
+from pruning_zoo.engine import check_plan, check_selections, positions_after
 from pruning_zoo.errors import PruningZooError
 from pruning_zoo.flops import Convention, DecoderShape, llm_flops
 from pruning_zoo.observe import AttentionProbe, sublayer_hooks
 from pruning_zoo.sequence import Survivors
-from pruning_zoo.strategy import PruningStrategy, ScoreContext, Selection, Stage
+from pruning_zoo.strategy import PruningStrategy, ScoreContext, Selection, Stage, SublayerIO
 from pruning_zoo.timing import Clock
 
 
@@ -96,7 +96,10 @@ class SegmentedPrefill:
         check_plan(strategy.name, self.stages, self.num_visual, num_layers)
         self.vision_flops = [self.adapter.vision_flops(i, self.num_visual) for i in range(self.batch)]
         self.state: dict = {}
+        #: Layers whose sub-blocks the strategy summarizes; their tensors, summaries, and the sequence they ran on.
+        self._watched = set(strategy.sublayer_layers(num_layers)) if "sublayer_summary" in strategy.observes else set()
         self._sublayers: dict[int, dict[str, torch.Tensor]] = {}
+        self._summaries: dict[int, torch.Tensor] = {}
         self._index_at: dict[int, torch.Tensor] = {}
         self._validate = True
         self.segments = self._build()
@@ -130,8 +133,11 @@ class SegmentedPrefill:
         first = 0
         for stage in (s for s in self.stages if s.in_llm):
             segments.append(Segment(f"layers {first}-{stage.after_layer}", functools.partial(self._layers, first, stage.after_layer)))
+            # Each stage summarizes the watched layers since the previous one: every run of a segment, captured
+            # or not, does the same work.
+            summarized = sorted(layer for layer in self._watched if first <= layer <= stage.after_layer)
             segments.append(Segment(f"selection after layer {stage.after_layer}",
-                                    functools.partial(self._select_in_llm, stage, current), True))
+                                    functools.partial(self._select_in_llm, stage, current, summarized), True))
             first, current = stage.after_layer + 1, stage.keep
         last = self.adapter.num_layers - 1
         segments.append(Segment(f"layers {first}-{last} and first token", functools.partial(self._layers, first, last, True)))
@@ -158,9 +164,9 @@ class SegmentedPrefill:
             use_cache=True,
             position_embeddings=self.adapter.rotary_embedding(hidden, positions),
         )
-        watch = "sublayer_io" in self.strategy.observes
         for index in range(first, last + 1):
             layer = self.adapter.layers[index]
+            watch = index in self._watched
             if index == last and not final:
                 self.state["stage_input"] = (hidden, kwargs)
             with attached(sublayer_hooks(layer, self._sublayers.setdefault(index, {}).__setitem__) if watch else []):
@@ -177,47 +183,50 @@ class SegmentedPrefill:
     def _select_entry(self, stage: Stage, current: int) -> None:
         hidden = self.state["hidden"]
         s = self.start
-        selections = []
-        for sample in range(self.batch):
-            ctx = self._context(stage, hidden[sample, s : s + current], self.grid,
-                                self.adapter.vision_observations(sample, self.num_visual))
-            selections.append(self._select(ctx))
-        self._shrink(current, selections)
+        contexts = [self._context(stage, hidden[sample, s : s + current], self.grid,
+                                  self.adapter.vision_observations(sample, self.num_visual)) for sample in range(self.batch)]
+        self._shrink(current, self._select(contexts))
 
-    def _select_in_llm(self, stage: Stage, current: int) -> None:
+    def _select_in_llm(self, stage: Stage, current: int, summarized: list[int]) -> None:
         hidden = self.state["hidden"]
         s = self.start
         key_valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        for layer in summarized:
+            parts = self._sublayers[layer]
+            self._summaries[layer] = self.strategy.summarize_sublayers(SublayerIO(**parts, valid=torch.ones_like(
+                parts["attn_in"][..., 0], dtype=torch.bool)))
         probe = AttentionProbe(self.adapter, stage.after_layer, self.state["stage_input"], hidden,
                                self.state["layer_kwargs"], key_valid, image_end=s + current)
         image = torch.arange(s, s + current, device=hidden.device)
-        selections = []
+        at_image: dict[int, torch.Tensor] = {}  # layer -> its summary at every sample's image tokens, [B, current]
+        contexts = []
         for sample in range(self.batch):
             observations = probe.observations(sample, image)
-            observations["sublayer_io"] = functools.partial(self._sublayer_io, sample, current)
-            selections.append(self._select(self._context(stage, hidden[sample, s : s + current], None, observations)))
-        self._shrink(current, selections)
+            observations["sublayer_summary"] = functools.partial(self._sublayer_summary, at_image, stage, sample, current)
+            contexts.append(self._context(stage, hidden[sample, s : s + current], None, observations))
+        self._shrink(current, self._select(contexts))
 
-    def _sublayer_io(self, sample: int, current: int, layer: int) -> dict:
-        """As the engine's `sublayer_io` observation, for a pad-free batch."""
-        if layer not in self._sublayers:
-            raise PruningZooError(f"sub-block inputs/outputs of layer {layer} are not available in this segment")
-        entry_rows = self.state["index"][sample, self.start : self.start + current]
-        rows = torch.searchsorted(self._index_at[layer][sample].contiguous(), entry_rows)
-        parts = {part: tensor[sample] for part, tensor in self._sublayers[layer].items()}
-        valid = torch.ones(parts["attn_in"].shape[0], dtype=torch.bool, device=entry_rows.device)
-        return {**parts, "valid": valid, "image_rows": rows}
+    def _sublayer_summary(self, at_image: dict, stage: Stage, sample: int, current: int, layer: int) -> torch.Tensor:
+        """As the engine's `sublayer_summary` observation, for a pad-free batch: the rows of every sample's
+        image tokens in the layer's sequence found once for the batch."""
+        if layer not in self._summaries or layer > stage.after_layer:  # a later layer's would be the last run's
+            raise PruningZooError(f"no sub-block summary of layer {layer}: the strategy's sublayer_layers must list "
+                                  "it and it must run before the stage")
+        if layer not in at_image:
+            entry_rows = self.state["index"][:, self.start : self.start + current]
+            rows = torch.searchsorted(self._index_at[layer].contiguous(), entry_rows.contiguous())
+            at_image[layer] = self._summaries[layer].gather(1, rows)
+        return at_image[layer][sample]
 
     def _context(self, stage: Stage, tokens: torch.Tensor, grid, observations: dict) -> ScoreContext:
         return ScoreContext(stage=stage, tokens=tokens, num_layers=self.adapter.num_layers, grid=grid,
                             observations=observations, model=self.adapter.identity)
 
-    def _select(self, ctx: ScoreContext) -> Selection:
-        scores = self.strategy.score(ctx)
-        selection = self.strategy.select(scores, ctx.stage.keep, ctx)
+    def _select(self, contexts: list[ScoreContext]) -> list[Selection]:
+        selections = self.strategy.select_images(contexts)
         if self._validate:  # reads indices on the host: only in the first, eager run, never in a capture
-            check_selection(self.strategy.name, selection, ctx.stage, ctx.tokens)
-        return selection
+            check_selections(self.strategy.name, selections, contexts)
+        return selections
 
     def _shrink(self, current: int, selections: list[Selection]) -> None:
         """Keep each sample's selected image tokens (merged features where the strategy gave them)."""

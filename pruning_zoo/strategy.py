@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import pydantic
@@ -31,6 +31,9 @@ __all__ = [
     "Selection",
     "Stage",
     "StrategyParams",
+    "checked_scores",
+    "one_size",
+    "SublayerIO",
     "params_dataclass",
     "top_k_in_order",
     "true_indices",
@@ -95,6 +98,20 @@ class Selection:
     features: torch.Tensor | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class SublayerIO:
+    """One decoder layer's sub-blocks at prefill, for the whole batch: what `summarize_sublayers` reads."""
+
+    #: The attention sub-block's input (input_layernorm's output) and output (before the residual add), [B, L, d].
+    attn_in: torch.Tensor
+    attn_out: torch.Tensor
+    #: The MLP sub-block's input (post_attention_layernorm's output) and output, [B, L, d].
+    mlp_in: torch.Tensor
+    mlp_out: torch.Tensor
+    #: [B, L] which positions of the layer's sequence are real tokens (not padding).
+    valid: torch.Tensor
+
+
 class ModelIdentity:
     """A model's name and a fingerprint of its vision tower's first weights, which tells checkpoints apart
     whatever path they were loaded from (computed on first use, in bfloat16 so the load dtype does not matter)."""
@@ -144,9 +161,26 @@ class ScoreContext:
         return self.observations[name](**options)
 
 
+def checked_scores(strategy: PruningStrategy, ctx: ScoreContext) -> torch.Tensor:
+    """`strategy.score(ctx)`, refused unless it is one score per visual token."""
+    scores = strategy.score(ctx)
+    if scores.shape != (ctx.tokens.shape[0],):
+        raise PruningZooError(
+            f"strategy {strategy.name!r} returned scores of shape {tuple(scores.shape)} {ctx.stage}; "
+            f"expected one score per visual token, shape ({ctx.tokens.shape[0]},)"
+        )
+    return scores
+
+
 def top_k_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k highest scores, sorted ascending so kept tokens keep their original order."""
+    """Indices of the k highest scores, sorted ascending so kept tokens keep their original order ([n] -> [k],
+    or a batch [B, n] -> [B, k])."""
     return torch.topk(scores, k, sorted=False).indices.sort().values
+
+
+def one_size(contexts: Sequence[ScoreContext]) -> bool:
+    """Whether the images of a stage hold as many tokens and keep as many: their work can be stacked."""
+    return bool(contexts) and len({(ctx.tokens.shape[0], ctx.stage.keep) for ctx in contexts}) == 1
 
 
 def true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
@@ -193,6 +227,22 @@ class PruningStrategy(ABC):
     def select(self, scores: torch.Tensor, keep: int, ctx: ScoreContext) -> Selection:
         """Turn scores into the kept tokens. Default: top-k, original order kept."""
         return Selection(keep=top_k_in_order(scores, keep))
+
+    def select_images(self, contexts: Sequence[ScoreContext]) -> list[Selection]:
+        """The selections of every image of a batch at one stage, in order: what the engine calls. Default: each
+        image scored and selected on its own. A strategy may override it to do the work once for the batch
+        (in a CUDA graph every small kernel per image costs time); images of one size can be stacked."""
+        return [self.select(checked_scores(self, ctx), ctx.stage.keep, ctx) for ctx in contexts]
+
+    # For strategies that observe `sublayer_summary`: what each token of a layer's sequence did in its sub-blocks.
+    def sublayer_layers(self, num_layers: int) -> range:
+        """0-indexed decoder layers whose sub-blocks `summarize_sublayers` reads; only these are watched."""
+        return range(0)
+
+    def summarize_sublayers(self, io: SublayerIO) -> torch.Tensor:
+        """One value per position of a watched layer's sequence, [B, L], for the whole batch at once: computed
+        once per layer and forward, at the first stage after it, and read per image as `sublayer_summary`."""
+        raise NotImplementedError(f"strategy {self.name!r} observes sublayer_summary but has no summarize_sublayers")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params})"

@@ -3,6 +3,7 @@ layer K-1, scored by the attention the last prompt token pays them at that layer
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import pydantic
@@ -10,7 +11,17 @@ import torch
 
 from pruning_zoo.errors import InvalidParameterError
 from pruning_zoo.hookspecs import hookimpl
-from pruning_zoo.strategy import BudgetMeaning, InLLMParams, PruningStrategy, ScoreContext, Stage, params_dataclass
+from pruning_zoo.strategy import (
+    BudgetMeaning,
+    InLLMParams,
+    PruningStrategy,
+    ScoreContext,
+    Selection,
+    Stage,
+    one_size,
+    params_dataclass,
+    top_k_in_order,
+)
 
 
 @params_dataclass(frozen=True)
@@ -68,9 +79,18 @@ class FastV(PruningStrategy):
         return (Stage(after_layer=k - 1, keep=keep),)
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
+        return self.scores([ctx])[0]
+
+    def scores(self, contexts: Sequence[ScoreContext]) -> torch.Tensor:
+        """[B, n] of images of one size."""
         observation = "last_token_attention" if self.params.score == "last_token" else "received_attention"
-        # [heads, n] post-softmax probabilities onto this image's tokens; FastV averages over heads.
-        return ctx.observe(observation).float().mean(dim=0)
+        # [heads, n] post-softmax probabilities onto each image's tokens; FastV averages over heads.
+        return torch.stack([ctx.observe(observation) for ctx in contexts]).float().mean(dim=1)
+
+    def select_images(self, contexts: Sequence[ScoreContext]) -> list[Selection]:
+        if not one_size(contexts):
+            return super().select_images(contexts)
+        return [Selection(keep=row) for row in top_k_in_order(self.scores(contexts), contexts[0].stage.keep)]
 
 
 @hookimpl

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -200,6 +201,21 @@ class LearnPruner(PruningStrategy):
         with torch.no_grad():
             return module.keep_probability(features.float())
 
+    def select_images(self, contexts: Sequence[ScoreContext]) -> list[Selection]:
+        """Before the LLM, images of one size are ranked and diversified together: the module, the top-k and
+        each greedy pick run once for the batch (per image, the picks alone are 7 small kernels each)."""
+        if not contexts or contexts[0].stage.in_llm or len({ctx.tokens.shape[0] for ctx in contexts}) > 1:
+            return super().select_images(contexts)
+        features = torch.stack([self.features(ctx) for ctx in contexts]).float()  # [B, n, f]
+        module = self.module_for(contexts[0], features.shape[-1]).to(features.device)
+        with torch.no_grad():
+            scores = module.keep_probability(features)
+        keep = contexts[0].stage.keep  # images of one size have one plan
+        diverse = math.floor(self.params.diversity_ratio * keep + 0.5)
+        ranked = torch.topk(scores, keep - diverse, dim=-1, sorted=False).indices
+        chosen = max_min_diverse(features, ranked, diverse)
+        return [Selection(keep=row) for row in torch.cat([ranked, chosen], dim=-1).sort(dim=-1).values]
+
     def select(self, scores: torch.Tensor, keep: int, ctx: ScoreContext) -> Selection:
         if ctx.stage.in_llm:
             return Selection(keep=top_k_in_order(scores, keep))
@@ -212,24 +228,33 @@ class LearnPruner(PruningStrategy):
 def max_min_diverse(features: torch.Tensor, selected: torch.Tensor, count: int) -> torch.Tensor:
     """Greedily pick `count` more rows of `features`: each time the unselected row whose smallest cosine
     distance to the selected rows is largest (first wins ties). With nothing selected, start from row 0.
-    Picks stay on the device (no host sync), so the selection can be captured in a CUDA graph."""
+    features [n, f] and selected [k] give [count]; a batch, [B, n, f] and [B, k], gives [B, count], every
+    image picking at once. Picks stay on the device (no host sync), so the selection can be captured in a
+    CUDA graph."""
+    if features.dim() == 2:
+        return max_min_diverse(features[None], selected[None], count)[0]
     normed = F.normalize(features, dim=-1)
-    taken = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
-    taken.index_fill_(0, selected, True)  # not taken[selected] = True: that copies the value from the host
+    batch, n, width = normed.shape
+    taken = torch.zeros(batch, n, dtype=torch.bool, device=features.device)
+    taken.scatter_(1, selected, True)
     picked = []
-    if count and selected.numel() == 0:
-        selected = torch.zeros(1, dtype=torch.long, device=features.device)
-        taken[0] = True
-        picked, count = [selected[0]], count - 1
+    if count and selected.shape[1] == 0:
+        selected = torch.zeros(batch, 1, dtype=torch.long, device=features.device)
+        taken[:, 0] = True
+        picked, count = [selected[:, 0]], count - 1
     if not picked and not count:
-        return torch.zeros(0, dtype=torch.long, device=features.device)
-    nearest = (1 - normed @ normed[selected].T).min(dim=1).values
+        return torch.zeros(batch, 0, dtype=torch.long, device=features.device)
+
+    def rows(index: torch.Tensor) -> torch.Tensor:  # [B, k] -> the normed rows [B, k, f]
+        return normed.gather(1, index[..., None].expand(-1, -1, width))
+
+    nearest = (1 - normed @ rows(selected).transpose(1, 2)).min(dim=2).values
     for _ in range(count):
-        best = nearest.masked_fill(taken, float("-inf")).argmax()
-        picked.append(best)
-        taken.index_fill_(0, best.reshape(1), True)
-        nearest = torch.minimum(nearest, 1 - normed @ normed.index_select(0, best.reshape(1))[0])  # normed[best] reads best on the host
-    return torch.stack(picked)
+        best = nearest.masked_fill(taken, float("-inf")).argmax(dim=1, keepdim=True)  # [B, 1]
+        picked.append(best[:, 0])
+        taken.scatter_(1, best, True)
+        nearest = torch.minimum(nearest, 1 - (normed @ rows(best).transpose(1, 2))[..., 0])
+    return torch.stack(picked, dim=1)
 
 
 @hookimpl

@@ -5,6 +5,7 @@ the instruction attends to it through the next layer (Instruction-Guided Attenti
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import pydantic
@@ -13,7 +14,18 @@ import torch.nn.functional as F
 
 from pruning_zoo.errors import InvalidParameterError
 from pruning_zoo.hookspecs import hookimpl
-from pruning_zoo.strategy import BudgetMeaning, InLLMParams, PruningStrategy, ScoreContext, Stage, params_dataclass
+from pruning_zoo.strategy import (
+    BudgetMeaning,
+    InLLMParams,
+    PruningStrategy,
+    ScoreContext,
+    Selection,
+    Stage,
+    SublayerIO,
+    one_size,
+    params_dataclass,
+    top_k_in_order,
+)
 
 
 @params_dataclass(frozen=True)
@@ -85,7 +97,7 @@ class TransPrune(PruningStrategy):
     name = "transprune"
     Params = TransPruneParams
     budget_meaning = BudgetMeaning.AFTER_PRUNING
-    observes = frozenset({"sublayer_io", "next_layer_instruction_attention"})
+    observes = frozenset({"sublayer_summary", "next_layer_instruction_attention"})
 
     # -- schedule --------------------------------------------------------------------------------------------
     def scaled_layer(self, layer: int, num_layers: int) -> int:
@@ -153,18 +165,37 @@ class TransPrune(PruningStrategy):
         return tuple(Stage(after_layer=layer - 1, keep=keep) for layer, keep in zip(layers, best))
 
     # -- scores ----------------------------------------------------------------------------------------------
+    def sublayer_layers(self, num_layers: int) -> range:
+        return self.ttv_layers(num_layers)
+
+    def summarize_sublayers(self, io: SublayerIO) -> torch.Tensor:
+        """Each token's TTV at one layer, [B, L]: computed once per layer for the whole batch, however many
+        prunes after it accumulate it."""
+        return token_transition_variation(io, self.params.direction)
+
     def score(self, ctx: ScoreContext) -> torch.Tensor:
-        layers = [layer for layer in self.ttv_layers(ctx.num_layers) if layer <= ctx.stage.after_layer]
-        ttv = torch.zeros(ctx.tokens.shape[0], device=ctx.tokens.device)
+        return self.scores([ctx])[0]
+
+    def scores(self, contexts: Sequence[ScoreContext]) -> torch.Tensor:
+        """[B, n] of images of one size, at one stage."""
+        first = contexts[0]
+        layers = [layer for layer in self.ttv_layers(first.num_layers) if layer <= first.stage.after_layer]
+        ttv = torch.zeros(len(contexts), first.tokens.shape[0], device=first.tokens.device)
         for layer in layers:
-            ttv += token_transition_variation(ctx.observe("sublayer_io", layer=layer), self.params.direction)
-        iga = ctx.observe("next_layer_instruction_attention").float().mean(dim=0)
+            ttv += torch.stack([ctx.observe("sublayer_summary", layer=layer) for ctx in contexts])
+        iga = torch.stack([ctx.observe("next_layer_instruction_attention") for ctx in contexts]).float().mean(dim=1)
         alpha = self.params.alpha
-        return alpha * ttv / (ttv.sum() + 1e-8) + (1 - alpha) * iga / (iga.sum() + 1e-8)
+        return (alpha * ttv / (ttv.sum(dim=-1, keepdim=True) + 1e-8)
+                + (1 - alpha) * iga / (iga.sum(dim=-1, keepdim=True) + 1e-8))
+
+    def select_images(self, contexts: Sequence[ScoreContext]) -> list[Selection]:
+        if not one_size(contexts):
+            return super().select_images(contexts)
+        return [Selection(keep=row) for row in top_k_in_order(self.scores(contexts), contexts[0].stage.keep)]
 
 
 def transition(x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, direction: str) -> torch.Tensor:
-    """m * softmax(c) per token for one sub-block: x its normed input, y its output, [L, d]; valid [L]."""
+    """m * softmax(c) per token for one sub-block: x its normed input, y its output, [..., L, d]; valid [..., L]."""
     x, y = x.float(), y.float()
     magnitude = y.norm(dim=-1) / x.norm(dim=-1)
     cosine = F.cosine_similarity(x, y, dim=-1)
@@ -172,11 +203,10 @@ def transition(x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, direction:
     return magnitude * change.masked_fill(~valid, float("-inf")).softmax(dim=-1)
 
 
-def token_transition_variation(io: dict, direction: str = "code") -> torch.Tensor:
-    """One layer's TTV (attention + MLP sub-blocks) at the image's rows, from a `sublayer_io` observation."""
-    valid = io["valid"]
-    ttv = transition(io["attn_in"], io["attn_out"], valid, direction) + transition(io["mlp_in"], io["mlp_out"], valid, direction)
-    return ttv[io["image_rows"]]
+def token_transition_variation(io: SublayerIO, direction: str = "code") -> torch.Tensor:
+    """One layer's TTV (attention + MLP sub-blocks) at every position, [B, L]."""
+    return (transition(io.attn_in, io.attn_out, io.valid, direction)
+            + transition(io.mlp_in, io.mlp_out, io.valid, direction))
 
 
 @hookimpl

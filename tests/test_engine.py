@@ -4,13 +4,14 @@ batches with padding and different visual-token counts, progressive stages, achi
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
 
 import pruning_zoo
 from pruning_zoo.engine import prune
-from pruning_zoo.strategy import BudgetMeaning, PruningStrategy, Stage
+from pruning_zoo.strategy import BudgetMeaning, PruningStrategy, Selection, Stage
 
 STEPS = 4
 
@@ -281,6 +282,42 @@ def test_a_stage_outside_the_model_is_a_clear_error():
             model(**family.inputs(1))
 
 
+class Misbehaving(Progressive):
+    """Test strategy: one pre-LLM stage whose scores or selections are wrong in the way `fault` names."""
+
+    def __init__(self, fault):
+        super().__init__()
+        self.fault = fault
+
+    def plan(self, budget, num_visual, num_layers):
+        return (Stage(after_layer=None, keep=budget),)
+
+    def score(self, ctx):
+        return torch.zeros(ctx.tokens.shape[0] + 1) if self.fault == "scores" else ctx.tokens.float().sum(-1)
+
+    def select_images(self, contexts):
+        if self.fault == "count":
+            return super().select_images(contexts)[:-1]
+        if self.fault == "indices":
+            return [Selection(keep=torch.arange(ctx.stage.keep).flip(0)) for ctx in contexts]
+        return super().select_images(contexts)
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("scores", r"returned scores of shape \(17,\) before the LLM: keep 2; expected one score per visual token, shape \(16,\)"),
+    ("count", r"gave 1 selections for 2 images; select_images returns one Selection per context"),
+    ("indices", r"selected invalid indices before the LLM: keep 2: they must be ascending"),
+])
+def test_a_strategy_that_breaks_the_interface_is_a_clear_error(fault, message):
+    import tiny_models
+
+    family = tiny_models.FAMILIES["llava"]
+    model = family.model_class(family.config()).eval()
+    with pytest.raises(pruning_zoo.PruningZooError, match=message), torch.no_grad():
+        with prune(model, Misbehaving(fault), 2):
+            model(**family.inputs(2))
+
+
 def test_an_unknown_model_is_a_clear_error():
     with pytest.raises(pruning_zoo.UnknownNameError, match="unknown model type .*'bert'.*known: llava"):
         import transformers
@@ -428,40 +465,53 @@ def test_qwen_vision_observations_follow_the_merged_tokens(name, tmp_path):
             torch.testing.assert_close(observed["attention"], in_block_order)
 
 
-def test_sublayer_io_matches_the_residual_stream(family_model):
-    """TTV's inputs: at an earlier layer, attn_in/attn_out/mlp_in/mlp_out agree with the hidden states the
-    unpruned model reports (h_next = h + attn_out + mlp_out, mlp_in = norm(h + attn_out))."""
+def test_sublayer_summaries_see_the_residual_stream_and_follow_the_survivors(family_model):
+    """The sub-blocks a strategy summarizes agree with the hidden states the unpruned model reports
+    (h_next = h + attn_out + mlp_out, mlp_in = norm(h + attn_out)); only the layers it names are watched, each
+    summarized once for the batch; a stage reads each image's tokens as rows of the summarized layer's sequence."""
     family, model = family_model
     inputs = family.inputs(3)
-    seen = []
+    seen, summarized = [], []
 
     class Spy(Progressive):
-        observes = frozenset({"sublayer_io"})
+        observes = frozenset({"sublayer_summary"})
 
         def plan(self, budget, num_visual, num_layers):
             return (Stage(after_layer=1, keep=budget), Stage(after_layer=2, keep=budget - 1))
 
+        def sublayer_layers(self, num_layers):
+            return range(1, 3)
+
+        def summarize_sublayers(self, io):
+            summarized.append(io)
+            # each position's place in the layer's own sequence
+            return torch.arange(io.valid.shape[1], dtype=torch.float).expand(io.valid.shape[0], -1)
+
         def score(self, ctx):
-            seen.append((ctx.stage.after_layer, ctx.observe("sublayer_io", layer=1), ctx.observe("sublayer_io", layer=ctx.stage.after_layer)))
+            layers = [1] if ctx.stage.after_layer == 1 else [1, 2]
+            seen.append((ctx.stage.after_layer, [ctx.observe("sublayer_summary", layer=layer) for layer in layers]))
             return ctx.tokens.float().sum(-1)
 
     with torch.no_grad():
         with prune(model, Spy(), 3):
             model(**inputs)
         hidden = model(**inputs, output_hidden_states=True).hidden_states
-    layer = model.model.language_model.layers[1]
+    assert len(summarized) == 2  # layers 1 and 2, once each for the whole batch
+    io, layer = summarized[0], model.model.language_model.layers[1]
+    valid = io.valid
+    torch.testing.assert_close(io.attn_in[valid], layer.input_layernorm(hidden[1])[valid])
+    torch.testing.assert_close(io.mlp_in[valid], layer.post_attention_layernorm(hidden[1] + io.attn_out)[valid])
+    torch.testing.assert_close((hidden[1] + io.attn_out + io.mlp_out)[valid], hidden[2][valid], rtol=1e-4, atol=1e-5)
+    assert summarized[1].attn_in.shape[1] < io.attn_in.shape[1]  # layer 2 ran after the first prune
     image = inputs["input_ids"] == model.config.image_token_id
-    first_stage = [entry for entry in seen if entry[0] == 1]
-    for sample, (_, io, _) in enumerate(first_stage):
-        h, valid = hidden[1][sample], io["valid"]
-        torch.testing.assert_close(io["attn_in"][valid], layer.input_layernorm(h)[valid])
-        torch.testing.assert_close(io["mlp_in"][valid], layer.post_attention_layernorm(h + io["attn_out"])[valid])
-        torch.testing.assert_close((h + io["attn_out"] + io["mlp_out"])[valid], hidden[2][sample][valid], rtol=1e-4, atol=1e-5)
-        assert torch.equal(io["image_rows"], image[sample].nonzero().flatten())
-    later = [entry for entry in seen if entry[0] == 2]
-    for _, early, current in later:
-        assert early["image_rows"].numel() == current["image_rows"].numel() == 3  # survivors of stage 1
-        assert current["attn_in"].shape[0] < early["attn_in"].shape[0]
+    first = [rows for stage, (rows,) in ((s, r) for s, r in seen if s == 1)]
+    later = [rows for stage, rows in seen if stage == 2]
+    assert len(first) == len(later) == image.shape[0]
+    for sample, (at_first, (early, current)) in enumerate(zip(first, later)):
+        assert torch.equal(at_first.long(), image[sample].nonzero().flatten())
+        assert early.numel() == current.numel() == 3  # survivors of stage 1
+        assert set(early.long().tolist()) <= set(at_first.long().tolist()) and bool((early.diff() > 0).all())
+        assert bool((current.diff() > 0).all()) and bool((current < summarized[1].attn_in.shape[1]).all())
 
 
 class KeepFirst(PruningStrategy):
@@ -536,3 +586,19 @@ def test_a_keyed_random_draw_follows_the_document_not_the_batch(family_model):
     with pytest.raises(pruning_zoo.errors.PruningZooError, match="sample keys"):
         with torch.no_grad(), prune(model, strategy, 8, sample_keys=["t/0"]):
             model(**family.inputs(2))
+
+
+@pytest.mark.parametrize("name", ["fastv", "transprune", "learnpruner"])
+def test_a_batch_selected_at_once_keeps_what_one_image_at_a_time_keeps(family_model, name):
+    """Strategies that stack a stage's images (select_images) keep the tokens the per-image default keeps."""
+    family, model = family_model
+    inputs = family.inputs(3)
+    kept = []
+    for one_by_one in (False, True):
+        strategy = pruning_zoo.get_strategy(name)
+        if one_by_one:
+            strategy.select_images = functools.partial(PruningStrategy.select_images, strategy)
+        with torch.no_grad(), prune(model, strategy, 4) as run:
+            model(**inputs)
+        kept.append([image.kept for image in run.records[0].images])
+    assert kept[0] == kept[1] and len(kept[0]) >= 3

@@ -3,6 +3,7 @@ tensors where the method is arithmetic."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -15,22 +16,22 @@ from pruning_zoo.engine import prune
 from pruning_zoo.strategies.learnpruner import LearnablePruningModule, max_min_diverse
 from pruning_zoo.strategies.transprune import token_transition_variation
 from pruning_zoo.strategies.visionzip import merge_contextual
-from pruning_zoo.strategy import ScoreContext, Stage
+from pruning_zoo.strategy import ScoreContext, Stage, SublayerIO
 
 
 class Recording:
-    """Wraps a strategy's select to keep every selection, in call order."""
+    """Wraps a strategy's select_images to keep every selection, in call order."""
 
     def __init__(self, strategy):
         self.strategy, self.selections = strategy, []
-        original = strategy.select
+        original = strategy.select_images
 
-        def select(scores, keep, ctx):
-            selection = original(scores, keep, ctx)
-            self.selections.append((ctx.stage, selection))
-            return selection
+        def select_images(contexts):
+            selections = original(contexts)
+            self.selections += [(ctx.stage, selection) for ctx, selection in zip(contexts, selections)]
+            return selections
 
-        strategy.select = select
+        strategy.select_images = select_images
 
 
 def eager_outputs(model, inputs, **options):
@@ -159,22 +160,31 @@ def test_transprune_ttv_on_hand_made_tensors():
     change = torch.tensor([0.0, 2.0, 1.0])
     expected = magnitude * change.softmax(0)
     zero = torch.zeros_like(x)
-    io = {"attn_in": x, "attn_out": y, "mlp_in": x, "mlp_out": zero, "valid": valid, "image_rows": torch.tensor([0, 1, 2])}
-    torch.testing.assert_close(token_transition_variation(io), expected)
-    io["mlp_out"] = y
-    torch.testing.assert_close(token_transition_variation(io), 2 * expected)
+
+    def ttv(mlp_out, direction="code"):  # a batch of two copies: each sample on its own
+        io = SublayerIO(attn_in=torch.stack([x, x]), attn_out=torch.stack([y, y]), mlp_in=torch.stack([x, x]),
+                        mlp_out=torch.stack([mlp_out, mlp_out]), valid=torch.stack([valid, valid]))
+        both = token_transition_variation(io, direction)
+        assert both.shape == (2, 4) and torch.equal(both[0], both[1]) and both[0, 3] == 0
+        return both[0, :3]
+
+    torch.testing.assert_close(ttv(zero), expected)
+    torch.testing.assert_close(ttv(y), 2 * expected)
     paper = magnitude * torch.tensor([0.0, 0.0, 1.0]).softmax(0) * 2  # 1 - |cos|
-    torch.testing.assert_close(token_transition_variation(io, "paper"), paper)
+    torch.testing.assert_close(ttv(y, "paper"), paper)
+    transprune = pruning_zoo.get_strategy("transprune")
+    assert list(transprune.sublayer_layers(32)) == list(range(6, 12))  # TTV over layers 7..12 (1-indexed)
 
 
 def test_transprune_score_adds_normalised_ttv_and_iga():
-    io = {"attn_in": torch.eye(3), "attn_out": torch.eye(3), "mlp_in": torch.eye(3), "mlp_out": 2 * torch.eye(3),
-          "valid": torch.ones(3, dtype=torch.bool), "image_rows": torch.tensor([0, 2])}
+    ttv = {6: torch.tensor([0.2, 0.6]), 7: torch.tensor([0.4, 0.4]), 8: torch.tensor([0.2, 0.2])}
     iga = torch.tensor([[0.1, 0.3], [0.3, 0.3]])
     ctx = ScoreContext(stage=Stage(after_layer=6, keep=1), tokens=torch.zeros(2, 3), num_layers=32,
-                       observations={"sublayer_io": lambda layer: io, "next_layer_instruction_attention": lambda: iga})
-    ttv = token_transition_variation(io) * 1  # layer 6 only at the first prune
-    expected = 0.5 * ttv / ttv.sum() + 0.5 * torch.tensor([0.2, 0.3]) / 0.5
+                       observations={"sublayer_summary": lambda layer: ttv[layer], "next_layer_instruction_attention": lambda: iga})
+    expected = 0.5 * torch.tensor([0.25, 0.75]) + 0.5 * torch.tensor([0.2, 0.3]) / 0.5  # layer 6 only at the first prune
+    torch.testing.assert_close(pruning_zoo.get_strategy("transprune").score(ctx), expected)
+    ctx = dataclasses.replace(ctx, stage=Stage(after_layer=8, keep=1))  # layers 6..8 accumulate at the second
+    expected = 0.5 * torch.tensor([0.4, 0.6]) + 0.5 * torch.tensor([0.4, 0.6])
     torch.testing.assert_close(pruning_zoo.get_strategy("transprune").score(ctx), expected)
 
 
@@ -186,14 +196,15 @@ def test_transprune_iga_is_the_next_layers_eager_attention_from_the_instruction(
     inputs = family.inputs(3)
     strategy = pruning_zoo.get_strategy("transprune")
     seen = []
-    original = strategy.score
+    original = strategy.scores
 
-    def score(ctx):
-        if ctx.stage.after_layer == 0:
-            seen.append(ctx.observe("next_layer_instruction_attention").float().mean(0))
-        return original(ctx)
+    def scores(contexts):
+        for ctx in contexts:
+            if ctx.stage.after_layer == 0:
+                seen.append(ctx.observe("next_layer_instruction_attention").float().mean(0))
+        return original(contexts)
 
-    strategy.score = score
+    strategy.scores = scores
     with torch.no_grad(), prune(model, strategy, 4):
         model(**inputs)
     attentions = eager_outputs(model, inputs, output_attentions=True).attentions
@@ -224,6 +235,34 @@ def test_learnpruner_diversity_is_greedy_max_min_cosine():
     # Kept: row 0. Farthest from it is row 3 (distance 2); then row 2 (distance 1 to both rows 0 and 3).
     assert max_min_diverse(features, torch.tensor([0]), 2).tolist() == [3, 2]
     assert max_min_diverse(features, torch.tensor([0]), 0).tolist() == []
+
+
+def test_learnpruner_diversity_of_a_batch_is_each_images_own():
+    features = torch.randn(3, 40, 8, generator=torch.Generator().manual_seed(0))
+    ranked = torch.stack([torch.randperm(40, generator=torch.Generator().manual_seed(i))[:5] for i in range(3)])
+    batched = max_min_diverse(features, ranked, 6)
+    assert batched.shape == (3, 6)
+    for image in range(3):
+        assert batched[image].tolist() == max_min_diverse(features[image], ranked[image], 6).tolist()
+    assert max_min_diverse(features, ranked[:, :0], 2).shape == (3, 2)  # nothing ranked: starts from row 0
+    assert max_min_diverse(features, ranked[:, :0], 2)[:, 0].tolist() == [0, 0, 0]
+
+
+def test_learnpruner_selects_a_batch_as_it_selects_each_image():
+    strategy = pruning_zoo.get_strategy("learnpruner", seed=2)
+    generator = torch.Generator().manual_seed(1)
+    contexts = [
+        ScoreContext(stage=Stage(after_layer=None, keep=12), tokens=torch.zeros(30, 4), num_layers=4,
+                     observations={"vision_features": lambda features=torch.randn(30, 16, generator=generator): features})
+        for _ in range(3)
+    ]
+    batched = strategy.select_images(contexts)
+    one_by_one = [strategy.select(strategy.score(ctx), ctx.stage.keep, ctx) for ctx in contexts]
+    assert [s.keep.tolist() for s in batched] == [s.keep.tolist() for s in one_by_one]
+    assert len({tuple(s.keep.tolist()) for s in batched}) == 3  # the images differ, and so do their picks
+    mixed = contexts[:2] + [dataclasses.replace(contexts[2], tokens=torch.zeros(20, 4), observations={
+        "vision_features": lambda: torch.randn(20, 16, generator=generator)})]
+    assert [s.keep.shape[0] for s in strategy.select_images(mixed)] == [12, 12, 12]  # sizes differ: one by one
 
 
 def test_learnpruner_ranks_by_the_modules_keep_probability_plus_diverse_tokens(tmp_path):
