@@ -184,9 +184,10 @@ def one_size(contexts: Sequence[ScoreContext]) -> bool:
 
 
 def true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of the first `count` True entries of a 1-D mask, ascending. Unlike `mask.nonzero()` it never
-    waits for the GPU to learn the count, so a selection using it can be captured in a CUDA graph."""
-    return torch.sort((~mask).to(torch.uint8), stable=True).indices[:count]
+    """Indices of the first `count` True entries of a mask, ascending, along its last dimension ([n] -> [count],
+    [B, n] -> [B, count]). Unlike `mask.nonzero()` it never waits for the GPU to learn the count, so a
+    selection using it can be captured in a CUDA graph."""
+    return torch.sort((~mask).to(torch.uint8), stable=True).indices[..., :count]
 
 
 class PruningStrategy(ABC):

@@ -4,6 +4,7 @@ similarity."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import pydantic
@@ -18,6 +19,7 @@ from pruning_zoo.strategy import (
     Selection,
     Stage,
     StrategyParams,
+    one_size,
     params_dataclass,
     true_indices,
 )
@@ -86,56 +88,85 @@ class VisionZip(PruningStrategy):
         return ctx.observe("vision_attention", layer=self.params.layer).float().sum(dim=0)
 
     def select(self, scores: torch.Tensor, keep: int, ctx: ScoreContext) -> Selection:
-        with_cls = "vision_cls_features" in ctx.observations
+        return self.merge_images([ctx], scores[None], keep)[0]
+
+    def select_images(self, contexts: Sequence[ScoreContext]) -> list[Selection]:
+        """Images of one size (and alike in having a CLS row) are merged together, each step once for the batch."""
+        if not one_size(contexts) or len({"vision_cls_features" in ctx.observations for ctx in contexts}) > 1:
+            return super().select_images(contexts)
+        scores = torch.stack([self.score(ctx) for ctx in contexts])
+        return self.merge_images(contexts, scores, contexts[0].stage.keep)
+
+    def merge_images(self, contexts: Sequence[ScoreContext], scores: torch.Tensor, keep: int) -> list[Selection]:
+        """The selections of images of one size, scores [B, n]: steps 1-3 above, batched."""
+        first = contexts[0]
+        batch, count = scores.shape
+        with_cls = "vision_cls_features" in first.observations
         dominant_count, contextual_count = self.split(keep, with_cls)
         patches = dominant_count - 1 if with_cls else dominant_count
-        dominant = torch.topk(scores, patches, sorted=False).indices.sort().values
-        rest = torch.ones(scores.shape[0], dtype=torch.bool, device=scores.device)
-        rest.index_fill_(0, dominant, False)  # not rest[dominant] = False: that copies the value from the host
-        remaining = true_indices(rest, scores.shape[0] - patches)
+        dominant = torch.topk(scores, patches, sorted=False).indices.sort().values  # [B, patches]
+        rest = torch.ones(batch, count, dtype=torch.bool, device=scores.device)
+        rest.scatter_(1, dominant, False)  # not rest[dominant] = False: that copies the value from the host
+        remaining = true_indices(rest, count - patches)
 
-        features = ctx.observe("vision_features")
-        emitted = [features[dominant]]
+        features = torch.stack([ctx.observe("vision_features") for ctx in contexts])  # [B, n, ...]
+        emitted = [gather_rows(features, dominant)]
         if with_cls:
-            emitted.insert(0, ctx.observe("vision_cls_features")[None])
-        targets = remaining[:0]
+            emitted.insert(0, torch.stack([ctx.observe("vision_cls_features") for ctx in contexts])[:, None])
+        targets = remaining[:, :0]
         if contextual_count:
-            keys = ctx.observe("vision_keys", layer=self.params.layer).float().mean(dim=1)
-            targets, merged = merge_contextual(keys[remaining], features[remaining], contextual_count, self.params.merge)
-            targets = remaining[targets]
+            keys = torch.stack([ctx.observe("vision_keys", layer=self.params.layer) for ctx in contexts]).float().mean(dim=2)
+            picked, merged = merge_contextual(gather_rows(keys, remaining), gather_rows(features, remaining),
+                                              contextual_count, self.params.merge)
+            targets = remaining[:, picked]
             emitted.append(merged)
-        projected = ctx.observe("vision_project", features=torch.cat(emitted))
+        emitted = torch.cat(emitted, dim=1)
+        # The projector is the model's own, the same for every image: one call projects the batch.
+        projected = first.observe("vision_project", features=emitted.flatten(0, 1)).view(batch, keep, -1)
 
-        slots = torch.cat([dominant, targets])
+        slots = torch.cat([dominant, targets], dim=1)
         if with_cls:  # CLS has no slot of its own: it takes the first free one
-            free = torch.ones(scores.shape[0], dtype=torch.bool, device=scores.device)
-            free.index_fill_(0, slots, False)
-            slots = torch.cat([true_indices(free, 1), slots])
+            free = torch.ones(batch, count, dtype=torch.bool, device=scores.device)
+            free.scatter_(1, slots, False)
+            slots = torch.cat([true_indices(free, 1), slots], dim=1)
         # The slots are ascending; the emitted order goes into them in turn, so the sequence order is VisionZip's.
-        return Selection(keep=slots.sort().values, features=projected)
+        return [Selection(keep=kept, features=image) for kept, image in zip(slots.sort().values, projected)]
+
+
+def gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """values [B, n, ...] at rows index [B, k]: [B, k, ...]."""
+    return values.gather(1, index.view(*index.shape, *[1] * (values.dim() - 2)).expand(-1, -1, *values.shape[2:]))
 
 
 def merge_contextual(keys: torch.Tensor, features: torch.Tensor, count: int, merge: str) -> tuple[torch.Tensor, torch.Tensor]:
     """VisionZip's contextual merge over the remaining tokens, in their original order.
 
     keys: [r, dk]; features: [r, ...]. Returns (target indices into the r tokens, merged features [count, ...]).
+    A batch of images with as many remaining tokens, keys [B, r, dk] and features [B, r, ...], gives the
+    targets (the same for every image) and merged features [B, count, ...].
     """
+    if keys.dim() == 2:
+        targets, merged = merge_contextual(keys[None], features[None], count, merge)
+        return targets, merged[0]
     normed = F.normalize(keys, dim=-1)
-    step = max(1, keys.shape[0] // count)
-    targets = torch.arange(0, keys.shape[0], step, device=keys.device)[:count]
-    is_target = torch.zeros(keys.shape[0], dtype=torch.bool, device=keys.device)
+    remaining = keys.shape[1]
+    step = max(1, remaining // count)
+    targets = torch.arange(0, remaining, step, device=keys.device)[:count]
+    is_target = torch.zeros(remaining, dtype=torch.bool, device=keys.device)
     is_target.index_fill_(0, targets, True)
-    members = true_indices(~is_target, keys.shape[0] - targets.shape[0])
-    assignment = (normed[members] @ normed[targets].T).argmax(dim=1)  # first maximum wins ties
-    flat = features.flatten(1).float()
-    sums = torch.zeros(count, flat.shape[1], device=flat.device).index_add_(0, assignment, flat[members])
-    ones = torch.ones(assignment.shape[0], device=flat.device)
-    counts = torch.zeros(count, device=flat.device).index_add_(0, assignment, ones)[:, None]
+    members = true_indices(~is_target, remaining - targets.shape[0])
+    assignment = (normed[:, members] @ normed[:, targets].transpose(1, 2)).argmax(dim=2)  # first maximum wins ties
+    flat = features.flatten(2).float()
+    width = flat.shape[2]
+    sums = torch.zeros(flat.shape[0], count, width, device=flat.device).scatter_add_(
+        1, assignment[..., None].expand(-1, -1, width), flat[:, members])
+    ones = torch.ones(assignment.shape, device=flat.device)
+    counts = torch.zeros(flat.shape[0], count, device=flat.device).scatter_add_(1, assignment, ones)[..., None]
     if merge == "code":
-        merged = flat[targets] + torch.where(counts > 0, sums / counts.clamp(min=1), 0.0)
+        merged = flat[:, targets] + torch.where(counts > 0, sums / counts.clamp(min=1), 0.0)
     else:
-        merged = (flat[targets] + sums) / (counts + 1)
-    return targets, merged.to(features.dtype).view(count, *features.shape[1:])
+        merged = (flat[:, targets] + sums) / (counts + 1)
+    return targets, merged.to(features.dtype).view(flat.shape[0], count, *features.shape[2:])
 
 
 @hookimpl

@@ -588,17 +588,19 @@ def test_a_keyed_random_draw_follows_the_document_not_the_batch(family_model):
             model(**family.inputs(2))
 
 
-@pytest.mark.parametrize("name", ["fastv", "transprune", "learnpruner"])
+@pytest.mark.parametrize("name", ["fastv", "transprune", "learnpruner", "visionzip"])
 def test_a_batch_selected_at_once_keeps_what_one_image_at_a_time_keeps(family_model, name):
-    """Strategies that stack a stage's images (select_images) keep the tokens the per-image default keeps."""
+    """Strategies that stack a stage's images (select_images) keep the tokens the per-image default keeps,
+    and merge them alike (the logits agree)."""
     family, model = family_model
     inputs = family.inputs(3)
-    kept = []
+    kept, logits = [], []
     for one_by_one in (False, True):
         strategy = pruning_zoo.get_strategy(name)
         if one_by_one:
             strategy.select_images = functools.partial(PruningStrategy.select_images, strategy)
         with torch.no_grad(), prune(model, strategy, 4) as run:
-            model(**inputs)
+            logits.append(model(**inputs).logits[:, -1])
         kept.append([image.kept for image in run.records[0].images])
     assert kept[0] == kept[1] and len(kept[0]) >= 3
+    torch.testing.assert_close(logits[0], logits[1])
