@@ -389,7 +389,7 @@ app.add_typer(bench_app, name="bench")
 @bench_app.command("latency")
 def bench_latency(
     arch: Annotated[str, typer.Option(help="Architecture, built from its config with random weights: "
-                                           "llava-1.5-7b or qwen2-vl-7b.")] = "llava-1.5-7b",
+                                           "llava-1.5-7b, llava-next-7b or qwen2-vl-7b.")] = "llava-1.5-7b",
     batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8",
     budgets: Annotated[str, typer.Option(help="Comma-separated visual-token budgets per image (the unpruned "
                                               "model runs once, as strategy none).")] = "192,128,64,32",

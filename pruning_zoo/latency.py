@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from pruning_zoo.adapters import adapter_for
 from pruning_zoo.budget import resolve_budget
@@ -106,6 +107,32 @@ def qwen2_vl_prompt(text_before: int, text_after: int, grid: tuple[int, int]) ->
     return build
 
 
+def llava_next_prompt(text_before: int, text_after: int, image_size: tuple[int, int]) -> Callable:
+    """BOS, text, the image's packed tokens (base crop, unpadded any-resolution grid, a newline closing each
+    row: counted by the model's own packing), text; one image of `image_size` (height, width) per sample."""
+
+    def build(model, batch: int, generator: torch.Generator) -> dict:
+        config = model.config
+        vision = config.vision_config
+        crops = image_size_to_num_patches(image_size, config.image_grid_pinpoints, vision.image_size)
+        per_crop = (vision.image_size // vision.patch_size) ** 2
+        packed, _ = model.model.pack_image_features(
+            [torch.zeros(crops, per_crop, 1)], torch.tensor([list(image_size)]), config.vision_feature_select_strategy,
+            image_newline=torch.zeros(1),
+        )
+        vocab = min(config.image_token_id, config.get_text_config().vocab_size)
+        ids = torch.cat([
+            torch.full((batch, 1), config.get_text_config().bos_token_id or 1),
+            _random_text(generator, batch, text_before, vocab),
+            torch.full((batch, packed[0].shape[0]), config.image_token_id),
+            _random_text(generator, batch, text_after, vocab),
+        ], dim=1)
+        pixels = torch.randn(batch, crops, 3, vision.image_size, vision.image_size, generator=generator)
+        return {"input_ids": ids, "pixel_values": pixels, "image_sizes": torch.tensor([list(image_size)] * batch)}
+
+    return build
+
+
 def llava_1_5_7b_config() -> transformers.LlavaConfig:
     """llava-hf/llava-1.5-7b-hf's config.json, written out (no hub here)."""
     return transformers.LlavaConfig(
@@ -120,6 +147,17 @@ def llava_1_5_7b_config() -> transformers.LlavaConfig:
         ),
         image_token_index=32000, projector_hidden_act="gelu", vision_feature_layer=-2,
         vision_feature_select_strategy="default", image_seq_length=576,
+    )
+
+
+def llava_next_7b_config() -> transformers.LlavaNextConfig:
+    """llava-hf/llava-v1.6-vicuna-7b-hf's shapes: LLaVA-1.5-7B's CLIP tower and Vicuna-7B, with LLaVA-NeXT's
+    any-resolution grid (transformers' defaults: pinpoints 336x672, 672x336, 672x672, 1008x336, 336x1008)."""
+    llava = llava_1_5_7b_config()
+    return transformers.LlavaNextConfig(
+        vision_config=llava.vision_config, text_config=llava.text_config, image_token_index=32000,
+        projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
+        image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]], image_seq_length=576,
     )
 
 
@@ -138,10 +176,14 @@ def qwen2_vl_7b_config() -> transformers.Qwen2VLConfig:
 
 
 #: 576 visual tokens and 640 in all, as LLaVA-1.5 at 336 px with a short question; Qwen2-VL gets a
-#: 672 x 672 image (48 x 48 patches, 576 merged tokens) so both start from the same count.
+#: 672 x 672 image (48 x 48 patches, 576 merged tokens) so both start from the same count; LLaVA-NeXT gets the
+#: same image, which its any-resolution crops turn into 2928 tokens.
 ARCHITECTURES = {
     "llava-1.5-7b": Architecture("llava-1.5-7b", "LLaVA-1.5-7B: CLIP ViT-L/14-336, MLP projector, Vicuna-7B",
                                  llava_1_5_7b_config, llava_prompt(35, 28), 576),
+    "llava-next-7b": Architecture("llava-next-7b", "LLaVA-NeXT-7B (v1.6 Vicuna): CLIP ViT-L/14-336 on a 672 x 672 image "
+                                  "(4 crops + base: 2928 packed tokens with newlines), Vicuna-7B",
+                                  llava_next_7b_config, llava_next_prompt(35, 28, (672, 672)), 2928),
     "qwen2-vl-7b": Architecture("qwen2-vl-7b", "Qwen2-VL-7B: 675M ViT at 672 px (576 merged tokens), Qwen2-7B",
                                 qwen2_vl_7b_config, qwen2_vl_prompt(31, 31, (48, 48)), 576),
 }

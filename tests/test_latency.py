@@ -9,12 +9,15 @@ import json
 import pytest
 import tiny_models
 import torch
+import transformers
 from typer.testing import CliRunner
 
 import pruning_zoo
 from pruning_zoo import latency
 from pruning_zoo.cli import app
+from pruning_zoo.engine import prune
 from pruning_zoo.errors import PruningZooError
+from pruning_zoo.segmented import SegmentedPrefill
 
 TINY = latency.Architecture("tiny-llava", "a tiny LLaVA", tiny_models.llava_config, latency.llava_prompt(3, 4), 16)
 STRATEGIES = ["none", "random", "pool", "visionzip", "fastv", "transprune", "learnpruner"]
@@ -118,3 +121,23 @@ def test_the_7b_architectures_are_the_published_shapes():
     assert (llava.text_config.hidden_size, llava.text_config.num_hidden_layers, llava.vision_config.image_size) == (4096, 32, 336)
     qwen = latency.qwen2_vl_7b_config()
     assert (qwen.text_config.hidden_size, qwen.text_config.num_key_value_heads, qwen.vision_config.depth) == (3584, 4, 32)
+
+
+def test_the_llava_next_prompt_holds_the_packed_tokens_and_runs_segmented():
+    """LLaVA-NeXT-7B's geometry (336 px crops, its pinpoints) at tiny widths: the 672 x 672 prompt holds the
+    2928 packed tokens the architecture declares, and the segmented prefill gives the engine's logits."""
+    config = latency.llava_next_7b_config()
+    assert (config.text_config.hidden_size, config.text_config.num_hidden_layers) == (4096, 32)
+    config.vision_config.update(dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2))
+    config.text_config.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                                   num_key_value_heads=2))
+    torch.manual_seed(0)
+    model = transformers.LlavaNextForConditionalGeneration(config).eval()
+    architecture = latency.architecture("llava-next-7b")
+    inputs = architecture.prompt(model, 2, torch.Generator().manual_seed(0))
+    assert int((inputs["input_ids"][0] == 32000).sum()) == architecture.num_visual == 2928
+    with torch.no_grad(), prune(model, pruning_zoo.get_strategy("fastv"), 64):
+        expected = model(**inputs).logits[:, -1]
+    segmented = SegmentedPrefill(model, pruning_zoo.get_strategy("fastv"), 64, inputs)
+    segmented.run()
+    torch.testing.assert_close(segmented.logits, expected, atol=1e-5, rtol=1e-4)

@@ -32,7 +32,15 @@ def uniform_qwen_inputs(batch_size: int) -> dict:
                 pixel_values=torch.randn(batch_size * 64, 3 * 2 * 4 * 4, generator=generator))
 
 
-UNIFORM = {"llava": uniform_llava_inputs, "qwen2_vl": uniform_qwen_inputs}
+def uniform_llava_next_inputs(batch_size: int) -> dict:
+    # Every image 56 x 56: 2x2 crops and the base crop, 4 + 4*(4+1) = 24 packed tokens (newlines included).
+    rows = [[1] + tiny_models._text(b, 2) + [tiny_models.IMAGE] * 24 + tiny_models._text(b + 1, 5) for b in range(batch_size)]
+    generator = torch.Generator().manual_seed(batch_size)
+    return dict(input_ids=torch.tensor(rows), pixel_values=torch.randn(batch_size, 5, 3, 28, 28, generator=generator),
+                image_sizes=torch.tensor([[56, 56]] * batch_size))
+
+
+UNIFORM = {"llava": uniform_llava_inputs, "llava_next": uniform_llava_next_inputs, "qwen2_vl": uniform_qwen_inputs}
 
 STRATEGIES = {
     "none": ({}, 16),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from pruning_zoo.adapters.base import MethodWatch, ModelAdapter
+from pruning_zoo.adapters.base import MethodWatch, ModelAdapter, stack_image_features
 from pruning_zoo.adapters.clip import TokenSources
 from pruning_zoo.adapters.llava import LlavaAdapter, clip_vision_tower_flops
 
@@ -34,6 +34,15 @@ class LlavaNextAdapter(LlavaAdapter):
             self._image_sizes = arguments.get("image_sizes")
 
         return [MethodWatch(self.model.model, "get_image_features", record_sizes), *super().vision_hooks(observed)]
+
+    def image_features(self, vision_inputs):
+        """The packed tokens (base crop, unpadded grid, newlines) of images of one size, [images, n, d]."""
+        config = self.model.config
+        return stack_image_features(self.model.model.get_image_features(
+            pixel_values=vision_inputs["pixel_values"], image_sizes=vision_inputs["image_sizes"],
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+        ))
 
     def _crops(self) -> list[int]:
         """Crops per image, as LLaVA-NeXT splits them (base crop first)."""
