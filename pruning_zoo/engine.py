@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from pruning_zoo.adapters import ModelAdapter, adapter_for
+from pruning_zoo.adapters.base import VISION_OBSERVATIONS
 from pruning_zoo.budget import Budget, check_budget, resolve_budget
 from pruning_zoo.errors import InvalidParameterError, PruningZooError
 from pruning_zoo.flops import Convention, DecoderShape, llm_flops
@@ -279,7 +280,9 @@ class PruningRun:
         for image_index, image in enumerate(self._images):
             stage = next((s for s in image.stages if not s.in_llm), None)
             if stage is not None:
-                pending.append((image, stage, self.adapter.vision_observations(image_index, image.num_visual)))
+                observed = self.strategy.observes & VISION_OBSERVATIONS  # built only when asked for
+                observations = self.adapter.vision_observations(image_index, image.num_visual) if observed else {}
+                pending.append((image, stage, observations))
         selections = self._select_images(pending, embeds)
         changes = [self._apply_stage(image, stage, selection, embeds, keep, first_layer=0)
                    for (image, stage, _), selection in zip(pending, selections)]

@@ -29,6 +29,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from pruning_zoo.adapters import adapter_for
+from pruning_zoo.adapters.base import VISION_OBSERVATIONS
 from pruning_zoo.budget import Budget, check_budget, resolve_budget
 from pruning_zoo.engine import check_plan, check_selections, positions_after
 from pruning_zoo.errors import PruningZooError
@@ -183,8 +184,10 @@ class SegmentedPrefill:
     def _select_entry(self, stage: Stage, current: int) -> None:
         hidden = self.state["hidden"]
         s = self.start
+        observed = self.strategy.observes & VISION_OBSERVATIONS  # built only when asked for
         contexts = [self._context(stage, hidden[sample, s : s + current], self.grid,
-                                  self.adapter.vision_observations(sample, self.num_visual)) for sample in range(self.batch)]
+                                  self.adapter.vision_observations(sample, self.num_visual) if observed else {})
+                    for sample in range(self.batch)]
         self._shrink(current, self._select(contexts))
 
     def _select_in_llm(self, stage: Stage, current: int, summarized: list[int]) -> None:
@@ -233,20 +236,23 @@ class SegmentedPrefill:
         hidden = self.state["hidden"]
         batch, length = hidden.shape[:2]
         s, device = self.start, hidden.device
-        kept = torch.stack([selection.keep.to(device) for selection in selections])  # [B, keep]
-        rows = torch.stack([
-            hidden[sample, s + selection.keep.to(device)] if selection.features is None else selection.features.to(hidden.dtype)
-            for sample, selection in enumerate(selections)
-        ])
+        kept = s + torch.stack([selection.keep.to(device) for selection in selections])  # [B, keep], sequence rows
+        if all(selection.features is None for selection in selections):  # one gather for the batch
+            rows = hidden.gather(1, kept[..., None].expand(-1, -1, hidden.shape[-1]))
+        else:
+            rows = torch.stack([
+                hidden[sample, kept[sample]] if selection.features is None else selection.features.to(hidden.dtype)
+                for sample, selection in enumerate(selections)
+            ])
         shrunk = torch.cat([hidden[:, :s], rows, hidden[:, s + current :]], dim=1)
         step_index = torch.cat([
             torch.arange(s, device=device).expand(batch, -1),
-            s + kept,
+            kept,
             torch.arange(s + current, length, device=device).expand(batch, -1),
         ], dim=1)
         step = Survivors(index=step_index, valid=torch.ones_like(step_index, dtype=torch.bool), source_length=length)
         before = torch.arange(s, s + current, device=device)
-        changes = [(sample, before, s + kept[sample]) for sample in range(batch)]
+        changes = [(sample, before, kept[sample]) for sample in range(batch)]
         positions, _ = positions_after(self.adapter, self.strategy.params.positions, self.state["positions"], step, changes)
         self.state.update(hidden=shrunk, positions=positions, index=self.state["index"].gather(1, step_index))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 
 import pydantic
 import torch
@@ -17,7 +18,9 @@ from pruning_zoo.strategy import (
     Selection,
     Stage,
     StrategyParams,
+    one_size,
     params_dataclass,
+    top_k_in_order,
 )
 
 
@@ -66,6 +69,14 @@ class RandomSubset(PruningStrategy):
             generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
         return torch.rand(ctx.tokens.shape[0], generator=generator)
 
+    def select_images(self, contexts: Sequence[ScoreContext]) -> list[Selection]:
+        """Each image's draw as before, on the host; images of one size are ranked together and their picks
+        copied to the device in one transfer."""
+        if not one_size(contexts):
+            return super().select_images(contexts)
+        kept = top_k_in_order(torch.stack([self.score(ctx) for ctx in contexts]), contexts[0].stage.keep)
+        return [Selection(keep=row) for row in kept.to(contexts[0].tokens.device)]
+
 
 class GridPool(PruningStrategy):
     """Spatial average pooling of each image's patch grid down to the budget, before the LLM.
@@ -87,16 +98,27 @@ class GridPool(PruningStrategy):
         return torch.zeros(ctx.tokens.shape[0])
 
     def select(self, scores: torch.Tensor, keep: int, ctx: ScoreContext) -> Selection:
+        return self.pool_images([ctx], keep)[0]
+
+    def select_images(self, contexts: Sequence[ScoreContext]) -> list[Selection]:
+        """Images of one size and grid are pooled together."""
+        if not one_size(contexts) or len({ctx.grid for ctx in contexts}) > 1:
+            return super().select_images(contexts)
+        return self.pool_images(contexts, contexts[0].stage.keep)
+
+    @staticmethod
+    def pool_images(contexts: Sequence[ScoreContext], keep: int) -> list[Selection]:
+        tokens = torch.stack([ctx.tokens for ctx in contexts]).transpose(1, 2).float()  # [B, d, n]
         side = math.isqrt(keep - 1) + 1
-        if ctx.grid is not None:
-            rows, cols = ctx.grid
-            grid = ctx.tokens.T.reshape(1, -1, rows, cols).float()
-            pooled = F.adaptive_avg_pool2d(grid, (side, side)).flatten(2)[0].T
+        grid = contexts[0].grid
+        if grid is not None:
+            pooled = F.adaptive_avg_pool2d(tokens.unflatten(2, grid), (side, side)).flatten(2)
         else:
-            pooled = F.adaptive_avg_pool1d(ctx.tokens.T[None].float(), side * side)[0].T
-        device = ctx.tokens.device  # indices made where the tokens are: nothing copied from the host
+            pooled = F.adaptive_avg_pool1d(tokens, side * side)
+        device = tokens.device  # indices made where the tokens are: nothing copied from the host
         chosen = torch.linspace(0, side * side - 1, keep, device=device).round().long()
-        return Selection(keep=torch.arange(keep, device=device), features=pooled[chosen].to(ctx.tokens.dtype))
+        features = pooled.transpose(1, 2)[:, chosen].to(contexts[0].tokens.dtype)
+        return [Selection(keep=torch.arange(keep, device=device), features=image) for image in features]
 
 
 @hookimpl

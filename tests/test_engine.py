@@ -588,7 +588,7 @@ def test_a_keyed_random_draw_follows_the_document_not_the_batch(family_model):
             model(**family.inputs(2))
 
 
-@pytest.mark.parametrize("name", ["fastv", "transprune", "learnpruner", "visionzip"])
+@pytest.mark.parametrize("name", ["fastv", "transprune", "learnpruner", "visionzip", "pool", "random"])
 def test_a_batch_selected_at_once_keeps_what_one_image_at_a_time_keeps(family_model, name):
     """Strategies that stack a stage's images (select_images) keep the tokens the per-image default keeps,
     and merge them alike (the logits agree)."""

@@ -87,7 +87,8 @@ def test_segmented_prefill_gives_the_engines_logits(uniform_model, case, batch_s
 def test_the_first_run_validates_the_selection(uniform_model):
     name, model = uniform_model
     strategy = pruning_zoo.get_strategy("random")
-    strategy.select = lambda scores, keep, ctx: pruning_zoo.strategy.Selection(keep=torch.arange(keep).flip(0))
+    strategy.select_images = lambda contexts: [pruning_zoo.strategy.Selection(keep=torch.arange(ctx.stage.keep).flip(0))
+                                               for ctx in contexts]
     segmented = SegmentedPrefill(model, strategy, 8, UNIFORM[name](2))
     with pytest.raises(PruningZooError, match="ascending"):
         segmented.run()
