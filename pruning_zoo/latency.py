@@ -11,7 +11,8 @@ as medians over repetitions:
   the LLM, with peak and bandwidth measured on the same GPU (a large bf16 matmul, a large copy).
 
 Modes: `eager` is transformers as users run it, with the hook engine; `compiled` is the segmented prefill
-(`pruning_zoo.segmented`), each segment a CUDA graph captured for its token count, running the model's own layers.
+(`pruning_zoo.segmented`), each segment a CUDA graph captured for its token count, running the model's own layers,
+by default through torch.compile's inductor (`fusion`), which fuses their element-wise kernels.
 """
 
 from __future__ import annotations
@@ -267,6 +268,8 @@ class LatencyCell:
     params: dict
     budget: int
     mode: str
+    #: The compiled mode's torch.compile backend for layers and vision blocks (None: graphs of the own forwards).
+    fusion: str | None = None
 
     @property
     def key(self) -> str:
@@ -274,10 +277,11 @@ class LatencyCell:
 
 
 def measure(model, inputs: dict, strategy: PruningStrategy, budget: int, mode: str, repeats: int,
-            decode_tokens: int, peaks: dict | None, weights: dict[str, int]) -> dict:
+            decode_tokens: int, peaks: dict | None, weights: dict[str, int], fusion: str | None = None) -> dict:
     """One cell's measurements (see the module docstring); `inputs` already on the model's device."""
     device = inputs["input_ids"].device
-    segmented = SegmentedPrefill(model, strategy, budget, inputs)  # also counts the FLOPs both modes compute
+    # Also counts the FLOPs both modes compute.
+    segmented = SegmentedPrefill(model, strategy, budget, inputs, fusion=fusion if mode == "compiled" else None)
     vision_flops = 2 * sum(segmented.vision_flops)
     llm_flops = 2 * segmented.llm_flops("3ndm")  # SwiGLU: three MLP matrices is what the GPU computes
     if device.type == "cuda":
@@ -414,6 +418,8 @@ class LatencyPlan:
     modes: list[str]
     repeats: int = 20
     decode_tokens: int = 16
+    #: torch.compile backend of the compiled mode (None: CUDA graphs of the modules' own forwards).
+    fusion: str | None = "inductor"
 
     def cells(self, num_visual: int) -> list[tuple[LatencyCell, PruningStrategy]]:
         cells = []
@@ -422,7 +428,8 @@ class LatencyPlan:
                 for name, strategy in self.strategies.items():
                     budgets = [num_visual] if name == "none" else [b for b in self.budgets if b < num_visual]
                     for budget in budgets:
-                        cell = LatencyCell(self.arch, batch, name, params_as_dict(strategy.params), budget, mode)
+                        cell = LatencyCell(self.arch, batch, name, params_as_dict(strategy.params), budget, mode,
+                                           self.fusion if mode == "compiled" else None)
                         cells.append((cell, strategy))
         return cells
 
@@ -453,6 +460,10 @@ def run_benchmark(plan: LatencyPlan, out: Path, device: str, command: str, arch:
     for mode in plan.modes:
         if mode not in MODES:
             raise PruningZooError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if plan.fusion is not None and plan.fusion not in backends:
+        raise PruningZooError(f"unknown fusion {plan.fusion!r}: give a torch.compile backend ({', '.join(torch._dynamo.list_backends())}) "
+                              "or none")
     too_large = [b for b in plan.budgets if b > arch.num_visual]
     if too_large:
         raise PruningZooError(f"budgets {too_large} exceed the {arch.num_visual} visual tokens of {arch.name}'s prompt; "
@@ -463,7 +474,11 @@ def run_benchmark(plan: LatencyPlan, out: Path, device: str, command: str, arch:
     if results["cells"] and results.get("device") != description:
         raise PruningZooError(f"{path} holds results measured on {results.get('device')}, not on {description}; "
                               "choose another --out so devices are never mixed")
-    done = {json.dumps(c["cell"], sort_keys=True) for c in results["cells"]}
+    fusions = {c["cell"].get("fusion") for c in results["cells"] if c["cell"]["mode"] == "compiled"}
+    if "compiled" in plan.modes and fusions - {plan.fusion}:
+        raise PruningZooError(f"{path} holds compiled cells measured with fusion {', '.join(map(str, sorted(fusions, key=str)))}, "
+                              f"not {plan.fusion}; choose another --out so they are never mixed in one table")
+    done = {json.dumps({"fusion": None, **c["cell"]}, sort_keys=True) for c in results["cells"]}
     for entry in results["cells"]:  # cells measured by an earlier run keep that run's commit
         entry.setdefault("git_sha", results.get("git_sha"))
     model = build_random(arch, device, dtype)
@@ -479,7 +494,8 @@ def run_benchmark(plan: LatencyPlan, out: Path, device: str, command: str, arch:
         inputs = {k: v.to(device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
         budget = resolve_budget(cell.budget, arch.num_visual)
         try:
-            measured = measure(model, inputs, strategy, budget, cell.mode, plan.repeats, plan.decode_tokens, peaks, weights)
+            measured = measure(model, inputs, strategy, budget, cell.mode, plan.repeats, plan.decode_tokens, peaks,
+                               weights, cell.fusion)
         except torch.cuda.OutOfMemoryError as error:
             measured = {"error": f"out of memory: {str(error).splitlines()[0]}"}
             torch.cuda.empty_cache()
@@ -508,6 +524,7 @@ def frame(results: dict):
             "tflops": (entry["flops"]["vision"] + entry["flops"]["llm"]) / 1e12 if "flops" in entry else None,
             "floor_ms": entry.get("floor_ms"), "ttft_over_floor": entry.get("ttft_over_floor"),
             "eager_segments": ", ".join(entry.get("eager_segments", {})), "error": entry.get("error", ""),
+            "fusion": cell.get("fusion"),
         })
     return pd.DataFrame(rows)
 
@@ -579,6 +596,9 @@ def markdown(results: dict) -> str:
     table = frame(results)
     peaks = results.get("peaks") or {}
     clock = next((c["clock"] for c in results["cells"] if "clock" in c), "CUDA events")
+    fusion = next((c["cell"].get("fusion") for c in results["cells"] if c["cell"]["mode"] == "compiled"), None)
+    fused = (f", its decoder layers and vision blocks through torch.compile ({fusion})" if fusion else
+             ", the modules' own forwards (no fusion)")
     lines = [
         f"# Latency: {results['arch']} on {results['device']}",
         "",
@@ -593,7 +613,7 @@ def markdown(results: dict) -> str:
     lines += [
         f"- TTFT: vision tower + projector, selection, LLM prefill writing its KV cache, first token; {clock}, "
         "medians over the repetitions after 3 warm-up runs. `compiled`: the segmented prefill (on a GPU one CUDA "
-        "graph per segment) over the model's own modules; `eager`: transformers' forward under the hook engine.",
+        f"graph per segment) over the model's own modules{fused}; `eager`: transformers' forward under the hook engine.",
         "- selection: every pruning step (scoring, selecting, gathering); decode: eager generate(), per token after "
         "the first; floor: max(FLOPs / peak, weight bytes / bandwidth) for the vision tower plus the same for the LLM.",
         "",

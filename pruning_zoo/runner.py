@@ -440,11 +440,12 @@ def with_compiled_latency(eager: dict, compiled: dict) -> dict:
     if "error" in compiled:
         return {**eager, "compiled_error": compiled["error"]}
     kept = {key: eager[key] for key in ("time_to_first_token_ms", "selection_ms", "selection_share_of_ttft")}
+    fused = f", their layers fused by torch.compile ({compiled['fusion']})" if compiled.get("fusion") else ""
     return {
         **eager, **{key: compiled[key] for key in kept}, "mode": "compiled", "eager": kept,
-        "eager_segments": compiled["eager_segments"],
+        "eager_segments": compiled["eager_segments"], "fusion": compiled.get("fusion"),
         "how": (f"Time to first token and selection: the compiled mode (the prefill as CUDA-graph segments, "
-                f"pruning_zoo.segmented; on a CPU the segments run eagerly) on {eager['batch_size']} copies of the "
+                f"pruning_zoo.segmented{fused}; on a CPU the segments run eagerly) on {eager['batch_size']} copies of the "
                 f"task's first document, medians of {compiled['repeats']} after warm-up, with the evaluation's clock. "
                 + eager["how"].replace("Per batch", "`eager`, and decode and memory: per batch")),
     }

@@ -13,6 +13,11 @@ with the model's own modules, the same strategy objects and the same observation
 is uniform: every sample holds one image at the same positions and no padding, as the benchmark's prompts do.
 A segment that cannot be captured (it reads a GPU value on the host, or copies from host memory) runs
 eagerly between the graphs, and `eager_segments` says which and why.
+
+Graphs remove launch overhead, not the kernels: a Llama layer launches some 25 small element-wise kernels
+(RMSNorm, rotary, SiLU, residuals) around its matrix multiplications. With `fusion` (a torch.compile backend,
+"inductor" on a GPU) the decoder layers and vision blocks run torch.compile'd forwards, which fuse them, and
+the graphs capture those.
 """
 
 from __future__ import annotations
@@ -54,6 +59,38 @@ class Segment:
     outputs: dict[str, object] = dataclasses.field(default_factory=dict)
 
 
+class CacheOutsideCompile(DynamicCache):
+    """The prefill's KV cache, written outside torch.compile's graphs: transformers indexes the cache by each
+    layer's integer `layer_idx`, on which torch.compile would specialize, compiling every layer anew."""
+
+    @torch.compiler.disable
+    def update(self, *args, **kwargs):
+        return super().update(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def compiled_forwards(modules: list[nn.Module], backend: str) -> Iterator[None]:
+    """Each module's forward shadowed by a torch.compile'd one while the block runs: an instance attribute,
+    deleted on exit, so the class is untouched and the module's hooks still run eagerly around it. Modules of
+    one class share compiled code (torch.compile caches it by the forward's code), recompiled as dynamic after
+    the first shape changes."""
+    previous = [module.__dict__.get("forward") for module in modules]
+    for module in modules:
+        module.forward = torch.compile(module.forward, backend=backend)
+    try:
+        # The layer index reaches the compiled code only as the cache's argument; unspecialized, all layers share
+        # it. transformers wraps every layer class's forward in one function, whose compiled versions (per class,
+        # batch and first shapes) may pass torch.compile's default limit of 8.
+        with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True, recompile_limit=64):
+            yield
+    finally:
+        for module, forward in zip(modules, previous):
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
+
+
 @contextlib.contextmanager
 def attached(handles: list) -> Iterator[None]:
     try:
@@ -80,9 +117,11 @@ def uniform_layout(adapter, input_ids: torch.Tensor, attention_mask: torch.Tenso
 class SegmentedPrefill:
     """One prefill of a uniform batch under `strategy` at `budget`, as segments. `run()` executes it eagerly;
     on a GPU, `capture()` records each segment in a CUDA graph and `replay()` runs the graphs. After either,
-    `logits` [B, vocab] are the last position's logits and `first_token` [B] their argmax."""
+    `logits` [B, vocab] are the last position's logits and `first_token` [B] their argmax. `fusion` names a
+    torch.compile backend for the decoder layers and vision blocks (None: the modules' own forwards)."""
 
-    def __init__(self, model: nn.Module, strategy: PruningStrategy, budget: Budget, inputs: dict):
+    def __init__(self, model: nn.Module, strategy: PruningStrategy, budget: Budget, inputs: dict,
+                 fusion: str | None = None):
         check_budget(budget)
         self.model, self.strategy = model, strategy
         self.adapter = adapter_for(model)
@@ -103,6 +142,10 @@ class SegmentedPrefill:
         self._summaries: dict[int, torch.Tensor] = {}
         self._index_at: dict[int, torch.Tensor] = {}
         self._validate = True
+        self.fusion = fusion
+        # Layers whose sub-blocks are watched keep their own forward: the hooks inside it stay eager.
+        self._fused = [layer for index, layer in enumerate(self.adapter.layers) if index not in self._watched]
+        self._fused += self.adapter.vision_blocks
         self.segments = self._build()
 
     # -- set-up --------------------------------------------------------------------------------------------
@@ -161,7 +204,8 @@ class SegmentedPrefill:
         kwargs = dict(
             attention_mask=None,  # causal over a pad-free sequence: SDPA's is_causal
             position_ids=self.adapter.layer_position_ids(positions),
-            past_key_values=DynamicCache(config=self.model.config),  # the prefill writes its KV cache, as in serving
+            # The prefill writes its KV cache, as in serving.
+            past_key_values=(CacheOutsideCompile if self.fusion else DynamicCache)(config=self.model.config),
             use_cache=True,
             position_embeddings=self.adapter.rotary_embedding(hidden, positions),
         )
@@ -257,9 +301,16 @@ class SegmentedPrefill:
         self.state.update(hidden=shrunk, positions=positions, index=self.state["index"].gather(1, step_index))
 
     # -- running -------------------------------------------------------------------------------------------
+    def _forwards(self):
+        return compiled_forwards(self._fused, self.fusion) if self.fusion else contextlib.nullcontext()
+
     @torch.no_grad()
     def run(self, clock: Clock | None = None) -> None:
         """Every segment eagerly, in order (with a clock: a span per segment, named by `span_name`)."""
+        with self._forwards():
+            self._run(clock)
+
+    def _run(self, clock: Clock | None) -> None:
         for segment in self.segments:
             with self._span(clock, segment):
                 segment.run()
@@ -283,11 +334,15 @@ class SegmentedPrefill:
         selection after it (it would read tensors the eager segment no longer writes in place)."""
         if self.input_ids.device.type != "cuda":
             raise PruningZooError("CUDA graphs need the model on a CUDA device; on CPU use run()")
+        with self._forwards():
+            self._capture()
+
+    def _capture(self) -> None:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up (lazy initialisation, cuBLAS workspaces) off the capture
-                self.run()
+            for _ in range(2):  # warm-up (lazy initialisation, cuBLAS workspaces, compilation) off the capture
+                self._run(None)
         torch.cuda.current_stream().wait_stream(side)
         pool = torch.cuda.graph_pool_handle()
         eager_before = False
@@ -329,6 +384,10 @@ class SegmentedPrefill:
     @torch.no_grad()
     def replay(self, clock: Clock | None = None) -> None:
         """Replay the captured graphs (eager segments run in between and write into the captured tensors)."""
+        with self._forwards():
+            self._replay(clock)
+
+    def _replay(self, clock: Clock | None) -> None:
         for segment in self.segments:
             with self._span(clock, segment):
                 if segment.graph is not None:

@@ -26,7 +26,7 @@ STRATEGIES = ["none", "random", "pool", "visionzip", "fastv", "transprune", "lea
 def plan(**changes) -> latency.LatencyPlan:
     options = dict(arch="tiny-llava", batches=[1, 2], budgets=[8, 4, 16],
                    strategies={name: pruning_zoo.get_strategy(name) for name in STRATEGIES},
-                   modes=["eager", "compiled"], repeats=2, decode_tokens=3)
+                   modes=["eager", "compiled"], repeats=2, decode_tokens=3, fusion="aot_eager")  # inductor: GPU runs
     return latency.LatencyPlan(**{**options, **changes})
 
 
@@ -85,6 +85,22 @@ def test_the_page_shows_every_strategy_and_the_targets(measured):
     assert "pruning-zoo bench latency (test)" in page or "more" in page
 
 
+def test_the_compiled_cells_name_their_fusion_and_another_is_never_mixed_in(measured):
+    out, results = measured
+    assert {(e["cell"]["mode"], e["cell"]["fusion"]) for e in results["cells"]} == {("eager", None), ("compiled", "aot_eager")}
+    assert "through torch.compile (aot_eager)" in (out / "tiny-llava.md").read_text()
+    before = (out / "tiny-llava.json").read_text()
+    with pytest.raises(PruningZooError, match="fusion aot_eager, not None; choose another --out"):
+        latency.run_benchmark(plan(fusion=None), out, "cpu", "x", arch=TINY, dtype=torch.float32)
+    assert (out / "tiny-llava.json").read_text() == before
+
+
+def test_an_unknown_fusion_backend_is_refused(tmp_path):
+    with pytest.raises(PruningZooError, match="unknown fusion 'inductr'.*inductor"):
+        latency.run_benchmark(plan(fusion="inductr"), tmp_path, "cpu", "x", arch=TINY, dtype=torch.float32)
+    assert not any(tmp_path.iterdir())
+
+
 def test_results_of_another_device_are_never_mixed(tmp_path):
     (tmp_path / "tiny-llava.json").write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3", "cells": [{"cell": {}}]}))
     with pytest.raises(PruningZooError, match="another --out"):
@@ -109,6 +125,7 @@ def test_a_damaged_results_file_is_a_clear_error(tmp_path):
     (["--device", "cuda", "--modes", "graphs"], "unknown mode 'graphs'"),
     (["--device", "cuda", "--batch", "0"], "not a positive whole number"),
     (["--device", "cuda", "--strategies", "fastvv"], "fastv"),
+    (["--device", "cuda", "--fusion", "inductr"], "unknown fusion 'inductr'"),
 ])
 def test_bad_options_are_refused_before_anything_is_built(args, message):
     result = CliRunner().invoke(app, ["bench", "latency", *args])

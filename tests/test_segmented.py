@@ -84,6 +84,34 @@ def test_segmented_prefill_gives_the_engines_logits(uniform_model, case, batch_s
     torch.testing.assert_close(segmented.logits, expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("case", ["none", "visionzip", "fastv", "transprune"])
+def test_fused_layers_compute_the_same_and_are_restored(uniform_model, case):
+    """With a fusion backend the decoder layers and vision blocks run compiled forwards (their hooks, which
+    VisionZip's observations need, stay outside) and give the same logits; the forwards are the modules' own
+    again afterwards. TransPrune's watched layers keep theirs: their sub-block hooks run inside."""
+    name, model = uniform_model
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append({node.target for node in graph_module.graph.nodes})
+        return graph_module.forward
+
+    torch._dynamo.reset()  # each test's backend compiles afresh: earlier tests' code must not fill the cache
+    params, budget = STRATEGIES[case]
+    inputs = UNIFORM[name](2)
+    plain = SegmentedPrefill(model, pruning_zoo.get_strategy(case, **params), budget, inputs)
+    plain.run()
+    fused = SegmentedPrefill(model, pruning_zoo.get_strategy(case, **params), budget, inputs, fusion=recording_backend)
+    fused.run()
+    torch.testing.assert_close(fused.logits, plain.logits, atol=1e-5, rtol=1e-4)
+    assert graphs and any(torch.nn.functional.silu in targets or torch.rsqrt in targets for targets in graphs)
+    adapter = fused.adapter
+    watched = set(fused.strategy.sublayer_layers(adapter.num_layers)) if case == "transprune" else set()
+    assert fused._fused == [layer for i, layer in enumerate(adapter.layers) if i not in watched] + adapter.vision_blocks
+    assert adapter.vision_blocks and (case != "transprune" or watched)
+    assert not [module for module in fused._fused if "forward" in module.__dict__]
+
+
 def test_the_first_run_validates_the_selection(uniform_model):
     name, model = uniform_model
     strategy = pruning_zoo.get_strategy("random")

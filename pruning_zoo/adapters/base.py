@@ -83,6 +83,11 @@ class ModelAdapter:
     def vision_module(self) -> nn.Module:
         return self.model.model.vision_tower
 
+    @property
+    def vision_blocks(self) -> list[nn.Module]:
+        """The vision tower's repeated blocks (what the compiled mode fuses); none where not declared."""
+        return []
+
     @functools.cached_property
     def identity(self) -> ModelIdentity:
         return ModelIdentity(str(getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__), self.vision_module)

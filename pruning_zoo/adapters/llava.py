@@ -19,6 +19,10 @@ class LlavaAdapter(ModelAdapter):
         #: CLIP's CLS row is not among the visual tokens unless the select strategy is 'full'.
         self._first_row = 1 if config.vision_feature_select_strategy == "default" else 0
 
+    @property
+    def vision_blocks(self):
+        return list(self._watch.blocks)
+
     def image_grids(self, counts):
         # CLIP's patches without CLS, row-major: a square grid.
         return [(side, side) if (side := math.isqrt(n)) ** 2 == n else None for n in counts]

@@ -37,6 +37,10 @@ class Qwen2VLAdapter(ModelAdapter):
         return self.visual
 
     @property
+    def vision_blocks(self):
+        return list(self.vision_module.blocks)
+
+    @property
     def _merge(self) -> int:
         return self.model.config.vision_config.spatial_merge_size
 
