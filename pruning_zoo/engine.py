@@ -277,11 +277,12 @@ class PruningRun:
         embeds = kwargs["inputs_embeds"].clone()
         keep = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
         pending = []
+        shared = {}  # what the images' observations derive from the tower's forward, computed once
         for image_index, image in enumerate(self._images):
             stage = next((s for s in image.stages if not s.in_llm), None)
             if stage is not None:
                 observed = self.strategy.observes & VISION_OBSERVATIONS  # built only when asked for
-                observations = self.adapter.vision_observations(image_index, image.num_visual) if observed else {}
+                observations = self.adapter.vision_observations(image_index, image.num_visual, shared) if observed else {}
                 pending.append((image, stage, observations))
         selections = self._select_images(pending, embeds)
         changes = [self._apply_stage(image, stage, selection, embeds, keep, first_layer=0)

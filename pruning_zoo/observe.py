@@ -88,7 +88,7 @@ class AttentionProbe:
     """
 
     def __init__(self, adapter: ModelAdapter, stage_layer: int, stage_input, stage_output, next_layer_kwargs, key_valid,
-                 image_end: int | None = None):
+                 image_end: int | None = None, image: torch.Tensor | None = None):
         self.adapter = adapter
         self.stage_layer = stage_layer
         self.stage_hidden, self.stage_kwargs = stage_input
@@ -97,8 +97,12 @@ class AttentionProbe:
         #: Where every image ends when the caller knows it (a pad-free batch of one layout): the rows after it
         #: are then a fixed range, and only those are projected.
         self.image_end = image_end
+        #: Every sample's image positions when they are the same (that tensor, passed to `observations`): each
+        #: observation is then averaged over its query rows once for the batch.
+        self.image = image
         self._keys: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._batch: dict[tuple[int, str], torch.Tensor] = {}  # (layer, rows) -> [B, heads, R, L]
+        self._at_image: dict[tuple[int, str], torch.Tensor] = {}  # (layer, rows) -> [B, heads, n] at `image`
 
     def observations(self, sample: int, positions: torch.Tensor) -> dict:
         # Query rows are chosen with tensors, never by reading the mask on the host, so that observing does
@@ -112,9 +116,14 @@ class AttentionProbe:
             return order[self.image_end :].expand(self.key_valid.shape[0], -1)
 
         def batched(layer_index: int, hidden, kwargs, name: str, rows) -> torch.Tensor:
-            if (layer_index, name) not in self._batch:
-                self._batch[layer_index, name] = self._probabilities(layer_index, hidden, kwargs, rows())
-            return self._batch[layer_index, name][sample][:, :, positions].mean(dim=1)
+            key = layer_index, name
+            if key not in self._batch:
+                self._batch[key] = self._probabilities(layer_index, hidden, kwargs, rows())
+            if positions is not self.image:
+                return self._batch[key][sample][:, :, positions].mean(dim=1)
+            if key not in self._at_image:
+                self._at_image[key] = self._batch[key][..., positions].mean(dim=2)
+            return self._at_image[key][sample]
 
         def one_sample(layer_index: int, hidden, kwargs, row_weights: torch.Tensor) -> torch.Tensor:
             """Averaged over the query rows whose weight is True, all rows computed for this sample alone."""

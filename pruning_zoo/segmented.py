@@ -17,7 +17,7 @@ eagerly between the graphs, and `eager_segments` says which and why.
 Graphs remove launch overhead, not the kernels: a Llama layer launches some 25 small element-wise kernels
 (RMSNorm, rotary, SiLU, residuals) around its matrix multiplications. With `fusion` (a torch.compile backend,
 "inductor" on a GPU) the decoder layers and vision blocks run torch.compile'd forwards, which fuse them, and
-the graphs capture those.
+the graphs capture those, and so the strategy's `summarize_sublayers`, a pure tensor function.
 """
 
 from __future__ import annotations
@@ -146,6 +146,9 @@ class SegmentedPrefill:
         # Layers whose sub-blocks are watched keep their own forward: the hooks inside it stay eager.
         self._fused = [layer for index, layer in enumerate(self.adapter.layers) if index not in self._watched]
         self._fused += self.adapter.vision_blocks
+        # A pure tensor function reading four [B, L, d] tensors per layer: fused, it reads each once.
+        self._summarize = (torch.compile(strategy.summarize_sublayers, backend=fusion) if fusion
+                           else strategy.summarize_sublayers)
         self.segments = self._build()
 
     # -- set-up --------------------------------------------------------------------------------------------
@@ -229,8 +232,9 @@ class SegmentedPrefill:
         hidden = self.state["hidden"]
         s = self.start
         observed = self.strategy.observes & VISION_OBSERVATIONS  # built only when asked for
+        shared = {}  # afresh at every run: a captured run must compute what the images share, not reuse it
         contexts = [self._context(stage, hidden[sample, s : s + current], self.grid,
-                                  self.adapter.vision_observations(sample, self.num_visual) if observed else {})
+                                  self.adapter.vision_observations(sample, self.num_visual, shared) if observed else {})
                     for sample in range(self.batch)]
         self._shrink(current, self._select(contexts))
 
@@ -240,11 +244,11 @@ class SegmentedPrefill:
         key_valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         for layer in summarized:
             parts = self._sublayers[layer]
-            self._summaries[layer] = self.strategy.summarize_sublayers(SublayerIO(**parts, valid=torch.ones_like(
+            self._summaries[layer] = self._summarize(SublayerIO(**parts, valid=torch.ones_like(
                 parts["attn_in"][..., 0], dtype=torch.bool)))
-        probe = AttentionProbe(self.adapter, stage.after_layer, self.state["stage_input"], hidden,
-                               self.state["layer_kwargs"], key_valid, image_end=s + current)
         image = torch.arange(s, s + current, device=hidden.device)
+        probe = AttentionProbe(self.adapter, stage.after_layer, self.state["stage_input"], hidden,
+                               self.state["layer_kwargs"], key_valid, image_end=s + current, image=image)
         at_image: dict[int, torch.Tensor] = {}  # layer -> its summary at every sample's image tokens, [B, current]
         contexts = []
         for sample in range(self.batch):

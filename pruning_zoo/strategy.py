@@ -242,7 +242,9 @@ class PruningStrategy(ABC):
 
     def summarize_sublayers(self, io: SublayerIO) -> torch.Tensor:
         """One value per position of a watched layer's sequence, [B, L], for the whole batch at once: computed
-        once per layer and forward, at the first stage after it, and read per image as `sublayer_summary`."""
+        once per layer and forward, at the first stage after it, and read per image as `sublayer_summary`. A pure
+        tensor function of `io` (no host reads, no side effects): the latency benchmark's compiled mode fuses it
+        with torch.compile."""
         raise NotImplementedError(f"strategy {self.name!r} observes sublayer_summary but has no summarize_sublayers")
 
     def __repr__(self) -> str:

@@ -25,6 +25,7 @@ from pruning_zoo.strategy import (
     Selection,
     Stage,
     InLLMParams,
+    one_size,
     params_dataclass,
     top_k_in_order,
 )
@@ -202,15 +203,19 @@ class LearnPruner(PruningStrategy):
             return module.keep_probability(features.float())
 
     def select_images(self, contexts: Sequence[ScoreContext]) -> list[Selection]:
-        """Before the LLM, images of one size are ranked and diversified together: the module, the top-k and
-        each greedy pick run once for the batch (per image, the picks alone are 7 small kernels each)."""
-        if not contexts or contexts[0].stage.in_llm or len({ctx.tokens.shape[0] for ctx in contexts}) > 1:
+        """Images of one size are selected together. Before the LLM, the module, the top-k and each greedy pick
+        run once for the batch (per image, the picks alone are 7 small kernels each); in the LLM, the text
+        attention's head mean and the top-k."""
+        if not one_size(contexts):
             return super().select_images(contexts)
+        keep = contexts[0].stage.keep  # images of one size have one plan
+        if contexts[0].stage.in_llm:
+            scores = torch.stack([ctx.observe("instruction_attention") for ctx in contexts]).float().mean(dim=1)
+            return [Selection(keep=row) for row in top_k_in_order(scores, keep)]
         features = torch.stack([self.features(ctx) for ctx in contexts]).float()  # [B, n, f]
         module = self.module_for(contexts[0], features.shape[-1]).to(features.device)
         with torch.no_grad():
             scores = module.keep_probability(features)
-        keep = contexts[0].stage.keep  # images of one size have one plan
         diverse = math.floor(self.params.diversity_ratio * keep + 0.5)
         ranked = torch.topk(scores, keep - diverse, dim=-1, sorted=False).indices
         chosen = max_min_diverse(features, ranked, diverse)

@@ -105,6 +105,8 @@ def test_fused_layers_compute_the_same_and_are_restored(uniform_model, case):
     fused.run()
     torch.testing.assert_close(fused.logits, plain.logits, atol=1e-5, rtol=1e-4)
     assert graphs and any(torch.nn.functional.silu in targets or torch.rsqrt in targets for targets in graphs)
+    if case == "transprune":  # its summaries are compiled too
+        assert any(torch.nn.functional.cosine_similarity in targets for targets in graphs)
     adapter = fused.adapter
     watched = set(fused.strategy.sublayer_layers(adapter.num_layers)) if case == "transprune" else set()
     assert fused._fused == [layer for i, layer in enumerate(adapter.layers) if i not in watched] + adapter.vision_blocks

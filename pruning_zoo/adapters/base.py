@@ -120,9 +120,10 @@ class ModelAdapter:
         """Hooks that watch the vision tower for this forward; `observed` names what the strategy observes."""
         return []
 
-    def vision_observations(self, image_index: int, num_visual: int) -> dict:
+    def vision_observations(self, image_index: int, num_visual: int, shared: dict | None = None) -> dict:
         """Vision-encoder observations for the `image_index`-th image of the batch, aligned with its
-        `num_visual` visual tokens; none by default."""
+        `num_visual` visual tokens; none by default. The images of one selection pass one `shared` dict: what
+        is derived from the tower's forward for every image is computed once, on first use, and kept there."""
         return {}
 
     def image_features(self, vision_inputs: dict) -> torch.Tensor:

@@ -72,41 +72,39 @@ class ClipTowerWatch:
             )
         return layer % (count + 1) - 1
 
-    def observations(self, sources: TokenSources, with_cls_features: bool) -> dict:
-        """Observations for one image (see docs/plugins.md for their shapes and meaning)."""
+    def _keys(self, layer: int, shared: dict) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+        """The block computing hidden_states[layer], its normed input and its keys by head, every crop's:
+        [crops, 1 + patches, width] and [crops, 1 + patches, heads, head_dim]."""
+        if ("keys", layer) not in shared:
+            block = self.blocks[self.block(layer)]
+            normed = block.layer_norm1(self.hidden_states[self.block(layer)])
+            shared["keys", layer] = block, normed, split_heads(block, block.self_attn.k_proj(normed))
+        return shared["keys", layer]
+
+    def _cls_attention(self, layer: int, shared: dict) -> torch.Tensor:
+        """The CLS row's attention at that block, every crop's, [crops, heads, 1 + patches]."""
+        if ("cls", layer) not in shared:
+            block, normed, keys = self._keys(layer, shared)
+            query = split_heads(block, block.self_attn.q_proj(normed[:, :1]))  # [crops, 1, heads, head_dim]
+            scores = torch.einsum("cqhd,ckhd->chqk", query.float(), keys.float()) * block.self_attn.scale
+            shared["cls", layer] = scores.softmax(dim=-1)[:, :, 0]
+        return shared["cls", layer]
+
+    def observations(self, sources: TokenSources, with_cls_features: bool, shared: dict) -> dict:
+        """Observations for one image (see docs/plugins.md for their shapes and meaning). What they derive from
+        the tower (keys, CLS attention) is computed once for every crop and kept in `shared`, which the images
+        of one selection share."""
         device = next(self.projector.parameters()).device
         sources = dataclasses.replace(
             sources, **{name: getattr(sources, name).to(device) for name in ("crop", "row", "feature_row", "synthetic")}
         )
-        crops = slice(sources.crops.start, sources.crops.stop)
-
-        def normed_input(layer: int):
-            index = self.block(layer)
-            block = self.blocks[index]
-            return block, block.layer_norm1(self.hidden_states[index])  # [crops, 1 + patches, width]
-
-        def split_heads(block, projected):
-            attention = block.self_attn
-            return projected.view(*projected.shape[:-1], attention.num_heads, attention.head_dim)
-
-        def all_keys(layer: int):
-            block, normed = normed_input(layer)
-            keys = torch.zeros(*normed.shape[:-1], block.self_attn.num_heads, block.self_attn.head_dim,
-                               dtype=normed.dtype, device=normed.device)
-            keys[crops] = split_heads(block, block.self_attn.k_proj(normed[crops]))
-            return block, normed, keys
 
         def vision_keys(layer: int = -2) -> torch.Tensor:
-            _, _, keys = all_keys(layer)
+            _, _, keys = self._keys(layer, shared)
             return keys[sources.crop, sources.row]
 
         def vision_attention(layer: int = -2) -> torch.Tensor:
-            block, normed, keys = all_keys(layer)
-            query = split_heads(block, block.self_attn.q_proj(normed[crops, :1]))  # [c, 1, heads, dh]
-            scores = torch.einsum("cqhd,ckhd->chqk", query.float(), keys[crops].float()) * block.self_attn.scale
-            cls_rows = torch.zeros(keys.shape[0], keys.shape[2], keys.shape[1], device=keys.device)
-            cls_rows[crops] = scores.softmax(dim=-1)[:, :, 0]  # [crops, heads, 1 + patches]
-            attention = cls_rows[sources.crop, :, sources.row].T  # [heads, n]
+            attention = self._cls_attention(layer, shared)[sources.crop, :, sources.row].T  # [heads, n]
             return attention.masked_fill(sources.synthetic, 0.0)
 
         def vision_features() -> torch.Tensor:
@@ -129,3 +127,8 @@ class ClipTowerWatch:
             crop = sources.crops.start
             observations["vision_cls_features"] = lambda: self.hidden_states[self.feature_layer % (len(self.blocks) + 1)][crop, 0]
         return observations
+
+
+def split_heads(block: nn.Module, projected: torch.Tensor) -> torch.Tensor:
+    attention = block.self_attn
+    return projected.view(*projected.shape[:-1], attention.num_heads, attention.head_dim)

@@ -30,23 +30,28 @@ class LlavaAdapter(ModelAdapter):
     def vision_hooks(self, observed):
         return self._watch.hooks() if observed & VISION_OBSERVATIONS else []
 
-    def token_sources(self, image_index: int, num_visual: int) -> TokenSources:
-        # Built where the model is, so that observing copies nothing from the host.
-        device = next(self.model.model.multi_modal_projector.parameters()).device
-        rows = torch.arange(self._first_row, self._first_row + num_visual, device=device)
+    def token_sources(self, image_index: int, num_visual: int, shared: dict | None = None) -> TokenSources:
+        shared = {} if shared is None else shared
+        if ("rows", num_visual) not in shared:  # the same for every image of this size
+            # Built where the model is, so that observing copies nothing from the host.
+            device = next(self.model.model.multi_modal_projector.parameters()).device
+            rows = torch.arange(self._first_row, self._first_row + num_visual, device=device)
+            shared["rows", num_visual] = rows, rows - self._first_row, torch.zeros(num_visual, dtype=torch.bool, device=device)
+        rows, feature_rows, synthetic = shared["rows", num_visual]
         return TokenSources(
-            crop=torch.full((num_visual,), image_index, device=device),
+            crop=torch.full((num_visual,), image_index, device=rows.device),
             row=rows,
-            feature_row=rows - self._first_row,
-            synthetic=torch.zeros(num_visual, dtype=torch.bool, device=device),
+            feature_row=feature_rows,
+            synthetic=synthetic,
             crops=range(image_index, image_index + 1),
         )
 
-    def vision_observations(self, image_index: int, num_visual: int) -> dict:
+    def vision_observations(self, image_index: int, num_visual: int, shared: dict | None = None) -> dict:
         """CLIP observations of this image's one crop; `vision_cls_features` too (the CLS row is no visual
         token under the 'default' select strategy)."""
-        sources = self.token_sources(image_index, num_visual)
-        return self._watch.observations(sources, with_cls_features=self._first_row == 1)
+        shared = {} if shared is None else shared
+        sources = self.token_sources(image_index, num_visual, shared)
+        return self._watch.observations(sources, with_cls_features=self._first_row == 1, shared=shared)
 
     def image_features(self, vision_inputs):
         config = self.model.config

@@ -75,9 +75,10 @@ class LlavaNextAdapter(LlavaAdapter):
                             feature_row=feature_row, synthetic=synthetic,
                             crops=range(first_crop, first_crop + crops[image_index]))
 
-    def vision_observations(self, image_index: int, num_visual: int) -> dict:
+    def vision_observations(self, image_index: int, num_visual: int, shared: dict | None = None) -> dict:
         """CLIP observations mapped onto the packed tokens; no `vision_cls_features` (one CLS per crop)."""
-        return self._watch.observations(self.token_sources(image_index, num_visual), with_cls_features=False)
+        return self._watch.observations(self.token_sources(image_index, num_visual), with_cls_features=False,
+                                        shared={} if shared is None else shared)
 
     def vision_flops(self, image_index: int, num_visual: int) -> int:
         crops = self._crops()[image_index]

@@ -88,7 +88,7 @@ class Qwen2VLAdapter(ModelAdapter):
         sizes = [t * h * w // self._merge**2 for t, h, w in self._grids]
         return sum(sizes[:image_index]), sizes[image_index]
 
-    def vision_observations(self, image_index: int, num_visual: int) -> dict:
+    def vision_observations(self, image_index: int, num_visual: int, shared: dict | None = None) -> dict:
         """No CLS: `vision_attention` is the mean attention each token's patches receive in a block (over the
         queries of their attention segment), averaged over its 2x2 merge unit, per head (VisionZip's no-CLS
         rule); keys and features are the unit's four patch rows (keys averaged over them)."""
