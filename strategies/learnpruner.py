@@ -239,26 +239,26 @@ def max_min_diverse(features: torch.Tensor, selected: torch.Tensor, count: int) 
     if features.dim() == 2:
         return max_min_diverse(features[None], selected[None], count)[0]
     normed = F.normalize(features, dim=-1)
-    batch, n, width = normed.shape
-    taken = torch.zeros(batch, n, dtype=torch.bool, device=features.device)
-    taken.scatter_(1, selected, True)
+    batch, n, _ = normed.shape
     picked = []
     if count and selected.shape[1] == 0:
         selected = torch.zeros(batch, 1, dtype=torch.long, device=features.device)
-        taken[:, 0] = True
         picked, count = [selected[:, 0]], count - 1
     if not picked and not count:
         return torch.zeros(batch, 0, dtype=torch.long, device=features.device)
+    # Every cosine distance at once ([B, n, n]; a few MB at LLaVA's 576 tokens), so that each pick is four
+    # small kernels: the pick, its column, the running minimum, and marking it taken.
+    distance = 1 - normed @ normed.transpose(1, 2)
 
-    def rows(index: torch.Tensor) -> torch.Tensor:  # [B, k] -> the normed rows [B, k, f]
-        return normed.gather(1, index[..., None].expand(-1, -1, width))
+    def columns(index: torch.Tensor) -> torch.Tensor:  # [B, k] -> every row's distance to those rows, [B, n, k]
+        return distance.gather(2, index[:, None, :].expand(-1, n, -1))
 
-    nearest = (1 - normed @ rows(selected).transpose(1, 2)).min(dim=2).values
+    # Taken rows hold -inf: they never win a pick, and the running minimum keeps them there.
+    nearest = columns(selected).min(dim=2).values.scatter(1, selected, float("-inf"))
     for _ in range(count):
-        best = nearest.masked_fill(taken, float("-inf")).argmax(dim=1, keepdim=True)  # [B, 1]
+        best = nearest.argmax(dim=1, keepdim=True)  # [B, 1]; the first of equal distances wins
         picked.append(best[:, 0])
-        taken.scatter_(1, best, True)
-        nearest = torch.minimum(nearest, 1 - (normed @ rows(best).transpose(1, 2))[..., 0])
+        nearest = torch.minimum(nearest, columns(best)[..., 0]).scatter(1, best, float("-inf"))
     return torch.stack(picked, dim=1)
 
 
