@@ -478,7 +478,10 @@ def run_benchmark(plan: LatencyPlan, out: Path, device: str, command: str, arch:
     if "compiled" in plan.modes and fusions - {plan.fusion}:
         raise PruningZooError(f"{path} holds compiled cells measured with fusion {', '.join(map(str, sorted(fusions, key=str)))}, "
                               f"not {plan.fusion}; choose another --out so they are never mixed in one table")
-    done = {json.dumps({"fusion": None, **c["cell"]}, sort_keys=True) for c in results["cells"]}
+    def key(entry: dict) -> str:
+        return json.dumps({"fusion": None, **entry["cell"]}, sort_keys=True)
+
+    done = {key(entry) for entry in results["cells"] if "error" not in entry}  # a failed cell is tried again
     for entry in results["cells"]:  # cells measured by an earlier run keep that run's commit
         entry.setdefault("git_sha", results.get("git_sha"))
     model = build_random(arch, device, dtype)
@@ -499,6 +502,9 @@ def run_benchmark(plan: LatencyPlan, out: Path, device: str, command: str, arch:
         except torch.cuda.OutOfMemoryError as error:
             measured = {"error": f"out of memory: {str(error).splitlines()[0]}"}
             torch.cuda.empty_cache()
+        except torch._dynamo.exc.TorchDynamoException as error:  # the other cells may still be measured
+            measured = {"error": f"torch.compile ({cell.fusion}) failed: {str(error).splitlines()[0]}"}
+        results["cells"] = [entry for entry in results["cells"] if key(entry) != cell.key]
         results["cells"].append({"cell": dataclasses.asdict(cell), "git_sha": results["git_sha"], **measured})
         write_results(path, results)
         path.with_suffix(".md").write_text(markdown(results))

@@ -16,8 +16,8 @@ eagerly between the graphs, and `eager_segments` says which and why.
 
 Graphs remove launch overhead, not the kernels: a Llama layer launches some 25 small element-wise kernels
 (RMSNorm, rotary, SiLU, residuals) around its matrix multiplications. With `fusion` (a torch.compile backend,
-"inductor" on a GPU) the decoder layers and vision blocks run torch.compile'd forwards, which fuse them, and
-the graphs capture those, and so the strategy's `summarize_sublayers`, a pure tensor function.
+"inductor" on a GPU) the decoder layers and vision blocks run torch.compile'd forwards, which fuse them, as
+does the strategy's `summarize_sublayers` (a pure tensor function); the graphs capture the fused kernels.
 """
 
 from __future__ import annotations

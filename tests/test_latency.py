@@ -95,6 +95,29 @@ def test_the_compiled_cells_name_their_fusion_and_another_is_never_mixed_in(meas
     assert (out / "tiny-llava.json").read_text() == before
 
 
+def test_a_cell_that_fails_to_compile_is_recorded_the_rest_measured_and_a_rerun_retries_it(tmp_path, monkeypatch):
+    measure = latency.measure
+
+    def failing(model, inputs, strategy, budget, mode, *args):
+        if strategy.name == "pool" and mode == "compiled":
+            raise torch._dynamo.exc.InternalTorchDynamoError("no compiler here")
+        return measure(model, inputs, strategy, budget, mode, *args)
+
+    small = plan(batches=[1], budgets=[8], strategies={name: pruning_zoo.get_strategy(name) for name in ("none", "pool")})
+    monkeypatch.setattr(latency, "measure", failing)
+    results = latency.run_benchmark(small, tmp_path, "cpu", "x", arch=TINY, dtype=torch.float32)
+    errors = {(e["cell"]["strategy"], e["cell"]["mode"]): e.get("error") for e in results["cells"]}
+    assert len(errors) == 4 and errors[("pool", "eager")] is None
+    assert "torch.compile (aot_eager) failed" in errors[("pool", "compiled")]
+    assert "torch.compile (aot_eager) failed" in (tmp_path / "tiny-llava.md").read_text()
+    monkeypatch.setattr(latency, "measure", measure)
+    seen = []
+    again = latency.run_benchmark(small, tmp_path, "cpu", "x", arch=TINY, dtype=torch.float32,
+                                  on_cell=lambda cell, _: seen.append((cell.strategy, cell.mode)))
+    assert seen == [("pool", "compiled")]
+    assert len(again["cells"]) == 4 and not any("error" in e for e in again["cells"])
+
+
 def test_an_unknown_fusion_backend_is_refused(tmp_path):
     with pytest.raises(PruningZooError, match="unknown fusion 'inductr'.*inductor"):
         latency.run_benchmark(plan(fusion="inductr"), tmp_path, "cpu", "x", arch=TINY, dtype=torch.float32)
