@@ -121,9 +121,10 @@ def _provenance(group: pd.DataFrame) -> str:
     modes = ", ".join(sorted(set(group["mode"])))
     clocks = ", ".join(sorted(set(group["clock"])))
     batch = ", ".join(str(b) for b in sorted(set(group["batch_size"])))
-    if set(group["mode"]) == {"compiled"}:
-        timing = ("TTFT and selection in the compiled mode: the prefill as CUDA-graph segments, on copies of the task's "
-                  "first document, medians after warm-up; decode and memory from the evaluation's batches")
+    if all(mode.startswith("compiled") for mode in group["mode"]):
+        fused = f" fused by torch.compile {modes.removeprefix('compiled ')}" if modes.startswith("compiled (") else ""
+        timing = (f"TTFT and selection in the compiled mode: the prefill as CUDA-graph segments{fused}, on copies of "
+                  "the task's first document, medians after warm-up; decode and memory from the evaluation's batches")
     else:
         timing = f"{modes} transformers; latencies are medians over batches after one warm-up batch"
     return (f"Measured on {group['device'].iloc[0]} ({clocks}, batch size {batch}; {timing}). "
@@ -155,7 +156,7 @@ def markdown(frame: pd.DataFrame, plots: dict[tuple, str] | None = None) -> str:
         documents = int(group["documents"].iloc[0])
         lines += [
             "",
-            f"## {task}: {model}, {device}" + (", compiled latency" if mode == "compiled" else ""),
+            f"## {task}: {model}, {device}" + (f", {mode} latency" if mode.startswith("compiled") else ""),
             "",
             f"{documents} documents{'' if limit == 'all' else f' (the first {limit})'}; score = `{metric}`.",
             "",

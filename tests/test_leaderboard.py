@@ -50,3 +50,22 @@ def test_the_leaderboard_command(tmp_path):
     result = CliRunner().invoke(app, ["leaderboard", *map(str, RESULTS), "-o", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "leaderboard.md").read_text() == (FIXTURES / "leaderboard.md").read_text()
+
+
+def test_fused_and_unfused_compiled_latencies_never_share_a_table(tmp_path):
+    """GPU cells timed in the compiled mode, one with torch.compile's fusion and one without, land in two tables,
+    each saying how it was timed."""
+    import json
+    import shutil
+
+    results = tmp_path / "results"
+    shutil.copytree(FIXTURES / "results", results)
+    gpu = sorted(p for p in results.iterdir() if (p / "metrics.json").exists() and "NVIDIA" in (p / "metrics.json").read_text())
+    for folder, mode in zip(gpu[:2], ["compiled", "compiled (inductor)"]):
+        metrics = json.loads((folder / "metrics.json").read_text())
+        metrics["latency"]["mode"] = mode
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+    page = build([results], tmp_path / "board")[0].read_text()
+    titles = [line for line in page.splitlines() if line.startswith("## ")]
+    assert sum("compiled latency" in t for t in titles) == 1 and sum("compiled (inductor) latency" in t for t in titles) == 1
+    assert "CUDA-graph segments fused by torch.compile (inductor)" in page

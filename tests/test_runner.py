@@ -283,6 +283,8 @@ def test_the_compiled_latency_times_copies_of_the_first_document(tiny_testbed_mo
     eager = {"time_to_first_token_ms": 9.0, "selection_ms": 1.0, "selection_share_of_ttft": 0.11, "batch_size": 3,
              "mode": "eager", "decode_ms_per_token": 2.0, "how": "Per batch of up to 3 documents ..."}
     merged = with_compiled_latency(eager, compiled)
-    assert merged["mode"] == "compiled" and merged["eager"]["time_to_first_token_ms"] == 9.0
+    assert merged["mode"] == "compiled" and merged["eager"]["time_to_first_token_ms"] == 9.0  # no fusion on CPU
+    fused = with_compiled_latency(eager, {**compiled, "fusion": "inductor"})
+    assert fused["mode"] == "compiled (inductor)" and "fused by torch.compile (inductor)" in fused["how"]
     assert merged["time_to_first_token_ms"] == compiled["time_to_first_token_ms"] and merged["decode_ms_per_token"] == 2.0
     assert with_compiled_latency(eager, {"error": "x"}) == {**eager, "compiled_error": "x"}
