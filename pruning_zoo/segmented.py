@@ -51,6 +51,11 @@ class Segment:
     run: Callable[[], None]
     #: A pruning step (its time is the selection overhead), not model compute.
     selection: bool = False
+    #: Reads what earlier segments left outside `state`'s tensors (observations their hooks kept, tuples and
+    #: dicts, summaries): if the segment before it or an earlier selection runs eagerly, so must this one, since
+    #: a graph would read what the capture saw. Gathers read `state`'s tensors alone, which replays refill.
+    reads_previous: bool = False
+    gather: bool = False
     graph: torch.cuda.CUDAGraph | None = None
     #: Why it runs eagerly on a GPU (None: captured, or not yet tried).
     eager_reason: str | None = None
@@ -175,7 +180,13 @@ class SegmentedPrefill:
         current = self.num_visual
         entry = next((s for s in self.stages if not s.in_llm), None)
         if entry is not None:
-            segments.append(Segment("selection before the LLM", functools.partial(self._select_entry, entry, current), True))
+            # Scoring and selecting, then gathering the survivors: a selection that must run eagerly (it reads
+            # the host) leaves the gather to a graph.
+            observes_vision = bool(self.strategy.observes & VISION_OBSERVATIONS)  # what the tower's hooks keep
+            segments.append(Segment("selection before the LLM", functools.partial(self._select_entry, entry, current),
+                                    selection=True, reads_previous=observes_vision))
+            segments.append(Segment("gather before the LLM", functools.partial(self._shrink, current), selection=True,
+                                    gather=True))
             current = entry.keep
         first = 0
         for stage in (s for s in self.stages if s.in_llm):
@@ -184,7 +195,10 @@ class SegmentedPrefill:
             # or not, does the same work.
             summarized = sorted(layer for layer in self._watched if first <= layer <= stage.after_layer)
             segments.append(Segment(f"selection after layer {stage.after_layer}",
-                                    functools.partial(self._select_in_llm, stage, current, summarized), True))
+                                    functools.partial(self._select_in_llm, stage, current, summarized),
+                                    selection=True, reads_previous=True))
+            segments.append(Segment(f"gather after layer {stage.after_layer}", functools.partial(self._shrink, current),
+                                    selection=True, gather=True))
             first, current = stage.after_layer + 1, stage.keep
         last = self.adapter.num_layers - 1
         segments.append(Segment(f"layers {first}-{last} and first token", functools.partial(self._layers, first, last, True)))
@@ -236,7 +250,7 @@ class SegmentedPrefill:
         contexts = [self._context(stage, hidden[sample, s : s + current], self.grid,
                                   self.adapter.vision_observations(sample, self.num_visual, shared) if observed else {})
                     for sample in range(self.batch)]
-        self._shrink(current, self._select(contexts))
+        self._keep(self._select(contexts))
 
     def _select_in_llm(self, stage: Stage, current: int, summarized: list[int]) -> None:
         hidden = self.state["hidden"]
@@ -255,7 +269,7 @@ class SegmentedPrefill:
             observations = probe.observations(sample, image)
             observations["sublayer_summary"] = functools.partial(self._sublayer_summary, at_image, stage, sample, current)
             contexts.append(self._context(stage, hidden[sample, s : s + current], None, observations))
-        self._shrink(current, self._select(contexts))
+        self._keep(self._select(contexts))
 
     def _sublayer_summary(self, at_image: dict, stage: Stage, sample: int, current: int, layer: int) -> torch.Tensor:
         """As the engine's `sublayer_summary` observation, for a pad-free batch: the rows of every sample's
@@ -279,19 +293,29 @@ class SegmentedPrefill:
             check_selections(self.strategy.name, selections, contexts)
         return selections
 
-    def _shrink(self, current: int, selections: list[Selection]) -> None:
-        """Keep each sample's selected image tokens (merged features where the strategy gave them)."""
+    def _keep(self, selections: list[Selection]) -> None:
+        """The selections as tensors in `state`, for the gather: `kept` [B, keep] image-token indices, and
+        `merged` [B, keep, d] the rows to insert where the strategy gave features (None where it gave none)."""
+        hidden = self.state["hidden"]
+        kept = torch.stack([selection.keep.to(hidden.device) for selection in selections])
+        merged = None
+        if any(selection.features is not None for selection in selections):
+            merged = torch.stack([
+                hidden[sample, self.start + kept[sample]] if selection.features is None else selection.features.to(hidden.dtype)
+                for sample, selection in enumerate(selections)
+            ])
+        self.state.update(kept=kept, merged=merged)
+
+    def _shrink(self, current: int) -> None:
+        """Keep each sample's selected image tokens (`merged` rows where the strategy gave them)."""
         hidden = self.state["hidden"]
         batch, length = hidden.shape[:2]
         s, device = self.start, hidden.device
-        kept = s + torch.stack([selection.keep.to(device) for selection in selections])  # [B, keep], sequence rows
-        if all(selection.features is None for selection in selections):  # one gather for the batch
+        kept = s + self.state["kept"]  # [B, keep], sequence rows
+        if self.state["merged"] is None:  # one gather for the batch
             rows = hidden.gather(1, kept[..., None].expand(-1, -1, hidden.shape[-1]))
         else:
-            rows = torch.stack([
-                hidden[sample, kept[sample]] if selection.features is None else selection.features.to(hidden.dtype)
-                for sample, selection in enumerate(selections)
-            ])
+            rows = self.state["merged"]
         shrunk = torch.cat([hidden[:, :s], rows, hidden[:, s + current :]], dim=1)
         step_index = torch.cat([
             torch.arange(s, device=device).expand(batch, -1),
@@ -334,8 +358,9 @@ class SegmentedPrefill:
     @torch.no_grad()
     def capture(self) -> None:
         """Capture each segment in its own CUDA graph, in order, sharing one memory pool (graphs replayed in
-        capture order may share it). A segment that cannot be captured runs eagerly, and so does every
-        selection after it (it would read tensors the eager segment no longer writes in place)."""
+        capture order may share it). A segment that cannot be captured runs eagerly between the graphs (replays
+        copy its tensors into the captured ones), and so does a selection reading what it kept elsewhere
+        (`Segment.reads_previous`)."""
         if self.input_ids.device.type != "cuda":
             raise PruningZooError("CUDA graphs need the model on a CUDA device; on CPU use run()")
         with self._forwards():
@@ -349,12 +374,12 @@ class SegmentedPrefill:
                 self._run(None)
         torch.cuda.current_stream().wait_stream(side)
         pool = torch.cuda.graph_pool_handle()
-        eager_before = False
+        previous_eager = eager_selection = False
         for segment in self.segments:
             before = dict(self.state)  # every try starts from the previous segment's outputs
             reason = self._sync_reason(segment)
-            if reason is None and segment.selection and eager_before:
-                reason = "follows an eager segment whose outputs it reads"
+            if reason is None and segment.reads_previous and (previous_eager or eager_selection):
+                reason = "reads what an eager segment before it kept outside the state's tensors"
             if reason is None:
                 self.state = dict(before)
                 graph = torch.cuda.CUDAGraph()
@@ -365,8 +390,10 @@ class SegmentedPrefill:
                 except RuntimeError as error:
                     reason = f"capture failed: {str(error).splitlines()[0]}"
                     torch.cuda.synchronize()
+            previous_eager = reason is not None
+            eager_selection |= previous_eager and segment.selection and not segment.gather
             if reason is not None:
-                segment.eager_reason, eager_before = reason, True
+                segment.eager_reason = reason
                 self.state = dict(before)
                 segment.run()
             segment.outputs = {key: value for key, value in self.state.items() if value is not before.get(key)}
