@@ -434,7 +434,8 @@ def bench_latency(
         def report(cell, measured):
             text = measured.get("error") or (f"TTFT {measured['ttft_ms']:.2f} ms, selection {measured['selection_ms']:.3f} ms"
                                             + (f", {measured['ttft_over_floor']:.2f}x floor" if "ttft_over_floor" in measured else ""))
-            console.print(f"{cell.mode:8} batch {cell.batch} {cell.strategy:11} {cell.budget:4}: {text}", highlight=False)
+            console.print(f"{cell.mode:8} batch {cell.batch} {cell.strategy:11} {cell.budget:4}: {text} "
+                          f"({measured['seconds']:.1f} s)", highlight=False)
 
         run_benchmark(plan, out, device, "pruning-zoo " + " ".join(sys.argv[1:]), on_cell=report)
         console.print(f"wrote {out / (plan.arch + '.json')} and {out / (plan.arch + '.md')}")

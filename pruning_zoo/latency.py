@@ -21,6 +21,7 @@ import dataclasses
 import inspect
 import json
 import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -496,6 +497,7 @@ def run_benchmark(plan: LatencyPlan, out: Path, device: str, command: str, arch:
         inputs = arch.prompt(model, cell.batch, torch.Generator().manual_seed(generator.initial_seed() + cell.batch))
         inputs = {k: v.to(device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
         budget = resolve_budget(cell.budget, arch.num_visual)
+        started = time.perf_counter()
         try:
             measured = measure(model, inputs, strategy, budget, cell.mode, plan.repeats, plan.decode_tokens, peaks,
                                weights, cell.fusion)
@@ -504,6 +506,8 @@ def run_benchmark(plan: LatencyPlan, out: Path, device: str, command: str, arch:
             torch.cuda.empty_cache()
         except torch._dynamo.exc.TorchDynamoException as error:  # the other cells may still be measured
             measured = {"error": f"torch.compile ({cell.fusion}) failed: {str(error).splitlines()[0]}"}
+        # What the cell cost, compilation and capture included: to plan the next run on a lent GPU.
+        measured["seconds"] = round(time.perf_counter() - started, 2)
         results["cells"] = [entry for entry in results["cells"] if key(entry) != cell.key]
         results["cells"].append({"cell": dataclasses.asdict(cell), "git_sha": results["git_sha"], **measured})
         write_results(path, results)

@@ -45,6 +45,7 @@ def test_every_cell_is_measured_once_with_its_figures(measured):
     assert len({json.dumps(c, sort_keys=True) for c in cells}) == len(cells)
     for entry in results["cells"]:
         assert entry["ttft_ms"] > 0 and entry["selection_ms"] >= 0 and entry["clock"].startswith("CPU")
+        assert entry["seconds"] > 0
         assert entry["ttft_ms"] >= entry["selection_ms"]
         assert (entry["decode_ms_per_token"] is not None) == (entry["cell"]["mode"] == "eager")
         if entry["cell"]["mode"] == "compiled" and entry["cell"]["strategy"] != "random":
