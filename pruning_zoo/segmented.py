@@ -262,7 +262,8 @@ class SegmentedPrefill:
                 parts["attn_in"][..., 0], dtype=torch.bool)))
         image = torch.arange(s, s + current, device=hidden.device)
         probe = AttentionProbe(self.adapter, stage.after_layer, self.state["stage_input"], hidden,
-                               self.state["layer_kwargs"], key_valid, image_end=s + current, image=image)
+                               self.state["layer_kwargs"], key_valid, image_end=s + current, image=image,
+                               fusion=self.fusion)
         at_image: dict[int, torch.Tensor] = {}  # layer -> its summary at every sample's image tokens, [B, current]
         contexts = []
         for sample in range(self.batch):

@@ -87,8 +87,9 @@ def test_segmented_prefill_gives_the_engines_logits(uniform_model, case, batch_s
 @pytest.mark.parametrize("case", ["none", "visionzip", "fastv", "transprune"])
 def test_fused_layers_compute_the_same_and_are_restored(uniform_model, case):
     """With a fusion backend the decoder layers and vision blocks run compiled forwards (their hooks, which
-    VisionZip's observations need, stay outside) and give the same logits; the forwards are the modules' own
-    again afterwards. TransPrune's watched layers keep theirs: their sub-block hooks run inside."""
+    VisionZip's observations need, stay outside), as do the attention probe and TransPrune's summaries, and
+    give the same logits; the forwards are the modules' own again afterwards. TransPrune's watched layers keep
+    theirs: their sub-block hooks run inside."""
     name, model = uniform_model
     graphs = []
 
@@ -107,6 +108,8 @@ def test_fused_layers_compute_the_same_and_are_restored(uniform_model, case):
     assert graphs and any(torch.nn.functional.silu in targets or torch.rsqrt in targets for targets in graphs)
     if case == "transprune":  # its summaries are compiled too
         assert any(torch.nn.functional.cosine_similarity in targets for targets in graphs)
+    if case in ("fastv", "transprune"):  # and the attention probe's scores (the layers' own attention is SDPA)
+        assert any("softmax" in targets for targets in graphs)
     adapter = fused.adapter
     watched = set(fused.strategy.sublayer_layers(adapter.num_layers)) if case == "transprune" else set()
     assert fused._fused == [layer for i, layer in enumerate(adapter.layers) if i not in watched] + adapter.vision_blocks
