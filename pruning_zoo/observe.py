@@ -4,6 +4,7 @@ q/k projections and rotary tables for the chosen query rows only, so the model k
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -73,6 +74,13 @@ def attention_probabilities(
     return scores.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
 
 
+@functools.cache
+def compiled_probe(backend: str) -> tuple[Callable, Callable]:
+    """`rotated_keys` and `attention_probabilities` through torch.compile, wrapped once per backend: a probe is
+    made at every selection, and wrapping takes about half a millisecond."""
+    return torch.compile(rotated_keys, backend=backend), torch.compile(attention_probabilities, backend=backend)
+
+
 class AttentionProbe:
     """Observations offered at an in-LLM stage after layer `stage_layer` (names strategies list in `observes`):
 
@@ -105,9 +113,8 @@ class AttentionProbe:
         self._at_image: dict[tuple[int, str], torch.Tensor] = {}  # (layer, rows) -> [B, heads, n] at `image`
         # With a torch.compile backend (the latency benchmark's fused mode) the projections' element-wise work
         # (norm, rotary, mask, softmax) runs fused, as the layers do.
-        self._rotated_keys = torch.compile(rotated_keys, backend=fusion) if fusion else rotated_keys
-        self._attention_probabilities = (torch.compile(attention_probabilities, backend=fusion) if fusion
-                                         else attention_probabilities)
+        self._rotated_keys, self._attention_probabilities = (
+            compiled_probe(fusion) if fusion else (rotated_keys, attention_probabilities))
 
     def observations(self, sample: int, positions: torch.Tensor) -> dict:
         # Query rows are chosen with tensors, never by reading the mask on the host, so that observing does

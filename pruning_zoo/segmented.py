@@ -74,14 +74,15 @@ class CacheOutsideCompile(DynamicCache):
 
 
 @contextlib.contextmanager
-def compiled_forwards(modules: list[nn.Module], backend: str) -> Iterator[None]:
-    """Each module's forward shadowed by a torch.compile'd one while the block runs: an instance attribute,
-    deleted on exit, so the class is untouched and the module's hooks still run eagerly around it. Modules of
-    one class share compiled code (torch.compile caches it by the forward's code), recompiled as dynamic after
-    the first shape changes."""
+def compiled_forwards(forwards: dict[nn.Module, Callable]) -> Iterator[None]:
+    """Each module's forward shadowed by its torch.compile'd one (made once: wrapping takes about half a
+    millisecond a module) while the block runs: an instance attribute, deleted on exit, so the class is
+    untouched and the module's hooks still run eagerly around it. Modules of one class share compiled code
+    (torch.compile caches it by the forward's code), recompiled as dynamic after the first shape changes."""
+    modules = list(forwards)
     previous = [module.__dict__.get("forward") for module in modules]
-    for module in modules:
-        module.forward = torch.compile(module.forward, backend=backend)
+    for module, forward in forwards.items():
+        module.forward = forward
     try:
         # The layer index reaches the compiled code only as the cache's argument; unspecialized, all layers share
         # it. transformers wraps every layer class's forward in one function, whose compiled versions (per class,
@@ -151,6 +152,7 @@ class SegmentedPrefill:
         # Layers whose sub-blocks are watched keep their own forward: the hooks inside it stay eager.
         self._fused = [layer for index, layer in enumerate(self.adapter.layers) if index not in self._watched]
         self._fused += self.adapter.vision_blocks
+        self._compiled = {module: torch.compile(module.forward, backend=fusion) for module in self._fused} if fusion else {}
         # A pure tensor function reading four [B, L, d] tensors per layer: fused, it reads each once.
         self._summarize = (torch.compile(strategy.summarize_sublayers, backend=fusion) if fusion
                            else strategy.summarize_sublayers)
@@ -331,7 +333,7 @@ class SegmentedPrefill:
 
     # -- running -------------------------------------------------------------------------------------------
     def _forwards(self):
-        return compiled_forwards(self._fused, self.fusion) if self.fusion else contextlib.nullcontext()
+        return compiled_forwards(self._compiled) if self._compiled else contextlib.nullcontext()
 
     @torch.no_grad()
     def run(self, clock: Clock | None = None) -> None:
@@ -415,8 +417,9 @@ class SegmentedPrefill:
 
     @torch.no_grad()
     def replay(self, clock: Clock | None = None) -> None:
-        """Replay the captured graphs (eager segments run in between and write into the captured tensors)."""
-        with self._forwards():
+        """Replay the captured graphs (eager segments run in between and write into the captured tensors). The
+        compiled forwards are installed only for eager segments: replays are timed, and graphs need no Python."""
+        with self._forwards() if self.eager_segments else contextlib.nullcontext():
             self._replay(clock)
 
     def _replay(self, clock: Clock | None) -> None:
