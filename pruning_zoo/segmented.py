@@ -132,10 +132,11 @@ class SegmentedPrefill:
         self.model, self.strategy = model, strategy
         self.adapter = adapter_for(model)
         self.input_ids = inputs["input_ids"]
-        self.vision_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
         self.start, self.num_visual = uniform_layout(self.adapter, self.input_ids, inputs.get("attention_mask"))
         self.batch, self.length = self.input_ids.shape
         self.entry_positions, self.expected_embeds = self._model_entry(inputs)
+        self.vision_inputs = self.adapter.capturable_vision_inputs(
+            {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")})
         self.grid = self.adapter.image_grids([self.num_visual] * self.batch)[0]
         num_layers = self.adapter.num_layers
         self.stages = strategy.plan(resolve_budget(budget, self.num_visual), self.num_visual, num_layers)

@@ -40,7 +40,8 @@ def uniform_llava_next_inputs(batch_size: int) -> dict:
                 image_sizes=torch.tensor([[56, 56]] * batch_size))
 
 
-UNIFORM = {"llava": uniform_llava_inputs, "llava_next": uniform_llava_next_inputs, "qwen2_vl": uniform_qwen_inputs}
+UNIFORM = {"llava": uniform_llava_inputs, "llava_next": uniform_llava_next_inputs, "qwen2_vl": uniform_qwen_inputs,
+           "qwen2_5_vl": uniform_qwen_inputs}
 
 STRATEGIES = {
     "none": ({}, 16),
@@ -148,3 +149,40 @@ def test_a_vision_segment_that_disagrees_with_the_model_is_refused(uniform_model
     monkeypatch.setattr(segmented.adapter, "image_features", lambda inputs: own(inputs) * 2)
     with pytest.raises(PruningZooError, match="embeddings differ"):
         segmented.run()
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_towers_wait_for_no_gpu_value_on_the_host(family, tmp_path):
+    """A CUDA graph cannot hold a wait for the GPU. Qwen's towers derive attention segments, rotary positions
+    and windows from the grids with `.tolist()`; `capturable_vision_inputs` precomputes them. Checked with the
+    meta device standing in for the GPU: reading a meta tensor's values on the host raises, as a wait would."""
+    model = tiny_models.FAMILIES[family].build(tmp_path)
+    adapter = pruning_zoo.adapters.adapter_for(model)
+    vision_inputs = {k: v for k, v in uniform_qwen_inputs(2).items() if k in ("pixel_values", "image_grid_thw")}
+    capturable = adapter.capturable_vision_inputs(vision_inputs)
+    with torch.no_grad():
+        expected = adapter.image_features(vision_inputs)
+        torch.testing.assert_close(adapter.image_features(capturable), expected, atol=0, rtol=0)
+    precomputed = {"cu_seqlens", "position_ids"} | ({"window_index", "cu_window_seqlens"} if family == "qwen2_5_vl" else set())
+    assert capturable.keys() == vision_inputs.keys() | precomputed
+    # What the tower gets on its device goes to meta; the grids' host copy and the segment bounds stay on the host.
+    host = {"image_grid_thw", "cu_seqlens", "cu_window_seqlens"}
+    on_meta = {k: v if k in host else v.to("meta") for k, v in capturable.items()}
+    model.to("meta")
+    observed = frozenset({"vision_attention", "vision_keys", "vision_features"})
+    with torch.no_grad():
+        with pytest.raises(NotImplementedError, match="meta"):  # the tower's own derivation waits
+            adapter.image_features({k: v.to("meta") for k, v in vision_inputs.items()})
+        handles = adapter.vision_hooks(observed)
+        try:
+            features = adapter.image_features(on_meta)
+            shared = {}
+            observations = [adapter.vision_observations(i, 16, shared) for i in range(2)]
+            for seen in observations:  # what VisionZip and LearnPruner read, computed without a wait
+                assert seen["vision_attention"]().shape[-1] == 16
+                assert seen["vision_keys"]().shape[0] == 16
+                assert seen["vision_features"]().shape[0] == 16
+        finally:
+            for handle in handles:
+                handle.remove()
+    assert features.device.type == "meta" and features.shape[:2] == (2, 16)

@@ -126,6 +126,12 @@ class ModelAdapter:
         is derived from the tower's forward for every image is computed once, on first use, and kept there."""
         return {}
 
+    def capturable_vision_inputs(self, vision_inputs: dict) -> dict:
+        """`vision_inputs` plus whatever the tower would otherwise derive from them by waiting for the GPU on
+        the host (which a CUDA graph cannot hold), computed once before the segmented prefill; `image_features`
+        passes it on. Most towers derive nothing: the inputs as they are."""
+        return vision_inputs
+
     def image_features(self, vision_inputs: dict) -> torch.Tensor:
         """The projected visual tokens of every image, [images, n, d], for images that all give n tokens (the
         segmented prefill's uniform batches), computed by the model's own `get_image_features`."""

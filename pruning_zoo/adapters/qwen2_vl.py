@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.vision_utils import get_vision_window_index
+from transformers.utils.generic import is_flash_attention_requested
+from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
 from pruning_zoo.adapters.base import VISION_OBSERVATIONS, ModelAdapter, stack_image_features
 from pruning_zoo.errors import PruningZooError
 from pruning_zoo.observe import rotate_half
+
+
+#: What `capturable_vision_inputs` adds: the keys under which transformers' vision_utils take them precomputed.
+PRECOMPUTED_VISION_INPUTS = ("cu_seqlens", "position_ids", "window_index", "cu_window_seqlens")
 
 
 def linear_macs(module: nn.Module) -> int:
@@ -30,6 +35,8 @@ class Qwen2VLAdapter(ModelAdapter):
         self._segments: dict[int, torch.Tensor] = {}
         self._block_inputs: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._merger_input: torch.Tensor | None = None
+        self._orders_grids: list[tuple[int, int, int]] = []
+        self._orders: dict[tuple, torch.Tensor] = {}
 
     # -- vision tower --------------------------------------------------------------------------------------
     @property
@@ -67,9 +74,23 @@ class Qwen2VLAdapter(ModelAdapter):
             handles.append(self.visual.merger.register_forward_pre_hook(record_merger_input))
         return handles
 
+    def capturable_vision_inputs(self, vision_inputs):
+        """The tower derives its attention segments and rotary positions from `image_grid_thw` with `.tolist()`
+        and host loops: from a GPU tensor, waits for the GPU. transformers takes them precomputed (its
+        `vision_utils` pop them from the tower's kwargs), so they are made here once from a host copy of the
+        grids: segment bounds on the host (they size SDPA's per-image splits), positions on the device. Flash
+        attention needs its bounds on the device and their maximum: left to the tower, uncaptured."""
+        if is_flash_attention_requested(self.model.config.vision_config):
+            return vision_inputs
+        grid = vision_inputs["image_grid_thw"]
+        host_grid = grid.cpu()
+        return {**vision_inputs, "image_grid_thw": host_grid, "cu_seqlens": get_vision_cu_seqlens(host_grid),
+                "position_ids": get_vision_position_ids(host_grid, self._merge).to(grid.device)}
+
     def image_features(self, vision_inputs):
+        precomputed = {key: vision_inputs[key] for key in PRECOMPUTED_VISION_INPUTS if key in vision_inputs}
         output = self.model.model.get_image_features(
-            pixel_values=vision_inputs["pixel_values"], image_grid_thw=vision_inputs["image_grid_thw"]
+            pixel_values=vision_inputs["pixel_values"], image_grid_thw=vision_inputs["image_grid_thw"], **precomputed
         )
         return stack_image_features(output)
 
@@ -82,6 +103,17 @@ class Qwen2VLAdapter(ModelAdapter):
     def _window_index(self) -> torch.Tensor:
         """Block position -> merge unit, over all images (the identity where blocks see units in order)."""
         return torch.arange(sum(t * h * w for t, h, w in self._grids) // self._merge**2)
+
+    def _token_order(self, first: int, units: int, device: torch.device) -> torch.Tensor:
+        """Where each of an image's units sits among its block positions (window order), on `device`. Kept while
+        the grids stay the same, so that a captured selection reads a tensor made before the capture instead
+        of copying one from the host."""
+        if self._orders_grids != self._grids:
+            self._orders_grids, self._orders = list(self._grids), {}
+        key = (first, units, device)
+        if key not in self._orders:
+            self._orders[key] = (self._window_index()[first : first + units] - first).to(device)
+        return self._orders[key]
 
     def _units(self, image_index: int) -> tuple[int, int]:
         """(first unit, units) of an image; its units take the same contiguous range in window order."""
@@ -97,12 +129,10 @@ class Qwen2VLAdapter(ModelAdapter):
             raise PruningZooError(f"image {image_index} has {units} merge units but {num_visual} placeholder tokens")
         unit_area = self._merge**2
         rows = slice(first * unit_area, (first + units) * unit_area)
-        # Where each of this image's units sits among its block positions (window order).
-        order = self._window_index()[first : first + units] - first
 
         def to_token_order(per_position: torch.Tensor) -> torch.Tensor:
             result = torch.empty_like(per_position)
-            result[order.to(per_position.device)] = per_position
+            result[self._token_order(first, units, per_position.device)] = per_position
             return result
 
         def block_index(layer: int) -> int:
@@ -198,6 +228,18 @@ class Qwen2VLAdapter(ModelAdapter):
 
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     """Qwen2.5-VL: Qwen2-VL's text decoder; its vision blocks see merge units in window order."""
+
+    def capturable_vision_inputs(self, vision_inputs):
+        """Qwen2-VL's, plus the window order (on the device: it indexes the patches) and window bounds (on the
+        host), which the tower derives from the grids with host loops too."""
+        inputs = super().capturable_vision_inputs(vision_inputs)
+        if inputs is vision_inputs:
+            return inputs
+        config = self.model.config.vision_config
+        window_index, cu_window_seqlens = get_vision_window_index(
+            inputs["image_grid_thw"], config.spatial_merge_size, config.window_size, config.patch_size)
+        return {**inputs, "window_index": window_index.to(vision_inputs["image_grid_thw"].device),
+                "cu_window_seqlens": cu_window_seqlens}
 
     def _window_index(self) -> torch.Tensor:
         config = self.model.config.vision_config
