@@ -246,19 +246,20 @@ def max_min_diverse(features: torch.Tensor, selected: torch.Tensor, count: int) 
         picked, count = [selected[:, 0]], count - 1
     if not picked and not count:
         return torch.zeros(batch, 0, dtype=torch.long, device=features.device)
-    # Every cosine distance at once ([B, n, n]; a few MB at LLaVA's 576 tokens), so that each pick is four
-    # small kernels: the pick, its column, the running minimum, and marking it taken.
+    # Every cosine distance at once ([B, n, n]; a few MB at LLaVA's 576 tokens), so that each pick is three
+    # small kernels: the pick, its column and the running minimum. A row's distance to itself is -inf: taking
+    # a row puts -inf in its own running minimum, where it stays, so it never wins a pick again.
     distance = 1 - normed @ normed.transpose(1, 2)
+    distance.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
 
     def columns(index: torch.Tensor) -> torch.Tensor:  # [B, k] -> every row's distance to those rows, [B, n, k]
         return distance.gather(2, index[:, None, :].expand(-1, n, -1))
 
-    # Taken rows hold -inf: they never win a pick, and the running minimum keeps them there.
-    nearest = columns(selected).min(dim=2).values.scatter(1, selected, float("-inf"))
+    nearest = columns(selected).min(dim=2).values
     for _ in range(count):
         best = nearest.argmax(dim=1, keepdim=True)  # [B, 1]; the first of equal distances wins
         picked.append(best[:, 0])
-        nearest = torch.minimum(nearest, columns(best)[..., 0]).scatter(1, best, float("-inf"))
+        nearest = torch.minimum(nearest, columns(best)[..., 0])
     return torch.stack(picked, dim=1)
 
 

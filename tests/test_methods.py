@@ -237,6 +237,29 @@ def test_learnpruner_diversity_is_greedy_max_min_cosine():
     assert max_min_diverse(features, torch.tensor([0]), 0).tolist() == []
 
 
+def test_learnpruner_diversity_follows_its_definition():
+    """Against the definition computed plainly: each pick is the unselected row whose smallest cosine distance
+    to the rows selected so far is largest, the first of equals winning. Features are drawn from few values
+    so that equal distances, and duplicate rows, occur."""
+    generator = torch.Generator().manual_seed(3)
+    for case in range(40):
+        n = int(torch.randint(3, 30, (1,), generator=generator))
+        features = torch.randint(-2, 3, (n, 3), generator=generator).float()
+        features[features.norm(dim=1) == 0] = 1.0
+        kept = torch.randperm(n, generator=generator)[: int(torch.randint(0, n, (1,), generator=generator))]
+        count = n - len(kept) if case % 2 else min(3, n - len(kept))
+        normed = torch.nn.functional.normalize(features, dim=-1)
+        distance = 1 - normed @ normed.T
+        selected, expected = kept.tolist() or [0], [] if len(kept) else [0]
+        for _ in range(count - len(expected)):
+            nearest = [min(distance[row, s].item() for s in selected) if row not in selected else float("-inf")
+                       for row in range(n)]
+            best = max(range(n), key=lambda row: (nearest[row], -row))
+            selected.append(best)
+            expected.append(best)
+        assert max_min_diverse(features, kept, count).tolist() == expected, case
+
+
 def test_learnpruner_diversity_of_a_batch_is_each_images_own():
     features = torch.randn(3, 40, 8, generator=torch.Generator().manual_seed(0))
     ranked = torch.stack([torch.randperm(40, generator=torch.Generator().manual_seed(i))[:5] for i in range(3)])
