@@ -381,7 +381,7 @@ class SegmentedPrefill:
         previous_eager = eager_selection = False
         for segment in self.segments:
             before = dict(self.state)  # every try starts from the previous segment's outputs
-            reason = self._sync_reason(segment)
+            reason = self._declared_eager(segment) or self._sync_reason(segment)
             if reason is None and segment.reads_previous and (previous_eager or eager_selection):
                 reason = "reads what an eager segment before it kept outside the state's tensors"
             if reason is None:
@@ -402,6 +402,12 @@ class SegmentedPrefill:
                 segment.run()
             segment.outputs = {key: value for key, value in self.state.items() if value is not before.get(key)}
         torch.cuda.synchronize()
+
+    def _declared_eager(self, segment: Segment) -> str | None:
+        """Why the strategy wants the segment run eagerly, whether or not a capture would succeed."""
+        if segment.selection and not segment.gather and self.strategy.selects_on_host:
+            return "selects on the host at every call (the strategy's selects_on_host)"
+        return None
 
     def _sync_reason(self, segment: Segment) -> str | None:
         """Why the segment cannot be captured, found by running it once with CUDA's sync debugging on."""

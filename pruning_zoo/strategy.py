@@ -201,6 +201,9 @@ class PruningStrategy(ABC):
     budget_meaning: ClassVar[BudgetMeaning]
     #: Names of engine observations `score` uses (see ScoreContext.observe).
     observes: ClassVar[frozenset[str]] = frozenset()
+    #: True when `select_images` computes its picks on the host at every call (a seeded draw, say): the
+    #: segmented prefill then runs it eagerly, never in a CUDA graph, which would replay one call's picks.
+    selects_on_host: ClassVar[bool] = False
 
     def __init__(self, params: StrategyParams | Mapping[str, Any] | None = None):
         if isinstance(params, StrategyParams):

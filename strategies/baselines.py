@@ -54,6 +54,7 @@ class RandomSubset(PruningStrategy):
     name = "random"
     Params = RandomParams
     budget_meaning = BudgetMeaning.ENTERING_LLM
+    selects_on_host = True
 
     def __init__(self, params=None):
         super().__init__(params)
@@ -75,7 +76,10 @@ class RandomSubset(PruningStrategy):
         if not one_size(contexts):
             return super().select_images(contexts)
         kept = top_k_in_order(torch.stack([self.score(ctx) for ctx in contexts]), contexts[0].stage.keep)
-        return [Selection(keep=row) for row in kept.to(contexts[0].tokens.device)]
+        device = contexts[0].tokens.device
+        if device.type == "cuda":  # from pinned memory, the copy does not make the host wait for the GPU
+            kept = kept.pin_memory()
+        return [Selection(keep=row) for row in kept.to(device, non_blocking=True)]
 
 
 class GridPool(PruningStrategy):

@@ -55,6 +55,11 @@ STRATEGIES = {
 }
 
 
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory):
+    return tiny_models.FAMILIES["llava"].build(tmp_path_factory.mktemp("llava"))
+
+
 @pytest.fixture(scope="module", params=sorted(UNIFORM))
 def uniform_model(request, tmp_path_factory):
     family = tiny_models.FAMILIES[request.param]
@@ -140,6 +145,19 @@ def test_capture_needs_a_gpu(uniform_model):
     segmented = SegmentedPrefill(model, pruning_zoo.get_strategy("none"), 16, UNIFORM[name](1))
     with pytest.raises(PruningZooError, match="CUDA"):
         segmented.capture()
+
+
+@pytest.mark.parametrize("strategy_name", ["random", "pool", "fastv"])
+def test_a_selection_on_the_host_is_never_captured(tiny_llava, strategy_name):
+    """A graph would replay the picks `random` drew at capture; its gather is still captured."""
+    strategy = pruning_zoo.get_strategy(strategy_name)
+    segmented = SegmentedPrefill(tiny_llava, strategy, 8, UNIFORM["llava"](1))
+    declared = {segment.name: segmented._declared_eager(segment) for segment in segmented.segments}
+    expected = {"selection before the LLM": "selects on the host"} if strategy.selects_on_host else {}
+    assert {name: reason for name, reason in declared.items() if reason}.keys() == expected.keys()
+    for name, fragment in expected.items():
+        assert fragment in declared[name]
+    assert strategy.selects_on_host == (strategy_name == "random")
 
 
 def test_a_vision_segment_that_disagrees_with_the_model_is_refused(uniform_model, monkeypatch):
