@@ -178,6 +178,17 @@ def top_k_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(scores, k, sorted=False).indices.sort().values
 
 
+def stages_that_prune(stages: Sequence[Stage], num_visual: int) -> tuple[Stage, ...]:
+    """The stages that drop tokens, in order: one keeping every token that enters it would still score and
+    select, for nothing (a schedule's early stages do at large budgets)."""
+    kept, entering = [], num_visual
+    for stage in stages:
+        if stage.keep < entering:
+            kept.append(stage)
+            entering = stage.keep
+    return tuple(kept)
+
+
 def one_size(contexts: Sequence[ScoreContext]) -> bool:
     """Whether the images of a stage hold as many tokens and keep as many: their work can be stacked."""
     return bool(contexts) and len({(ctx.tokens.shape[0], ctx.stage.keep) for ctx in contexts}) == 1

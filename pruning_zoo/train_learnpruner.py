@@ -252,8 +252,9 @@ class SoftMaskedLanguageModel:
         for sample, sample_positions in enumerate(positions):
             for image_positions in sample_positions:
                 num_visual = int(image_positions.numel())
-                (stage_one, *_) = self.strategy.plan(min(self.budget, num_visual), num_visual, self.adapter.num_layers) or (
-                    Stage(after_layer=None, keep=num_visual),)
+                stages = self.strategy.plan(min(self.budget, num_visual), num_visual, self.adapter.num_layers)
+                # No stage before the LLM (the budget leaves the first stage nothing to drop): it keeps every token.
+                stage_one = next((stage for stage in stages if not stage.in_llm), Stage(after_layer=None, keep=num_visual))
                 ctx = ScoreContext(stage=stage_one, tokens=embeds[sample, image_positions], num_layers=self.adapter.num_layers,
                                    observations=self.adapter.vision_observations(image_index, num_visual), model=self.adapter.identity)
                 features = self.strategy.features(ctx).detach()

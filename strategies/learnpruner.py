@@ -26,6 +26,7 @@ from pruning_zoo.strategy import (
     Stage,
     InLLMParams,
     one_size,
+    stages_that_prune,
     params_dataclass,
     top_k_in_order,
 )
@@ -152,7 +153,7 @@ class LearnPruner(PruningStrategy):
         k = self.stage_layer(num_layers)
         if self.budget_meaning == BudgetMeaning.AFTER_PRUNING:
             first = min(num_visual, math.floor(self.params.stage_ratio * budget + 0.5))
-            return (Stage(after_layer=None, keep=first), Stage(after_layer=k, keep=budget))
+            return stages_that_prune([Stage(after_layer=None, keep=first), Stage(after_layer=k, keep=budget)], num_visual)
         early, late = k + 1, num_layers - k - 1
         total = budget * num_layers
         final = max(1, round(total / (self.params.stage_ratio * early + late)))
@@ -162,7 +163,7 @@ class LearnPruner(PruningStrategy):
             final = round((total - early * num_visual) / late)
         first = min(max(first, 1), num_visual)
         final = min(max(final, 1), first)
-        return (Stage(after_layer=None, keep=first), Stage(after_layer=k, keep=final))
+        return stages_that_prune([Stage(after_layer=None, keep=first), Stage(after_layer=k, keep=final)], num_visual)
 
     # -- module ----------------------------------------------------------------------------------------------
     def module_for(self, ctx: ScoreContext, feature_dim: int) -> LearnablePruningModule:

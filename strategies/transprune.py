@@ -23,6 +23,7 @@ from pruning_zoo.strategy import (
     Stage,
     SublayerIO,
     one_size,
+    stages_that_prune,
     params_dataclass,
     top_k_in_order,
 )
@@ -143,7 +144,8 @@ class TransPrune(PruningStrategy):
         if self.budget_meaning == BudgetMeaning.AFTER_PRUNING:
             counts = self.counts(budget / (num_visual * self.params.keep_ratios[-1]), num_visual)
             counts = [max(count, budget) for count in counts[:-1]] + [budget]  # exact despite float rounding
-            return tuple(Stage(after_layer=layer - 1, keep=keep) for layer, keep in zip(layers, counts))
+            return stages_that_prune([Stage(after_layer=layer - 1, keep=keep) for layer, keep in zip(layers, counts)],
+                                     num_visual)
         lowest = self.average(layers, [1] * len(layers), num_visual, num_layers)
         if budget < lowest:
             raise InvalidParameterError(
@@ -162,7 +164,8 @@ class TransPrune(PruningStrategy):
                 low = middle
         candidates = [self.counts(low, num_visual), self.counts(high, num_visual)]
         best = min(candidates, key=lambda c: abs(self.average(layers, c, num_visual, num_layers) - budget))
-        return tuple(Stage(after_layer=layer - 1, keep=keep) for layer, keep in zip(layers, best))
+        return stages_that_prune([Stage(after_layer=layer - 1, keep=keep) for layer, keep in zip(layers, best)],
+                                 num_visual)
 
     # -- scores ----------------------------------------------------------------------------------------------
     def sublayer_layers(self, num_layers: int) -> range:

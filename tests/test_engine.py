@@ -599,7 +599,8 @@ def test_a_batch_selected_at_once_keeps_what_one_image_at_a_time_keeps(family_mo
         strategy = pruning_zoo.get_strategy(name)
         if one_by_one:
             strategy.select_images = functools.partial(PruningStrategy.select_images, strategy)
-        with torch.no_grad(), prune(model, strategy, 4) as run:
+        budget = 2 if name == "transprune" else 4  # TransPrune's three stages (at 4 only the last drops any)
+        with torch.no_grad(), prune(model, strategy, budget) as run:
             logits.append(model(**inputs).logits[:, -1])
         kept.append([image.kept for image in run.records[0].images])
     assert kept[0] == kept[1] and len(kept[0]) >= 3
@@ -621,3 +622,33 @@ def test_only_the_summarized_layers_are_watched_and_let_go(family_model):
         assert run._sublayers == {} and sorted(run._summaries) == [0, 1]
     with torch.no_grad(), prune(model, pruning_zoo.get_strategy("fastv"), 4):
         assert _count_hooks(model) - before == pruning_hooks - 2 * 4  # fastv watches no sub-blocks
+
+
+@pytest.mark.parametrize("name, budget", [("transprune", 4), ("learnpruner", 8)])
+def test_a_stage_keeping_every_token_is_left_out_and_changes_nothing(family_model, name, budget):
+    """At these budgets TransPrune's first stages, and LearnPruner's stage before the LLM, would keep every
+    token (16 or 24): their plans leave them out. Put back, they keep the same tokens and give the same logits."""
+    family, model = family_model
+    inputs = family.inputs(2)
+    runs, put_back_stages = [], []
+    for put_back in (False, True):
+        strategy = pruning_zoo.get_strategy(name)
+        planned = strategy.plan
+
+        def plan(budget, num_visual, num_layers, planned=planned):
+            stages = planned(budget, num_visual, num_layers)
+            assert stages[0].keep < num_visual
+            if name == "learnpruner":
+                idle = [Stage(None, num_visual)] if stages[0].in_llm else []
+            else:
+                idle = [Stage(layer, num_visual) for layer in (0, 1) if layer < stages[0].after_layer]
+            put_back_stages.extend(idle)
+            return tuple(idle) + stages
+
+        if put_back:
+            strategy.plan = plan
+        with torch.no_grad(), prune(model, strategy, budget) as run:
+            runs.append((model(**inputs).logits[:, -1], [image.kept for image in run.records[0].images]))
+    assert put_back_stages
+    torch.testing.assert_close(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1]

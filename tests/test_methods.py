@@ -145,6 +145,8 @@ def test_transprune_default_schedule_is_the_codes():
 def test_transprune_scales_to_other_budgets_and_depths():
     transprune = pruning_zoo.get_strategy("transprune")
     assert [s.keep for s in transprune.plan(36, 576, 32)] == [252, 180, 36]
+    # At 128 the code's first two stages keep all 576: they are left out, the last stage scores as before.
+    assert transprune.plan(128, 576, 32) == (Stage(11, 128),)
     assert [s.after_layer for s in transprune.plan(36, 576, 16)] == [3, 4, 5]  # 7, 9, 12 scaled by 16/32: 4, 5, 6
     assert [s.after_layer for s in transprune.plan(2, 16, 4)] == [0, 1, 2]  # kept distinct
     with pytest.raises(pruning_zoo.InvalidParameterError, match="do not fit a model of 3 decoder layers"):
@@ -205,7 +207,7 @@ def test_transprune_iga_is_the_next_layers_eager_attention_from_the_instruction(
         return original(contexts)
 
     strategy.scores = scores
-    with torch.no_grad(), prune(model, strategy, 4):
+    with torch.no_grad(), prune(model, strategy, 2):  # 2 of 16: three stages, the first after layer 0
         model(**inputs)
     attentions = eager_outputs(model, inputs, output_attentions=True).attentions
     image = inputs["input_ids"] == model.config.image_token_id
@@ -223,7 +225,8 @@ def test_learnpruner_module_has_the_papers_size_on_clip_l():
 def test_learnpruner_splits_the_budget_three_to_one():
     learnpruner = pruning_zoo.get_strategy("learnpruner")
     assert learnpruner.plan(32, 576, 32) == (Stage(None, 96), Stage(12, 32))
-    assert learnpruner.plan(200, 576, 32) == (Stage(None, 576), Stage(12, 200))
+    # 400 before the LLM would leave 576: a first stage keeping every token is left out.
+    assert learnpruner.plan(200, 576, 32) == (Stage(12, 200),)
     by_average = pruning_zoo.get_strategy("learnpruner", budget_counts="per_layer_average")
     first, second = by_average.plan(32, 576, 32)
     assert (first.keep, second.keep) == (52, 18) and abs((13 * 52 + 19 * 18) / 32 - 32) < 0.5

@@ -50,7 +50,7 @@ STRATEGIES = {
     "visionzip": ({}, 8),
     "fastv": ({}, 6),
     "fastv-renumber": ({"positions": "renumber"}, 5),
-    "transprune": ({}, 4),
+    "transprune": ({}, 2),  # three stages (at 4 of 16 its first two would keep every token, and are left out)
     "learnpruner": ({}, 6),
 }
 
