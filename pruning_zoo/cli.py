@@ -398,8 +398,8 @@ def bench_latency(
     ),
     param: Annotated[list[str] | None, typer.Option(help="Strategy parameter, STRATEGY.NAME=VALUE; repeatable.")] = None,
     modes: Annotated[str, typer.Option(help="eager (transformers + hooks), compiled (CUDA-graph segments), or both.")] = "eager,compiled",
-    fusion: Annotated[str, typer.Option(help="torch.compile backend fusing the compiled mode's decoder layers and vision "
-                                             "blocks, or none (graphs of the modules' own forwards).")] = "inductor",
+    fusion: Annotated[str, typer.Option(help="torch.compile backend fusing the compiled mode's decoder layers, vision "
+                                             "blocks and selections, or none (graphs of the modules' own forwards).")] = "inductor",
     repeats: Annotated[int, typer.Option(min=1, help="Timed repetitions per cell (medians are reported).")] = 20,
     decode_tokens: Annotated[int, typer.Option(min=0, help="New tokens generated to time decoding (0: skip).")] = 16,
     out: Annotated[Path, typer.Option(help="Folder for ARCH.json (every cell, resumable) and ARCH.md.")] = Path("leaderboard/latency"),

@@ -12,7 +12,8 @@ as medians over repetitions:
 
 Modes: `eager` is transformers as users run it, with the hook engine; `compiled` is the segmented prefill
 (`pruning_zoo.segmented`), each segment a CUDA graph captured for its token count, running the model's own layers,
-by default through torch.compile's inductor (`fusion`), which fuses their element-wise kernels.
+by default through torch.compile's inductor (`fusion`), which fuses their element-wise kernels, and the
+strategy's selections the same way.
 """
 
 from __future__ import annotations
@@ -269,12 +270,17 @@ class LatencyCell:
     params: dict
     budget: int
     mode: str
-    #: The compiled mode's torch.compile backend for layers and vision blocks (None: graphs of the own forwards).
+    #: The compiled mode's torch.compile backend for layers, vision blocks and selections (None: graphs of the
+    #: modules' own forwards).
     fusion: str | None = None
 
     @property
     def key(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+#: What the compiled cells of git 1a76c3f and a9b821f fused; later cells list their own parts.
+UNLISTED_FUSED_PARTS = ("decoder layers", "vision blocks")
 
 
 def measure(model, inputs: dict, strategy: PruningStrategy, budget: int, mode: str, repeats: int,
@@ -315,6 +321,7 @@ def measure(model, inputs: dict, strategy: PruningStrategy, budget: int, mode: s
     if mode == "compiled":
         result["eager_segments"] = spans["eager_segments"]
         result["agreement_with_eager"] = agreement
+        result["fused"] = segmented.fused_parts
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if peaks is not None:
@@ -607,8 +614,15 @@ def markdown(results: dict) -> str:
     peaks = results.get("peaks") or {}
     clock = next((c["clock"] for c in results["cells"] if "clock" in c), "CUDA events")
     fusion = next((c["cell"].get("fusion") for c in results["cells"] if c["cell"]["mode"] == "compiled"), None)
-    fused = (f", its decoder layers and vision blocks through torch.compile ({fusion})" if fusion else
-             ", the modules' own forwards (no fusion)")
+    # Cells made before the selections were fused (git 1a76c3f and a9b821f) do not list their fused parts.
+    parts = {tuple(c.get("fused", UNLISTED_FUSED_PARTS)) for c in results["cells"] if c["cell"]["mode"] == "compiled"}
+    if not fusion:
+        fused = ", the modules' own forwards (no fusion)"
+    elif len(parts) == 1:
+        *most, last = next(iter(parts))
+        fused = f", its {', '.join(most)} and {last} through torch.compile ({fusion})"
+    else:
+        fused = f", through torch.compile ({fusion}), each cell what its `fused` lists (they differ)"
     lines = [
         f"# Latency: {results['arch']} on {results['device']}",
         "",

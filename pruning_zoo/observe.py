@@ -112,9 +112,11 @@ class AttentionProbe:
         self._batch: dict[tuple[int, str], torch.Tensor] = {}  # (layer, rows) -> [B, heads, R, L]
         self._at_image: dict[tuple[int, str], torch.Tensor] = {}  # (layer, rows) -> [B, heads, n] at `image`
         # With a torch.compile backend (the latency benchmark's fused mode) the projections' element-wise work
-        # (norm, rotary, mask, softmax) runs fused, as the layers do.
+        # (norm, rotary, mask, softmax) runs fused, as the layers do; inside a selection being compiled whole,
+        # the plain functions are traced into it.
+        compiled = fusion and not torch.compiler.is_compiling()
         self._rotated_keys, self._attention_probabilities = (
-            compiled_probe(fusion) if fusion else (rotated_keys, attention_probabilities))
+            compiled_probe(fusion) if compiled else (rotated_keys, attention_probabilities))
 
     def observations(self, sample: int, positions: torch.Tensor) -> dict:
         # Query rows are chosen with tensors, never by reading the mask on the host, so that observing does

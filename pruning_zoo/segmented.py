@@ -16,8 +16,9 @@ eagerly between the graphs, and `eager_segments` says which and why.
 
 Graphs remove launch overhead, not the kernels: a Llama layer launches some 25 small element-wise kernels
 (RMSNorm, rotary, SiLU, residuals) around its matrix multiplications. With `fusion` (a torch.compile backend,
-"inductor" on a GPU) the decoder layers and vision blocks run torch.compile'd forwards, which fuse them, as
-does the strategy's `summarize_sublayers` (a pure tensor function); the graphs capture the fused kernels.
+"inductor" on a GPU) the decoder layers and vision blocks run torch.compile'd forwards, which fuse them, and
+so do the selection segments (scores, top-k, gathers: dozens of small kernels each); the graphs capture the
+fused kernels.
 """
 
 from __future__ import annotations
@@ -87,7 +88,10 @@ def compiled_forwards(forwards: dict[nn.Module, Callable]) -> Iterator[None]:
         # The layer index reaches the compiled code only as the cache's argument; unspecialized, all layers share
         # it. transformers wraps every layer class's forward in one function, whose compiled versions (per class,
         # batch and first shapes) may pass torch.compile's default limit of 8.
-        with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True, recompile_limit=64):
+        # The selection segments' code is shared by every strategy, batch and budget of a sweep, each its own
+        # compiled version: the limits are raised so that none falls back to running unfused.
+        with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True, recompile_limit=256,
+                                        accumulated_recompile_limit=4096):
             yield
     finally:
         for module, forward in zip(modules, previous):
@@ -124,7 +128,7 @@ class SegmentedPrefill:
     """One prefill of a uniform batch under `strategy` at `budget`, as segments. `run()` executes it eagerly;
     on a GPU, `capture()` records each segment in a CUDA graph and `replay()` runs the graphs. After either,
     `logits` [B, vocab] are the last position's logits and `first_token` [B] their argmax. `fusion` names a
-    torch.compile backend for the decoder layers and vision blocks (None: the modules' own forwards)."""
+    torch.compile backend for the decoder layers, vision blocks and selections (None: the modules' own forwards)."""
 
     def __init__(self, model: nn.Module, strategy: PruningStrategy, budget: Budget, inputs: dict,
                  fusion: str | None = None):
@@ -158,6 +162,12 @@ class SegmentedPrefill:
         self._summarize = (torch.compile(strategy.summarize_sublayers, backend=fusion) if fusion
                            else strategy.summarize_sublayers)
         self.segments = self._build()
+        if fusion:
+            # The selections too: dozens of small kernels each (scores, top-k, gathers, index arithmetic), which
+            # fused make a few. Not a selection on the host, which runs eagerly by design.
+            for segment in self.segments:
+                if segment.selection and not self._declared_eager(segment):
+                    segment.run = torch.compile(segment.run, backend=fusion)
 
     # -- set-up --------------------------------------------------------------------------------------------
     def _model_entry(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,7 +271,8 @@ class SegmentedPrefill:
         key_valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         for layer in summarized:
             parts = self._sublayers[layer]
-            self._summaries[layer] = self._summarize(SublayerIO(**parts, valid=torch.ones_like(
+            summarize = self.strategy.summarize_sublayers if torch.compiler.is_compiling() else self._summarize
+            self._summaries[layer] = summarize(SublayerIO(**parts, valid=torch.ones_like(
                 parts["attn_in"][..., 0], dtype=torch.bool)))
         image = torch.arange(s, s + current, device=hidden.device)
         probe = AttentionProbe(self.adapter, stage.after_layer, self.state["stage_input"], hidden,
@@ -402,6 +413,11 @@ class SegmentedPrefill:
                 segment.run()
             segment.outputs = {key: value for key, value in self.state.items() if value is not before.get(key)}
         torch.cuda.synchronize()
+
+    @property
+    def fused_parts(self) -> list[str]:
+        """What runs through torch.compile (`fusion`): the latency benchmark records it with each cell."""
+        return ["decoder layers", "vision blocks", "selections"] if self.fusion else []
 
     def _declared_eager(self, segment: Segment) -> str | None:
         """Why the strategy wants the segment run eagerly, whether or not a capture would succeed."""

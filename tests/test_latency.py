@@ -89,7 +89,9 @@ def test_the_page_shows_every_strategy_and_the_targets(measured):
 def test_the_compiled_cells_name_their_fusion_and_another_is_never_mixed_in(measured):
     out, results = measured
     assert {(e["cell"]["mode"], e["cell"]["fusion"]) for e in results["cells"]} == {("eager", None), ("compiled", "aot_eager")}
-    assert "through torch.compile (aot_eager)" in (out / "tiny-llava.md").read_text()
+    assert "decoder layers, vision blocks and selections through torch.compile (aot_eager)" in (out / "tiny-llava.md").read_text()
+    assert {tuple(e["fused"]) for e in results["cells"] if e["cell"]["mode"] == "compiled"} == {
+        ("decoder layers", "vision blocks", "selections")}
     before = (out / "tiny-llava.json").read_text()
     with pytest.raises(PruningZooError, match="fusion aot_eager, not None; choose another --out"):
         latency.run_benchmark(plan(fusion=None), out, "cpu", "x", arch=TINY, dtype=torch.float32)

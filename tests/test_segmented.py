@@ -90,12 +90,13 @@ def test_segmented_prefill_gives_the_engines_logits(uniform_model, case, batch_s
     torch.testing.assert_close(segmented.logits, expected, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["none", "visionzip", "fastv", "transprune"])
+@pytest.mark.parametrize("case", ["none", "visionzip", "fastv", "transprune", "learnpruner", "random"])
 def test_fused_layers_compute_the_same_and_are_restored(uniform_model, case):
     """With a fusion backend the decoder layers and vision blocks run compiled forwards (their hooks, which
-    VisionZip's observations need, stay outside), as do the attention probe and TransPrune's summaries, and
-    give the same logits; the forwards are the modules' own again afterwards. TransPrune's watched layers keep
-    theirs: their sub-block hooks run inside."""
+    VisionZip's observations need, stay outside), as do the selections (attention probe and TransPrune's
+    summaries included), and give the same logits; the forwards are the modules' own again afterwards.
+    TransPrune's watched layers keep theirs: their sub-block hooks run inside. Random's host draw stays
+    eager; its gather is compiled."""
     name, model = uniform_model
     graphs = []
 
@@ -110,7 +111,19 @@ def test_fused_layers_compute_the_same_and_are_restored(uniform_model, case):
     plain.run()
     fused = SegmentedPrefill(model, pruning_zoo.get_strategy(case, **params), budget, inputs, fusion=recording_backend)
     fused.run()
+    if case == "random":  # draws afresh on every call: compare what it kept, gathered by the compiled gather
+        plain.strategy, fused.strategy = (pruning_zoo.get_strategy("random", seed=5) for _ in range(2))
+        plain.run()
+        fused.run()
     torch.testing.assert_close(fused.logits, plain.logits, atol=1e-5, rtol=1e-4)
+    compiled = {segment.name for segment in fused.segments if hasattr(segment.run, "_torchdynamo_orig_callable")}
+    host_draw = {"selection before the LLM"} if case == "random" else set()
+    assert compiled == {segment.name for segment in fused.segments if segment.selection} - host_draw
+    assert not any(hasattr(segment.run, "_torchdynamo_orig_callable") for segment in plain.segments)
+    if case != "none":  # the selections reached the backend: their top-k, and the gather of the survivors
+        assert any("gather" in targets for targets in graphs)
+        if case != "random":
+            assert any(torch.topk in targets or "topk" in targets for targets in graphs)
     assert graphs and any(torch.nn.functional.silu in targets or torch.rsqrt in targets for targets in graphs)
     if case == "transprune":  # its summaries are compiled too
         assert any(torch.nn.functional.cosine_similarity in targets for targets in graphs)
