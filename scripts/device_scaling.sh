@@ -11,8 +11,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 work="$OUT/work"; mkdir -p "$work"
 # Both timed runs start warm, as on a machine that has run the tool before: bytecode compiled (the image's
 # site-packages may be read-only, so into a cache of our own), kernels and the driver loaded, and torch.compile's
-# caches (the compiled-latency timing fuses the layers) holding the layers' graphs, static and dynamic, and
-# TransPrune's summaries. A short sweep into a scratch folder does it.
+# caches (the compiled-latency timing fuses the layers and every strategy's selections) holding their graphs,
+# static and dynamic. A short sweep of every strategy into a scratch folder does it.
 export PYTHONPYCACHEPREFIX="$work/pycache"
 python3 - <<'PY'
 import os, transformers
@@ -20,7 +20,7 @@ folder = os.path.dirname(transformers.__file__)
 print("transformers' folder writable:", os.access(folder, os.W_OK), "has bytecode:", os.path.isdir(os.path.join(folder, "__pycache__")))
 PY
 warm=$(date +%s.%N)
-CUDA_VISIBLE_DEVICES=0 pruning-zoo run --suite testbed --device cuda --output "$work/warm-up" --strategies none,pool,transprune --budgets 64 --limit 32 > "$work/warm.log" 2>&1
+CUDA_VISIBLE_DEVICES=0 pruning-zoo run --suite testbed --device cuda --output "$work/warm-up" --budgets 64 --limit 32 > "$work/warm.log" 2>&1
 start=$(date +%s.%N)
 echo "warm-up run: $(python3 -c "print(round($start - $warm, 1))") s"
 CUDA_VISIBLE_DEVICES=0 pruning-zoo run --suite testbed --device cuda --output "$work/one-gpu" "$@" > "$work/one.log" 2>&1
