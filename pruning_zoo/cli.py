@@ -402,6 +402,8 @@ def bench_latency(
                                              "blocks and selections, or none (graphs of the modules' own forwards).")] = "inductor",
     repeats: Annotated[int, typer.Option(min=1, help="Timed repetitions per cell (medians are reported).")] = 20,
     decode_tokens: Annotated[int, typer.Option(min=0, help="New tokens generated to time decoding (0: skip).")] = 16,
+    dtype: Annotated[str, typer.Option(help="Weights and activations: bfloat16, float16 or float32 (to check the "
+                                            "compiled mode's agreement without bf16 rounding; no floor then).")] = "bfloat16",
     out: Annotated[Path, typer.Option(help="Folder for ARCH.json (every cell, resumable) and ARCH.md.")] = Path("leaderboard/latency"),
     device: Annotated[str | None, typer.Option(help="cuda or cuda:N (default: cuda when there is one).")] = None,
 ) -> None:
@@ -411,11 +413,13 @@ def bench_latency(
         import torch
 
         from pruning_zoo.latency import MODES, LatencyPlan, architecture, run_benchmark
+        from pruning_zoo.loading import resolve_dtype
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if not device.startswith("cuda"):
             raise PruningZooError("the latency benchmark builds 7B models and times them with CUDA events: run it on a "
                                   "GPU (--device cuda); no CUDA device is visible here")
+        chosen_dtype = resolve_dtype(dtype, torch.device(device))
         chosen_modes = _split(modes) or []
         for mode in chosen_modes:
             if mode not in MODES:
@@ -437,7 +441,7 @@ def bench_latency(
             console.print(f"{cell.mode:8} batch {cell.batch} {cell.strategy:11} {cell.budget:4}: {text} "
                           f"({measured['seconds']:.1f} s)", highlight=False)
 
-        run_benchmark(plan, out, device, "pruning-zoo " + " ".join(sys.argv[1:]), on_cell=report)
+        run_benchmark(plan, out, device, "pruning-zoo " + " ".join(sys.argv[1:]), on_cell=report, dtype=chosen_dtype)
         console.print(f"wrote {out / (plan.arch + '.json')} and {out / (plan.arch + '.md')}")
 
 

@@ -482,6 +482,10 @@ def run_benchmark(plan: LatencyPlan, out: Path, device: str, command: str, arch:
     if results["cells"] and results.get("device") != description:
         raise PruningZooError(f"{path} holds results measured on {results.get('device')}, not on {description}; "
                               "choose another --out so devices are never mixed")
+    dtype_name = str(dtype).removeprefix("torch.")
+    if results["cells"] and results.get("dtype", "bfloat16") != dtype_name:
+        raise PruningZooError(f"{path} holds results in {results.get('dtype', 'bfloat16')}, not {dtype_name}; choose "
+                              "another --out so dtypes are never mixed")
     fusions = {c["cell"].get("fusion") for c in results["cells"] if c["cell"]["mode"] == "compiled"}
     if "compiled" in plan.modes and fusions - {plan.fusion}:
         raise PruningZooError(f"{path} holds compiled cells measured with fusion {', '.join(map(str, sorted(fusions, key=str)))}, "
@@ -493,9 +497,10 @@ def run_benchmark(plan: LatencyPlan, out: Path, device: str, command: str, arch:
     for entry in results["cells"]:  # cells measured by an earlier run keep that run's commit
         entry.setdefault("git_sha", results.get("git_sha"))
     model = build_random(arch, device, dtype)
-    peaks = device_peaks(device) if device.startswith("cuda") else None
+    # The peaks are a bf16 matmul's and a copy's: a floor only for bf16 weights.
+    peaks = device_peaks(device) if device.startswith("cuda") and dtype == torch.bfloat16 else None
     weights = weight_bytes(model)
-    results.update(arch=arch.name, description=arch.description, device=description, dtype=str(dtype).removeprefix("torch."),
+    results.update(arch=arch.name, description=arch.description, device=description, dtype=dtype_name,
                    git_sha=git_sha(), versions=versions(), command=command, peaks=peaks, weight_bytes=weights)
     generator = torch.Generator().manual_seed(0)
     for cell, strategy in plan.cells(arch.num_visual):

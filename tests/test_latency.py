@@ -133,6 +133,13 @@ def test_results_of_another_device_are_never_mixed(tmp_path):
         latency.run_benchmark(plan(), tmp_path, "cpu", "x", arch=TINY, dtype=torch.float32)
 
 
+def test_results_of_another_dtype_are_never_mixed(tmp_path):
+    (tmp_path / "tiny-llava.json").write_text(json.dumps({"device": latency.device_description("cpu"), "dtype": "bfloat16",
+                                                          "cells": [{"cell": {}}]}))
+    with pytest.raises(PruningZooError, match="in bfloat16, not float32; choose another --out"):
+        latency.run_benchmark(plan(), tmp_path, "cpu", "x", arch=TINY, dtype=torch.float32)
+
+
 def test_a_budget_above_the_visual_tokens_is_refused(tmp_path):
     with pytest.raises(PruningZooError, match=r"budgets \[17\] exceed the 16 visual tokens"):
         latency.run_benchmark(plan(budgets=[8, 17]), tmp_path, "cpu", "x", arch=TINY, dtype=torch.float32)
@@ -152,6 +159,7 @@ def test_a_damaged_results_file_is_a_clear_error(tmp_path):
     (["--device", "cuda", "--batch", "0"], "not a positive whole number"),
     (["--device", "cuda", "--strategies", "fastvv"], "fastv"),
     (["--device", "cuda", "--fusion", "inductr"], "unknown fusion 'inductr'"),
+    (["--device", "cuda", "--dtype", "fp8"], "dtype 'fp8' is not one of"),
 ])
 def test_bad_options_are_refused_before_anything_is_built(args, message):
     result = CliRunner().invoke(app, ["bench", "latency", *args])
