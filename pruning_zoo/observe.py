@@ -74,13 +74,6 @@ def attention_probabilities(
     return scores.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
 
 
-@functools.cache
-def compiled_probe(backend: str) -> tuple[Callable, Callable]:
-    """`rotated_keys` and `attention_probabilities` through torch.compile, wrapped once per backend: a probe is
-    made at every selection, and wrapping takes about half a millisecond."""
-    return torch.compile(rotated_keys, backend=backend), torch.compile(attention_probabilities, backend=backend)
-
-
 class AttentionProbe:
     """Observations offered at an in-LLM stage after layer `stage_layer` (names strategies list in `observes`):
 
@@ -96,7 +89,7 @@ class AttentionProbe:
     """
 
     def __init__(self, adapter: ModelAdapter, stage_layer: int, stage_input, stage_output, next_layer_kwargs, key_valid,
-                 image_end: int | None = None, image: torch.Tensor | None = None, fusion: str | None = None):
+                 image_end: int | None = None, image: torch.Tensor | None = None):
         self.adapter = adapter
         self.stage_layer = stage_layer
         self.stage_hidden, self.stage_kwargs = stage_input
@@ -111,12 +104,6 @@ class AttentionProbe:
         self._keys: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._batch: dict[tuple[int, str], torch.Tensor] = {}  # (layer, rows) -> [B, heads, R, L]
         self._at_image: dict[tuple[int, str], torch.Tensor] = {}  # (layer, rows) -> [B, heads, n] at `image`
-        # With a torch.compile backend (the latency benchmark's fused mode) the projections' element-wise work
-        # (norm, rotary, mask, softmax) runs fused, as the layers do; inside a selection being compiled whole,
-        # the plain functions are traced into it.
-        compiled = fusion and not torch.compiler.is_compiling()
-        self._rotated_keys, self._attention_probabilities = (
-            compiled_probe(fusion) if compiled else (rotated_keys, attention_probabilities))
 
     def observations(self, sample: int, positions: torch.Tensor) -> dict:
         # Query rows are chosen with tensors, never by reading the mask on the host, so that observing does
@@ -166,11 +153,11 @@ class AttentionProbe:
         cos, sin = kwargs["position_embeddings"]
         layer = self.adapter.layers[layer_index]
         if layer_index not in self._keys:
-            self._keys[layer_index] = self._rotated_keys(layer, hidden, cos, sin)
+            self._keys[layer_index] = rotated_keys(layer, hidden, cos, sin)
         normed, keys = self._keys[layer_index]
         key_valid = self.key_valid
         if sample is not None:
             one = slice(sample, sample + 1)
             pick = one if cos.shape[0] > 1 else slice(0, 1)
             normed, keys, cos, sin, key_valid = normed[one], keys[one], cos[pick], sin[pick], key_valid[one]
-        return self._attention_probabilities(layer, normed, keys, cos, sin, rows, key_valid)
+        return attention_probabilities(layer, normed, keys, cos, sin, rows, key_valid)

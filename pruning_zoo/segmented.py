@@ -158,9 +158,6 @@ class SegmentedPrefill:
         self._fused = [layer for index, layer in enumerate(self.adapter.layers) if index not in self._watched]
         self._fused += self.adapter.vision_blocks
         self._compiled = {module: torch.compile(module.forward, backend=fusion) for module in self._fused} if fusion else {}
-        # A pure tensor function reading four [B, L, d] tensors per layer: fused, it reads each once.
-        self._summarize = (torch.compile(strategy.summarize_sublayers, backend=fusion) if fusion
-                           else strategy.summarize_sublayers)
         self.segments = self._build()
         if fusion:
             # The selections too: dozens of small kernels each (scores, top-k, gathers, index arithmetic), which
@@ -271,13 +268,11 @@ class SegmentedPrefill:
         key_valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         for layer in summarized:
             parts = self._sublayers[layer]
-            summarize = self.strategy.summarize_sublayers if torch.compiler.is_compiling() else self._summarize
-            self._summaries[layer] = summarize(SublayerIO(**parts, valid=torch.ones_like(
+            self._summaries[layer] = self.strategy.summarize_sublayers(SublayerIO(**parts, valid=torch.ones_like(
                 parts["attn_in"][..., 0], dtype=torch.bool)))
         image = torch.arange(s, s + current, device=hidden.device)
         probe = AttentionProbe(self.adapter, stage.after_layer, self.state["stage_input"], hidden,
-                               self.state["layer_kwargs"], key_valid, image_end=s + current, image=image,
-                               fusion=self.fusion)
+                               self.state["layer_kwargs"], key_valid, image_end=s + current, image=image)
         at_image: dict[int, torch.Tensor] = {}  # layer -> its summary at every sample's image tokens, [B, current]
         contexts = []
         for sample in range(self.batch):
