@@ -10,7 +10,7 @@ import torch
 import pruning_zoo
 from pruning_zoo.engine import prune
 from pruning_zoo.errors import PruningZooError
-from pruning_zoo.segmented import SegmentedPrefill
+from pruning_zoo.segmented import PrefillCache, SegmentedPrefill
 
 
 def uniform_llava_inputs(batch_size: int) -> dict:
@@ -134,6 +134,27 @@ def test_fused_layers_compute_the_same_and_are_restored(uniform_model, case):
     assert fused._fused == [layer for i, layer in enumerate(adapter.layers) if i not in watched] + adapter.vision_blocks
     assert adapter.vision_blocks and (case != "transprune" or watched)
     assert not [module for module in fused._fused if "forward" in module.__dict__]
+
+
+@pytest.mark.parametrize("fusion", [None, "aot_eager"])
+def test_the_prefill_writes_the_kv_cache_the_model_writes(uniform_model, fusion):
+    """Each layer's keys and values, once, contiguous: what the model's own forward caches (unpruned)."""
+    name, model = uniform_model
+    inputs = UNIFORM[name](2)
+    with torch.no_grad():
+        expected = model(**inputs, use_cache=True).past_key_values
+    torch._dynamo.reset()
+    segmented = SegmentedPrefill(model, pruning_zoo.get_strategy("none"), 16 if name != "llava_next" else 24, inputs,
+                                 fusion=fusion)
+    segmented.run()
+    cache = segmented.state["layer_kwargs"]["past_key_values"]
+    assert isinstance(cache, PrefillCache) and len(cache.layers) == len(expected.layers)
+    for ours, theirs in zip(cache.layers, expected.layers):
+        assert ours.keys.is_contiguous() and ours.values.is_contiguous()
+        torch.testing.assert_close(ours.keys, theirs.keys, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(ours.values, theirs.values, atol=1e-5, rtol=1e-4)
+    with pytest.raises(PruningZooError, match="writes each layer's KV cache once"):
+        cache.update(ours.keys, ours.values, 0)
 
 
 def test_the_first_run_validates_the_selection(uniform_model):
