@@ -12,7 +12,8 @@ with the model's own modules, the same strategy objects and the same observation
 (`pruning_zoo.engine`), whose logits it reproduces (tests/test_segmented.py). Shapes are fixed when the batch
 is uniform: every sample holds one image at the same positions and no padding, as the benchmark's prompts do.
 A segment that cannot be captured (it reads a GPU value on the host, or copies from host memory) runs
-eagerly between the graphs, and `eager_segments` says which and why.
+eagerly between the graphs, and `eager_segments` says which and why. As in serving, vision blocks whose
+output the model never reads (LLaVA's last CLIP block) are not run, and the KV cache is written once per layer.
 
 Graphs remove launch overhead, not the kernels: a Llama layer launches some 25 small element-wise kernels
 (RMSNorm, rotary, SiLU, residuals) around its matrix multiplications. With `fusion` (a torch.compile backend,
@@ -91,11 +92,11 @@ class PrefillCache(DynamicCache):
 
 
 @contextlib.contextmanager
-def compiled_forwards(forwards: dict[nn.Module, Callable]) -> Iterator[None]:
-    """Each module's forward shadowed by its torch.compile'd one (made once: wrapping takes about half a
-    millisecond a module) while the block runs: an instance attribute, deleted on exit, so the class is
-    untouched and the module's hooks still run eagerly around it. Modules of one class share compiled code
-    (torch.compile caches it by the forward's code), recompiled as dynamic after the first shape changes."""
+def shadowed_forwards(forwards: dict[nn.Module, Callable]) -> Iterator[None]:
+    """Each module's forward shadowed while the block runs, by its torch.compile'd one (made once: wrapping
+    takes about half a millisecond a module) or by `skip_block`: an instance attribute, deleted on exit, so the
+    class is untouched and the module's hooks still run eagerly around it. Modules of one class share compiled
+    code (torch.compile caches it by the forward's code), recompiled as dynamic after the first shape changes."""
     modules = list(forwards)
     previous = [module.__dict__.get("forward") for module in modules]
     for module, forward in forwards.items():
@@ -115,6 +116,11 @@ def compiled_forwards(forwards: dict[nn.Module, Callable]) -> Iterator[None]:
                 del module.forward
             else:
                 module.forward = forward
+
+
+def skip_block(hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The forward of a block whose output nothing reads: its input passes through, uncomputed."""
+    return hidden_states
 
 
 @contextlib.contextmanager
@@ -161,7 +167,9 @@ class SegmentedPrefill:
         num_layers = self.adapter.num_layers
         self.stages = strategy.plan(resolve_budget(budget, self.num_visual), self.num_visual, num_layers)
         check_plan(strategy.name, self.stages, self.num_visual, num_layers)
-        self.vision_flops = [self.adapter.vision_flops(i, self.num_visual) for i in range(self.batch)]
+        #: Vision blocks the model runs but never reads (LLaVA's last CLIP block): skipped, as serving engines do.
+        self.skipped_vision_blocks = self.adapter.unused_vision_blocks
+        self.vision_flops = [self.adapter.vision_flops(i, self.num_visual, skip_unused=True) for i in range(self.batch)]
         self.state: dict = {}
         #: Layers whose sub-blocks the strategy summarizes; their tensors, summaries, and the sequence they ran on.
         self._watched = set(strategy.sublayer_layers(num_layers)) if "sublayer_summary" in strategy.observes else set()
@@ -172,8 +180,9 @@ class SegmentedPrefill:
         self.fusion = fusion
         # Layers whose sub-blocks are watched keep their own forward: the hooks inside it stay eager.
         self._fused = [layer for index, layer in enumerate(self.adapter.layers) if index not in self._watched]
-        self._fused += self.adapter.vision_blocks
+        self._fused += [block for block in self.adapter.vision_blocks if block not in self.skipped_vision_blocks]
         self._compiled = {module: torch.compile(module.forward, backend=fusion) for module in self._fused} if fusion else {}
+        self._shadowed = {**self._compiled, **dict.fromkeys(self.skipped_vision_blocks, skip_block)}
         self.segments = self._build()
         if fusion:
             # The selections too: dozens of small kernels each (scores, top-k, gathers, index arithmetic), which
@@ -356,7 +365,7 @@ class SegmentedPrefill:
 
     # -- running -------------------------------------------------------------------------------------------
     def _forwards(self):
-        return compiled_forwards(self._compiled) if self._compiled else contextlib.nullcontext()
+        return shadowed_forwards(self._shadowed) if self._shadowed else contextlib.nullcontext()
 
     @torch.no_grad()
     def run(self, clock: Clock | None = None) -> None:

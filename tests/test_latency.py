@@ -64,6 +64,18 @@ def test_flops_follow_the_budget(measured):
         assert llm[("none", 16, 2)] == 2 * llm[("none", 16, 1)]
 
 
+def test_the_compiled_mode_counts_the_vision_blocks_it_skips(measured):
+    """Tiny LLaVA reads its penultimate CLIP block (of 2): compiled cells skip the last and count one block."""
+    _, results = measured
+    vision = {e["cell"]["mode"]: e["flops"]["vision"] for e in results["cells"]
+              if e["cell"]["strategy"] == "none" and e["cell"]["batch"] == 1}
+    config = tiny_models.llava_config().vision_config
+    patches = (config.image_size // config.patch_size) ** 2
+    n, d, m = patches + 1, config.hidden_size, config.intermediate_size
+    assert vision["eager"] - vision["compiled"] == 2 * (4 * n * d * d + 2 * n * n * d + 2 * n * d * m)  # FLOPs: 2 x MACs
+    assert {e.get("skipped_vision_blocks") for e in results["cells"]} == {1, None}
+
+
 def test_a_rerun_measures_nothing_again_and_a_larger_plan_only_the_new_cells(measured):
     out, results = measured
     before = json.loads((out / "tiny-llava.json").read_text())

@@ -82,7 +82,12 @@ def test_segmented_prefill_gives_the_engines_logits(uniform_model, case, batch_s
     (record,) = run.records
     assert segmented.visual_per_layer() == record.images[0].kept_per_layer
     assert segmented.llm_flops("2ndm") == sum(record.llm_flops("2ndm"))
-    assert segmented.vision_flops == record.vision_flops()
+    # The engine counts every block transformers runs; the segmented prefill skips those nobody reads.
+    adapter = segmented.adapter
+    skipped = [adapter.vision_flops(i, record.images[0].num_visual) - adapter.vision_flops(i, record.images[0].num_visual, skip_unused=True)
+               for i in range(batch_size)]
+    assert segmented.vision_flops == [total - less for total, less in zip(record.vision_flops(), skipped)]
+    assert all(less > 0 for less in skipped) == bool(adapter.unused_vision_blocks)
     if case == "random":  # draws afresh on every call, by design
         return
     # Running again (as the benchmark's repetitions do) gives the same result.
@@ -131,9 +136,10 @@ def test_fused_layers_compute_the_same_and_are_restored(uniform_model, case):
         assert any("softmax" in targets for targets in graphs)
     adapter = fused.adapter
     watched = set(fused.strategy.sublayer_layers(adapter.num_layers)) if case == "transprune" else set()
-    assert fused._fused == [layer for i, layer in enumerate(adapter.layers) if i not in watched] + adapter.vision_blocks
+    read_blocks = [block for block in adapter.vision_blocks if block not in adapter.unused_vision_blocks]
+    assert fused._fused == [layer for i, layer in enumerate(adapter.layers) if i not in watched] + read_blocks
     assert adapter.vision_blocks and (case != "transprune" or watched)
-    assert not [module for module in fused._fused if "forward" in module.__dict__]
+    assert not [module for module in fused._fused + adapter.unused_vision_blocks if "forward" in module.__dict__]
 
 
 @pytest.mark.parametrize("fusion", [None, "aot_eager"])
@@ -155,6 +161,27 @@ def test_the_prefill_writes_the_kv_cache_the_model_writes(uniform_model, fusion)
         torch.testing.assert_close(ours.values, theirs.values, atol=1e-5, rtol=1e-4)
     with pytest.raises(PruningZooError, match="writes each layer's KV cache once"):
         cache.update(ours.keys, ours.values, 0)
+
+
+def test_vision_blocks_nobody_reads_are_skipped(uniform_model, monkeypatch):
+    """LLaVA's projector reads the penultimate CLIP block: the segmented prefill never computes the last one,
+    and gives the engine's logits (VisionZip observes the tower through hooks, which still run around it). Its
+    forward is its own again afterwards."""
+    name, model = uniform_model
+    inputs = UNIFORM[name](2)
+    with torch.no_grad(), prune(model, pruning_zoo.get_strategy("visionzip"), 8):
+        expected = model(**inputs).logits[:, -1]
+    segmented = SegmentedPrefill(model, pruning_zoo.get_strategy("visionzip"), 8, inputs)
+    adapter = segmented.adapter
+    assert adapter.unused_vision_blocks == (adapter.vision_blocks[-1:] if name.startswith("llava") else [])
+    def computed(*args, **kwargs):
+        raise AssertionError("an unused vision block was computed")
+
+    for block in adapter.unused_vision_blocks:
+        monkeypatch.setattr(block.mlp, "forward", computed)
+    segmented.run()
+    torch.testing.assert_close(segmented.logits, expected, atol=1e-5, rtol=1e-4)
+    assert not [block for block in adapter.vision_blocks if "forward" in block.__dict__]
 
 
 def test_the_first_run_validates_the_selection(uniform_model):

@@ -88,6 +88,13 @@ class ModelAdapter:
         """The vision tower's repeated blocks (what the compiled mode fuses); none where not declared."""
         return []
 
+    @property
+    def unused_vision_blocks(self) -> list[nn.Module]:
+        """Vision blocks the model runs but whose output it never reads (LLaVA reads the penultimate CLIP block;
+        transformers runs the last one too). The segmented prefill skips them, as serving engines do. None by
+        default."""
+        return []
+
     @functools.cached_property
     def identity(self) -> ModelIdentity:
         return ModelIdentity(str(getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__), self.vision_module)
@@ -137,8 +144,9 @@ class ModelAdapter:
         segmented prefill's uniform batches), computed by the model's own `get_image_features`."""
         raise NotImplementedError(f"{type(self).__name__} does not run a segmented prefill")
 
-    def vision_flops(self, image_index: int, num_visual: int) -> int:
-        """FLOPs (multiply-accumulates) the vision tower and projector spent on this image in this forward."""
+    def vision_flops(self, image_index: int, num_visual: int, skip_unused: bool = False) -> int:
+        """FLOPs (multiply-accumulates) the vision tower and projector spent on this image in this forward;
+        with `skip_unused`, without the `unused_vision_blocks` (what the segmented prefill computes)."""
         raise NotImplementedError(f"{type(self).__name__} does not count vision FLOPs")
 
     # -- positions -----------------------------------------------------------------------------------

@@ -62,6 +62,11 @@ class ClipTowerWatch:
         handles.append(self.projector.register_forward_pre_hook(keep_projector_input))
         return handles
 
+    def unused_blocks(self) -> list[nn.Module]:
+        """The blocks after the last one whose output the projector reads (`feature_layer`)."""
+        layers = self.feature_layer if isinstance(self.feature_layer, (list, tuple)) else [self.feature_layer]
+        return list(self.blocks[max(self.block(layer) for layer in layers) + 1 :])
+
     def block(self, layer: int) -> int:
         """The block whose output is hidden_states[layer] (`layer` counts like `vision_feature_layer`)."""
         count = len(self.blocks)

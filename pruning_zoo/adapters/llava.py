@@ -23,6 +23,10 @@ class LlavaAdapter(ModelAdapter):
     def vision_blocks(self):
         return list(self._watch.blocks)
 
+    @property
+    def unused_vision_blocks(self):
+        return self._watch.unused_blocks()
+
     def image_grids(self, counts):
         # CLIP's patches without CLS, row-major: a square grid.
         return [(side, side) if (side := math.isqrt(n)) ** 2 == n else None for n in counts]
@@ -60,14 +64,15 @@ class LlavaAdapter(ModelAdapter):
             vision_feature_select_strategy=config.vision_feature_select_strategy,
         ))
 
-    def vision_flops(self, image_index: int, num_visual: int) -> int:
-        return clip_vision_tower_flops(self.model, crops=1, tokens=num_visual)
+    def vision_flops(self, image_index: int, num_visual: int, skip_unused: bool = False) -> int:
+        return clip_vision_tower_flops(self.model, crops=1, tokens=num_visual,
+                                       skipped=len(self.unused_vision_blocks) if skip_unused else 0)
 
 
-def clip_vision_tower_flops(model, crops: int, tokens: int) -> int:
-    """A CLIP tower over `crops` crops (every block up to the feature layer; LLaVA computes them all) plus the
-    projector over the `tokens` features it receives."""
+def clip_vision_tower_flops(model, crops: int, tokens: int, skipped: int = 0) -> int:
+    """A CLIP tower over `crops` crops (every block: transformers runs those after the feature layer too, unless
+    `skipped` of them are) plus the projector over the `tokens` features it receives."""
     vision, text = model.config.vision_config, model.config.get_text_config()
     tower = clip_vision_flops(crops, vision.image_size, vision.patch_size, vision.hidden_size,
-                              vision.intermediate_size, vision.num_hidden_layers)
+                              vision.intermediate_size, vision.num_hidden_layers - skipped)
     return tower + projector_flops(tokens, vision.hidden_size, text.hidden_size)

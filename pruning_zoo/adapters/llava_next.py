@@ -80,8 +80,9 @@ class LlavaNextAdapter(LlavaAdapter):
         return self._watch.observations(self.token_sources(image_index, num_visual), with_cls_features=False,
                                         shared={} if shared is None else shared)
 
-    def vision_flops(self, image_index: int, num_visual: int) -> int:
+    def vision_flops(self, image_index: int, num_visual: int, skip_unused: bool = False) -> int:
         crops = self._crops()[image_index]
         vision = self.model.config.vision_config
         per_crop = (vision.image_size // vision.patch_size) ** 2 + 1 - self._first_row
-        return clip_vision_tower_flops(self.model, crops=crops, tokens=crops * per_crop)
+        return clip_vision_tower_flops(self.model, crops=crops, tokens=crops * per_crop,
+                                       skipped=len(self.unused_vision_blocks) if skip_unused else 0)

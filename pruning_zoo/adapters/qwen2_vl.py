@@ -188,7 +188,7 @@ class Qwen2VLAdapter(ModelAdapter):
             "vision_project": vision_project,
         }
 
-    def vision_flops(self, image_index: int, num_visual: int) -> int:
+    def vision_flops(self, image_index: int, num_visual: int, skip_unused: bool = False) -> int:
         """Patch embedding, every block (projections, attention within the image's segments, MLP) and the
         merger, for this image's patches."""
         t, h, w = self._grids[image_index]
