@@ -608,12 +608,16 @@ def targets(results: dict) -> list[tuple[str, str, bool | None]]:
         checks.append(("selection <= 3% of TTFT, every strategy (compiled)",
                        f"largest {worst['selection_share']:.1%}: {worst['strategy']} at {worst['budget']}, batch {worst['batch']}",
                        bool(worst["selection_share"] <= 0.03)))
+    # "Prefill" as the issue uses the word: the LLM's prefill, which TTFT adds to the vision tower and selection.
+    # TTFT's ratio is shown beside it: the tower's time is not cut by pruning after it.
     base8 = unpruned(8)
     for name in sorted(set(compiled["strategy"]) - {"none"}):
         rows = compiled[(compiled["strategy"] == name) & (compiled["budget"] == 64) & (compiled["batch"] == 8)]
         if base8 is not None and not rows.empty:
-            ratio = base8["ttft_ms"] / rows.iloc[0]["ttft_ms"]
-            checks.append((f"{name} at 64 tokens, batch 8: prefill throughput >= 4x", f"{ratio:.2f}x", bool(ratio >= 4.0)))
+            prefill = base8["llm_ms"] / rows.iloc[0]["llm_ms"]
+            ttft = base8["ttft_ms"] / rows.iloc[0]["ttft_ms"]
+            checks.append((f"{name} at 64 tokens, batch 8: LLM prefill throughput >= 4x",
+                           f"{prefill:.2f}x (TTFT {ttft:.2f}x)", bool(prefill >= 4.0)))
     return checks
 
 

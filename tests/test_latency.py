@@ -98,6 +98,17 @@ def test_the_page_shows_every_strategy_and_the_targets(measured):
     assert "pruning-zoo bench latency (test)" in page or "more" in page
 
 
+def test_the_batch_8_target_reads_the_llm_prefill_and_shows_ttft_beside_it():
+    def cell(strategy, budget, ttft, llm):
+        return {"cell": {"batch": 8, "strategy": strategy, "budget": budget, "mode": "compiled"}, "ttft_ms": ttft,
+                "llm_ms": llm, "vision_ms": 10.0, "selection_ms": 0.1, "selection_share": 0.1 / ttft}
+
+    checks = latency.targets({"cells": [cell("none", 576, 120.0, 100.0), cell("pool", 64, 40.0, 24.0),
+                                        cell("fastv", 64, 50.0, 35.0)]})
+    rows = {target.split(" at ")[0]: (measured, met) for target, measured, met in checks if "batch 8" in target}
+    assert rows == {"pool": ("4.17x (TTFT 3.00x)", True), "fastv": ("2.86x (TTFT 2.40x)", False)}
+
+
 def test_the_compiled_cells_name_their_fusion_and_another_is_never_mixed_in(measured):
     out, results = measured
     assert {(e["cell"]["mode"], e["cell"]["fusion"]) for e in results["cells"]} == {("eager", None), ("compiled", "aot_eager")}
