@@ -14,7 +14,7 @@ archs=()
 while [[ $# -gt 0 && "$1" != "--" ]]; do archs+=("$1"); shift; done
 [[ "${1:-}" == "--" ]] && shift
 mkdir -p "$OUT/latency"
-cp leaderboard/latency/*.json "$OUT/latency/" 2>/dev/null || true   # continue committed results
+cp -n leaderboard/latency/*.json "$OUT/latency/" 2>/dev/null || true   # continue committed results (not over an earlier call's, in one command)
 for arch in "${archs[@]}"; do
   pruning-zoo bench latency --arch "$arch" --out "$OUT/latency" "$@" > >(tee -a "$OUT/latency/$arch.log") 2>&1 \
     || echo "bench $arch exited with $?"
