@@ -186,10 +186,11 @@ class SegmentedPrefill:
         self.segments = self._build()
         if fusion:
             # The selections too: dozens of small kernels each (scores, top-k, gathers, index arithmetic), which
-            # fused make a few. Not a selection on the host, which runs eagerly by design.
+            # fused make a few. Not a selection on the host, which runs eagerly by design. Each is compiled for
+            # its own shapes: as shape-general code inductor failed to lower pool's adaptive pooling.
             for segment in self.segments:
                 if segment.selection and not self._declared_eager(segment):
-                    segment.run = torch.compile(segment.run, backend=fusion)
+                    segment.run = torch.compile(segment.run, backend=fusion, dynamic=False)
 
     # -- set-up --------------------------------------------------------------------------------------------
     def _model_entry(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:

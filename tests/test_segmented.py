@@ -184,6 +184,19 @@ def test_vision_blocks_nobody_reads_are_skipped(uniform_model, monkeypatch):
     assert not [block for block in adapter.vision_blocks if "forward" in block.__dict__]
 
 
+def test_fused_selections_compile_at_every_budget_of_a_sweep(tiny_llava):
+    """Each selection is compiled for its own shapes: as one shape-general code, inductor failed to lower pool's
+    adaptive pooling (on the H100 and here) from the third budget of a sweep on."""
+    torch._dynamo.reset()
+    inputs = uniform_llava_inputs(1)
+    for budget in (9, 5, 3):
+        segmented = SegmentedPrefill(tiny_llava, pruning_zoo.get_strategy("pool"), budget, inputs, fusion="inductor")
+        segmented.run()
+        unfused = SegmentedPrefill(tiny_llava, pruning_zoo.get_strategy("pool"), budget, inputs)
+        unfused.run()
+        torch.testing.assert_close(segmented.logits, unfused.logits, atol=1e-5, rtol=1e-4)
+
+
 def test_the_first_run_validates_the_selection(uniform_model):
     name, model = uniform_model
     strategy = pruning_zoo.get_strategy("random")
