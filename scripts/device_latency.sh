@@ -3,6 +3,8 @@
 # torch and transformers), run `pruning-zoo bench latency` for each architecture given, and copy the results
 # (JSON with every cell, and the markdown page) to $OUT.
 # Usage on the device: PRUNING_ZOO_GIT_SHA=<commit> bash scripts/device_latency.sh ARCH [ARCH...] -- [bench options]
+# Give the commit as `git rev-parse HEAD` prints it where the tree was sent from: the device's git copy may
+# name an older one.
 # Committed results in leaderboard/latency/ are continued (finished cells skipped): remove an ARCH.json there
 # to measure it afresh.
 set -euo pipefail
