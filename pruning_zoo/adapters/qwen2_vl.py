@@ -190,7 +190,7 @@ class Qwen2VLAdapter(ModelAdapter):
 
     def vision_flops(self, image_index: int, num_visual: int, skip_unused: bool = False) -> int:
         """Patch embedding, every block (projections, attention within the image's segments, MLP) and the
-        merger, for this image's patches."""
+        merger, for this image's patches. The merger reads the last block: `skip_unused` leaves nothing out."""
         t, h, w = self._grids[image_index]
         patches = t * h * w
         first = sum(a * b * c for a, b, c in self._grids[:image_index])
