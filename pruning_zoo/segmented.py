@@ -181,8 +181,9 @@ class SegmentedPrefill:
         # Layers whose sub-blocks are watched keep their own forward: the hooks inside it stay eager.
         self._fused = [layer for index, layer in enumerate(self.adapter.layers) if index not in self._watched]
         self._fused += [block for block in self.adapter.vision_blocks if block not in self.skipped_vision_blocks]
-        self._compiled = {module: torch.compile(module.forward, backend=fusion) for module in self._fused} if fusion else {}
-        self._shadowed = {**self._compiled, **dict.fromkeys(self.skipped_vision_blocks, skip_block)}
+        #: The forwards that stand in for the modules' own while the prefill runs.
+        self._shadowed = {module: torch.compile(module.forward, backend=fusion) for module in self._fused} if fusion else {}
+        self._shadowed.update(dict.fromkeys(self.skipped_vision_blocks, skip_block))
         self.segments = self._build()
         if fusion:
             # The selections too: dozens of small kernels each (scores, top-k, gathers, index arithmetic), which
