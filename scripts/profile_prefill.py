@@ -1,9 +1,11 @@
 """Where the compiled prefill's time goes, on a GPU: a diagnostic for the latency targets, not the benchmark.
 
-    python scripts/profile_prefill.py --arch llava-1.5-7b --out DIR
+    python scripts/profile_prefill.py --arch llava-1.5-7b --out DIR [--cells transprune:64:1,...]
+                                      [--skip-matmuls] [--skip-variants]
 
-1. Kernels: the fused segmented prefill (as `pruning-zoo bench latency --modes compiled` runs it) of a few cells,
-   one replay under torch.profiler, its GPU kernels summed by kind (matmul, attention, fused element-wise, copies).
+1. Kernels: the fused segmented prefill (as `pruning-zoo bench latency --modes compiled` runs it) of a few cells
+   (strategy:budget:batch), replays under torch.profiler, its GPU kernels summed by kind (matmul, attention,
+   fused element-wise, copies); and each selection segment's graph replayed alone: its time and its kernels.
 2. Matmuls alone: every linear shape of the vision tower, projector and LLM at the cells' row counts, timed
    alone, and what one matrix for q/k/v (and for gate/up) would take instead.
 3. One vision block and one decoder layer, each in a CUDA graph: the model's own forward through inductor,
@@ -31,7 +33,18 @@ from pruning_zoo.latency import architecture, build_random
 from pruning_zoo.provenance import device_description, git_sha, versions
 from pruning_zoo.segmented import SegmentedPrefill
 
-CELLS = [("none", 576, 1), ("pool", 64, 1), ("none", 576, 8), ("pool", 64, 8)]
+CELLS = "none:576:1,pool:64:1,none:576:8,pool:64:8"
+
+
+def parse_cells(text: str) -> list[tuple[str, int, int]]:
+    cells = []
+    for item in text.split(","):
+        try:
+            name, budget, batch = item.split(":")
+            cells.append((name, int(budget), int(batch)))
+        except ValueError:
+            raise SystemExit(f"--cells takes strategy:budget:batch items separated by commas, e.g. transprune:64:1; got {item!r}")
+    return cells
 
 
 def timed_ms(run, inner: int = 20, outer: int = 7) -> float:
@@ -84,12 +97,23 @@ def kernel_profile(model, arch, name: str, budget: int, batch: int) -> dict:
     segmented = SegmentedPrefill(model, strategy, budget, inputs, fusion="inductor")
     segmented.capture()
     ttft = timed_ms(segmented.replay, inner=5)
+    entry = {"cell": {"strategy": name, "budget": budget, "batch": batch}, "ttft_ms_back_to_back": ttft,
+             **kernels_of(segmented.replay, top=25), "selection_segments": []}
+    # Each selection's graph replays alone: it reads the tensors the segments before it left, which stay put.
+    for segment in segmented.segments:
+        if segment.selection and segment.graph is not None:
+            entry["selection_segments"].append({"segment": segment.name, "ms_back_to_back": timed_ms(segment.graph.replay),
+                                                **kernels_of(segment.graph.replay, top=12)})
+    return entry
+
+
+def kernels_of(run, top: int, replays: int = 5) -> dict:
+    """The GPU kernels of `replays` runs under torch.profiler, per run: summed by kind, counted, the longest."""
     from torch.profiler import ProfilerActivity, profile
 
-    replays = 5
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(replays):
-            segmented.replay()
+            run()
         torch.cuda.synchronize()
     kernels: dict[str, dict] = {}
     for event in prof.events():
@@ -101,24 +125,52 @@ def kernel_profile(model, arch, name: str, budget: int, batch: int) -> dict:
     kinds: dict[str, float] = {}
     for kernel, entry in kernels.items():
         kinds[kind_of(kernel)] = kinds.get(kind_of(kernel), 0.0) + entry["us"] / 1000
-    top = sorted(kernels.items(), key=lambda item: -item[1]["us"])[:25]
+    longest = sorted(kernels.items(), key=lambda item: -item[1]["us"])[:top]
     return {
-        "cell": {"strategy": name, "budget": budget, "batch": batch},
-        "ttft_ms_back_to_back": ttft,
         "kernel_ms_by_kind": {k: round(v, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
         "kernel_ms_total": round(sum(kinds.values()), 4),
         "kernels_per_replay": round(sum(e["count"] for e in kernels.values())),
-        "top_kernels": [{"name": k[:160], "ms": round(e["us"] / 1000, 4), "count": round(e["count"], 1)} for k, e in top],
+        "top_kernels": [{"name": k[:160], "ms": round(e["us"] / 1000, 4), "count": round(e["count"], 1)} for k, e in longest],
     }
 
 
-def matmul_table(rows_list: list[int], shapes: dict[str, tuple[int, int]]) -> list[dict]:
+def matmuls(model) -> list[dict]:
+    """The LLM's linear shapes at the prompt's 640 rows and 64 tokens' 128 (batch 1 and 8), and, for LLaVA, the
+    CLIP tower's and projector's."""
+    text = model.config.get_text_config()
+    llm_shapes = {
+        "q/k/v/o": (text.hidden_size, text.hidden_size),
+        "one q/k/v matrix": (text.hidden_size, 3 * text.hidden_size),
+        "gate or up": (text.hidden_size, text.intermediate_size),
+        "one gate/up matrix": (text.hidden_size, 2 * text.intermediate_size),
+        "down": (text.intermediate_size, text.hidden_size),
+    }
+    table = matmul_table([640, 128, 5120, 1024], llm_shapes)
+    if type(model).__name__ == "LlavaForConditionalGeneration":
+        vision = model.config.vision_config
+        width = vision.hidden_size
+        vision_shapes = {
+            "vision q/k/v/o": (width, width),
+            "vision one q/k/v matrix": (width, 3 * width),
+            "vision fc1": (width, vision.intermediate_size),
+            "vision fc2": (vision.intermediate_size, width),
+            "projector 1": (width, text.hidden_size),
+            "projector 2": (text.hidden_size, text.hidden_size),
+        }
+        table += matmul_table([577, 577 * 8], vision_shapes)
+    return table
+
+
+def matmul_table(rows_list: list[int], shapes: dict[str, tuple[int, int]], per_graph: int = 20) -> list[dict]:
+    """Each shape's matmul, `per_graph` of them captured in one CUDA graph (timed one by one from Python, small
+    ones measured the host's launches, not the kernels)."""
     out = []
     for rows in rows_list:
         for label, (k, n) in shapes.items():
             a = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-            ms = timed_ms(lambda: F.linear(a, w), inner=50)
+            replay = graphed(lambda: [F.linear(a, w) for _ in range(per_graph)])
+            ms = timed_ms(replay, inner=5) / per_graph
             out.append({"rows": rows, "matmul": label, "k": k, "n": n, "ms": round(ms, 5),
                         "tflops": round(2 * rows * k * n / ms / 1e9, 1)})
     return out
@@ -205,8 +257,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="llava-1.5-7b")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--cells", default=CELLS, help="strategy:budget:batch items, comma-separated")
+    parser.add_argument("--skip-matmuls", action="store_true")
     parser.add_argument("--skip-variants", action="store_true")
     args = parser.parse_args()
+    cells = parse_cells(args.cells)
     torch._dynamo.config.cache_size_limit = 64
     arch = architecture(args.arch)
     model = build_random(arch, "cuda")
@@ -220,35 +275,20 @@ def main() -> int:
 
     with torch.no_grad():
         report["kernels"] = []
-        for name, budget, batch in CELLS:
+        for name, budget, batch in cells:
             started = time.perf_counter()
             entry = kernel_profile(model, arch, name, budget, batch)
             entry["seconds"] = round(time.perf_counter() - started, 1)
             report["kernels"].append(entry)
-            print(json.dumps({k: v for k, v in entry.items() if k != "top_kernels"}), flush=True)
+            print(json.dumps({k: v for k, v in entry.items() if k not in ("top_kernels", "selection_segments")}), flush=True)
+            for segment in entry["selection_segments"]:
+                print("   ", json.dumps({k: v for k, v in segment.items() if k != "top_kernels"}), flush=True)
             save()
-        text = model.config.get_text_config()
-        llm_shapes = {
-            "q/k/v/o": (text.hidden_size, text.hidden_size),
-            "one q/k/v matrix": (text.hidden_size, 3 * text.hidden_size),
-            "gate or up": (text.hidden_size, text.intermediate_size),
-            "one gate/up matrix": (text.hidden_size, 2 * text.intermediate_size),
-            "down": (text.intermediate_size, text.hidden_size),
-        }
-        vision_config = model.config.vision_config
-        width = vision_config.hidden_size
-        vision_shapes = {
-            "vision q/k/v/o": (width, width),
-            "vision one q/k/v matrix": (width, 3 * width),
-            "vision fc1": (width, vision_config.intermediate_size),
-            "vision fc2": (vision_config.intermediate_size, width),
-            "projector 1": (width, text.hidden_size),
-            "projector 2": (text.hidden_size, text.hidden_size),
-        }
-        report["matmuls"] = matmul_table([640, 128, 5120, 1024], llm_shapes) + matmul_table([577, 577 * 8], vision_shapes)
-        for row in report["matmuls"]:
-            print(json.dumps(row), flush=True)
-        save()
+        if not args.skip_matmuls:
+            report["matmuls"] = matmuls(model)
+            for row in report["matmuls"]:
+                print(json.dumps(row), flush=True)
+            save()
     if not args.skip_variants:
         report["blocks"] = []
         for batch in (1,):
