@@ -250,10 +250,11 @@ def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
     if model.get_output_embeddings().weight is embedding:  # tied: the head reads the table
         llm.add(embedding)
 
-    def size(params):
-        return sum(p.numel() * p.element_size() for p in params)
+    return {"vision": parameter_bytes(vision), "llm": parameter_bytes(llm)}
 
-    return {"vision": size(vision), "llm": size(llm)}
+
+def parameter_bytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
 
 
 def floor_ms(flops: int, bytes_read: int, peaks: dict) -> float:
@@ -292,7 +293,7 @@ def measure(model, inputs: dict, strategy: PruningStrategy, budget: int, mode: s
     if mode == "compiled":  # skips the vision blocks nobody reads, whose weights it then never reads either
         vision_flops = 2 * sum(segmented.vision_flops)
         skipped = {p for block in segmented.skipped_vision_blocks for p in block.parameters()}
-        weights = {**weights, "vision": weights["vision"] - sum(p.numel() * p.element_size() for p in skipped)}
+        weights = {**weights, "vision": weights["vision"] - parameter_bytes(skipped)}
     else:  # transformers runs every block
         vision_flops = 2 * sum(segmented.adapter.vision_flops(i, segmented.num_visual) for i in range(segmented.batch))
     llm_flops = 2 * segmented.llm_flops("3ndm")  # SwiGLU: three MLP matrices is what the GPU computes
