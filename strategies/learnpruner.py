@@ -25,6 +25,7 @@ from pruning_zoo.strategy import (
     Selection,
     Stage,
     InLLMParams,
+    ascending,
     one_size,
     stages_that_prune,
     params_dataclass,
@@ -220,7 +221,7 @@ class LearnPruner(PruningStrategy):
         diverse = math.floor(self.params.diversity_ratio * keep + 0.5)
         ranked = torch.topk(scores, keep - diverse, dim=-1, sorted=False).indices
         chosen = max_min_diverse(features, ranked, diverse)
-        return [Selection(keep=row) for row in torch.cat([ranked, chosen], dim=-1).sort(dim=-1).values]
+        return [Selection(keep=row) for row in ascending(torch.cat([ranked, chosen], dim=-1), scores.shape[-1])]
 
     def select(self, scores: torch.Tensor, keep: int, ctx: ScoreContext) -> Selection:
         if ctx.stage.in_llm:
@@ -228,7 +229,7 @@ class LearnPruner(PruningStrategy):
         diverse = math.floor(self.params.diversity_ratio * keep + 0.5)
         ranked = torch.topk(scores, keep - diverse, sorted=False).indices
         chosen = max_min_diverse(self.features(ctx).float(), ranked, diverse)
-        return Selection(keep=torch.cat([ranked, chosen]).sort().values)
+        return Selection(keep=ascending(torch.cat([ranked, chosen]), scores.shape[-1]))
 
 
 def max_min_diverse(features: torch.Tensor, selected: torch.Tensor, count: int) -> torch.Tensor:
