@@ -11,7 +11,7 @@ as medians over repetitions:
   the LLM, with peak and bandwidth measured on the same GPU (a large bf16 matmul, a large copy).
 
 Modes: `eager` is transformers as users run it, with the hook engine; `compiled` is the segmented prefill
-(`pruning_zoo.segmented`), each segment a CUDA graph captured for its token count, running the model's own layers,
+(`pruning_zoo.segmented`), its segments CUDA graphs captured for their token counts, running the model's own layers,
 by default through torch.compile's inductor (`fusion`), which fuses their element-wise kernels, and the
 strategy's selections the same way.
 """
@@ -329,6 +329,8 @@ def measure(model, inputs: dict, strategy: PruningStrategy, budget: int, mode: s
         result["agreement_with_eager"] = agreement
         result["fused"] = segmented.fused_parts
         result["skipped_vision_blocks"] = len(segmented.skipped_vision_blocks)
+        result["cuda_graphs"] = segmented.graphs
+        result["packed_projection_groups"] = len(segmented.packed)
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if peaks is not None:
@@ -639,6 +641,11 @@ def markdown(results: dict) -> str:
         fused = f", its {', '.join(most)} and {last} through torch.compile ({fusion})"
     else:
         fused = f", through torch.compile ({fusion}), each cell what its `fused` lists (they differ)"
+    packed = [c for c in results["cells"] if c.get("packed_projection_groups")]
+    if packed:
+        every = len(packed) == sum(c["cell"]["mode"] == "compiled" for c in results["cells"])
+        fused += (", q/k/v and gate/up projections multiplied as one matrix each" +
+                  ("" if every else " (in the cells listing `packed_projection_groups`)"))
     lines = [
         f"# Latency: {results['arch']} on {results['device']}",
         "",
@@ -652,8 +659,8 @@ def markdown(results: dict) -> str:
                      f"{peaks['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s ({peaks['how']})")
     lines += [
         f"- TTFT: vision tower + projector, selection, LLM prefill writing its KV cache, first token; {clock}, "
-        "medians over the repetitions after 3 warm-up runs. `compiled`: the segmented prefill (on a GPU one CUDA "
-        f"graph per segment) over the model's own modules{fused}; `eager`: transformers' forward under the hook engine.",
+        "medians over the repetitions after 3 warm-up runs. `compiled`: the segmented prefill (on a GPU CUDA "
+        f"graphs, timed by events inside them) over the model's own modules{fused}; `eager`: transformers' forward under the hook engine.",
         "- selection: every pruning step (scoring, selecting, gathering); decode: eager generate(), per token after "
         "the first; floor: max(FLOPs / peak, weight bytes / bandwidth) for the vision tower plus the same for the LLM.",
     ]

@@ -181,7 +181,7 @@ class PrunedVLM(lmms):
             self.latency_example = (keys[first], prompts[first], per_doc_images[first])
 
     def compiled_latency(self, example: LatencyExample | None = None, repeats: int = 20) -> dict:
-        """Time to first token in the compiled mode (`pruning_zoo.segmented`: on a GPU one CUDA graph per segment)
+        """Time to first token in the compiled mode (`pruning_zoo.segmented`: on a GPU, CUDA graphs)
         for a batch of `batch_size` copies of `example` (default: the first document this model answered): what a
         deployment would see, without Python's launch overhead. Medians over `repeats` after warm-up; an error
         is returned, not raised (the evaluation's results stand without it)."""

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pruning_zoo.packing import own_linear
+
 if TYPE_CHECKING:
     from pruning_zoo.adapters import ModelAdapter
 
@@ -41,7 +43,7 @@ def rotated_keys(layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor
     hidden: [B, L, d] the layer's input; cos, sin: [B or 1, L, head_dim] its rotary tables."""
     attention = layer.self_attn
     normed = layer.input_layernorm(hidden)
-    keys = attention.k_proj(normed).view(*hidden.shape[:2], -1, attention.head_dim).transpose(1, 2)
+    keys = own_linear(attention.k_proj, normed).view(*hidden.shape[:2], -1, attention.head_dim).transpose(1, 2)
     return normed, keys * cos[:, None] + rotate_half(keys) * sin[:, None]
 
 
@@ -63,7 +65,7 @@ def attention_probabilities(
     attention = layer.self_attn
     batch, count = rows.shape
     picked = normed.gather(1, rows[..., None].expand(-1, -1, normed.shape[-1]))
-    queries = attention.q_proj(picked).view(batch, count, -1, attention.head_dim).transpose(1, 2)
+    queries = own_linear(attention.q_proj, picked).view(batch, count, -1, attention.head_dim).transpose(1, 2)
     at_rows = rows[..., None].expand(-1, -1, cos.shape[-1])
     row_cos, row_sin = (table.expand(batch, -1, -1).gather(1, at_rows)[:, None] for table in (cos, sin))
     queries = queries * row_cos + rotate_half(queries) * row_sin

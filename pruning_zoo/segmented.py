@@ -1,5 +1,5 @@
-"""The prefill as a chain of fixed-shape segments between pruning stages, each captured in a CUDA graph on a
-GPU: the latency benchmark's compiled mode.
+"""The prefill as a chain of fixed-shape segments between pruning stages, captured in CUDA graphs on a GPU: the
+latency benchmark's compiled mode.
 
 Eager transformers launches a 7B VLM's kernels one by one from Python: at batch 1 its prefill takes about the
 same time at 640 tokens as at 64 (FACTS.md), which hides what pruning buys. A CUDA graph replays captured
@@ -15,11 +15,15 @@ A segment that cannot be captured (it reads a GPU value on the host, or copies f
 eagerly between the graphs, and `eager_segments` says which and why. As in serving, vision blocks whose
 output the model never reads (LLaVA's last CLIP block) are not run, and the KV cache is written once per layer.
 
+On a GPU the capturable segments between two eager ones are captured in one graph, so that nothing is launched
+between them, with CUDA events recorded inside it around each segment for the timings.
+
 Graphs remove launch overhead, not the kernels: a Llama layer launches some 25 small element-wise kernels
 (RMSNorm, rotary, SiLU, residuals) around its matrix multiplications. With `fusion` (a torch.compile backend,
 "inductor" on a GPU) the decoder layers and vision blocks run torch.compile'd forwards, which fuse them, and
 so do the selection segments (scores, top-k, gathers: dozens of small kernels each); the graphs capture the
-fused kernels.
+fused kernels. The linear layers reading one input (q/k/v, gate/up) are then multiplied as one matrix each, as
+serving engines do (`pruning_zoo.packing`).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from pruning_zoo.engine import check_plan, check_selections, positions_after
 from pruning_zoo.errors import PruningZooError
 from pruning_zoo.flops import Convention, DecoderShape, llm_flops
 from pruning_zoo.observe import AttentionProbe, sublayer_hooks
+from pruning_zoo.packing import PackedProjections
 from pruning_zoo.sequence import Survivors
 from pruning_zoo.strategy import PruningStrategy, ScoreContext, Selection, Stage, SublayerIO
 from pruning_zoo.timing import Clock
@@ -59,12 +64,42 @@ class Segment:
     #: a graph would read what the capture saw. Gathers read `state`'s tensors alone, which replays refill.
     reads_previous: bool = False
     gather: bool = False
-    graph: torch.cuda.CUDAGraph | None = None
     #: Why it runs eagerly on a GPU (None: captured, or not yet tried).
     eager_reason: str | None = None
     #: The state it wrote when captured (tensors, and tuples or dicts of them): later graphs read these tensors,
     #: so an eager run copies into them, and a replay points the state back at them.
     outputs: dict[str, object] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class CapturedRun:
+    """Consecutive segments captured in one CUDA graph, and the events recorded inside it around each segment
+    (external events, which time parts of a graph)."""
+
+    segments: list[Segment]
+    graph: torch.cuda.CUDAGraph
+    marks: list[tuple[torch.cuda.Event, torch.cuda.Event]] = dataclasses.field(default_factory=list)
+
+
+class CaptureFailed(Exception):
+    def __init__(self, segment: Segment, reason: str):
+        super().__init__(reason)
+        self.segment, self.reason = segment, reason
+
+
+def eager_reasons(segments: list[Segment], own: dict[str, str | None]) -> dict[str, str | None]:
+    """Why each segment runs eagerly (None: captured), given each one's own reason: a segment reading what an
+    earlier one kept outside the state's tensors (`Segment.reads_previous`) runs eagerly too after an eager
+    segment or an eager selection, since a graph would read what the capture saw."""
+    reasons, previous_eager, eager_selection = {}, False, False
+    for segment in segments:
+        reason = own[segment.name]
+        if reason is None and segment.reads_previous and (previous_eager or eager_selection):
+            reason = "reads what an eager segment before it kept outside the state's tensors"
+        reasons[segment.name] = reason
+        previous_eager = reason is not None
+        eager_selection |= previous_eager and segment.selection and not segment.gather
+    return reasons
 
 
 class PrefillCache(DynamicCache):
@@ -184,7 +219,13 @@ class SegmentedPrefill:
         #: The forwards that stand in for the modules' own while the prefill runs.
         self._shadowed = {module: torch.compile(module.forward, backend=fusion) for module in self._fused} if fusion else {}
         self._shadowed.update(dict.fromkeys(self.skipped_vision_blocks, skip_block))
+        #: Linear layers reading one input, multiplied as one matrix (q/k/v, gate/up), as serving engines do.
+        self.packed = [PackedProjections(group) for group in self.adapter.packable_projections()] if fusion else []
+        for pack in self.packed:
+            self._shadowed.update(pack.forwards())
         self.segments = self._build()
+        #: What a replay runs, in order: captured runs of segments and eager segments (set by `capture()`).
+        self.steps: list[CapturedRun | Segment] = []
         if fusion:
             # The selections too: dozens of small kernels each (scores, top-k, gathers, index arithmetic), which
             # fused make a few. Not a selection on the host, which runs eagerly by design. Each is compiled for
@@ -393,48 +434,91 @@ class SegmentedPrefill:
         self.expected_embeds = None
 
     @torch.no_grad()
-    def capture(self) -> None:
-        """Capture each segment in its own CUDA graph, in order, sharing one memory pool (graphs replayed in
-        capture order may share it). A segment that cannot be captured runs eagerly between the graphs (replays
-        copy its tensors into the captured ones), and so does a selection reading what it kept elsewhere
+    def capture(self, joined: bool = True) -> None:
+        """Capture the segments in CUDA graphs, sharing one memory pool: each run of consecutive capturable
+        segments in one graph (`joined`; else one graph per segment), timed per segment by events recorded inside
+        it, so that no launch separates them. A segment that cannot be captured runs eagerly between the graphs
+        (replays copy its tensors into the captured ones), and so does a selection reading what it kept elsewhere
         (`Segment.reads_previous`)."""
         if self.input_ids.device.type != "cuda":
             raise PruningZooError("CUDA graphs need the model on a CUDA device; on CPU use run()")
         with self._forwards():
-            self._capture()
+            self._capture(joined)
 
-    def _capture(self) -> None:
+    def _capture(self, joined: bool) -> None:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up (lazy initialisation, cuBLAS workspaces, compilation) off the capture
                 self._run(None)
         torch.cuda.current_stream().wait_stream(side)
-        pool = torch.cuda.graph_pool_handle()
-        previous_eager = eager_selection = False
+        own_reasons = self._own_eager_reasons()
+        while True:
+            try:
+                self._capture_runs(eager_reasons(self.segments, own_reasons), joined)
+                return
+            except CaptureFailed as failure:  # which segment failed is known once each is captured alone
+                torch.cuda.synchronize()
+                if joined:
+                    joined = False
+                else:
+                    own_reasons[failure.segment.name] = failure.reason
+
+    def _own_eager_reasons(self) -> dict[str, str | None]:
+        """Each segment's own reason to run eagerly (declared, or waiting for the GPU on the host), found by one
+        eager run of the segments in order."""
+        reasons = {}
         for segment in self.segments:
-            before = dict(self.state)  # every try starts from the previous segment's outputs
-            reason = self._declared_eager(segment) or self._sync_reason(segment)
-            if reason is None and segment.reads_previous and (previous_eager or eager_selection):
-                reason = "reads what an eager segment before it kept outside the state's tensors"
-            if reason is None:
-                self.state = dict(before)
-                graph = torch.cuda.CUDAGraph()
-                try:
-                    with torch.cuda.graph(graph, pool=pool):
-                        segment.run()
-                    segment.graph = graph
-                except RuntimeError as error:
-                    reason = f"capture failed: {str(error).splitlines()[0]}"
-                    torch.cuda.synchronize()
-            previous_eager = reason is not None
-            eager_selection |= previous_eager and segment.selection and not segment.gather
-            if reason is not None:
-                segment.eager_reason = reason
+            before = dict(self.state)
+            reasons[segment.name] = reason = self._declared_eager(segment) or self._sync_reason(segment)
+            if reason is not None:  # it may have stopped halfway: run it whole
                 self.state = dict(before)
                 segment.run()
+        return reasons
+
+    def _capture_runs(self, reasons: dict[str, str | None], joined: bool) -> None:
+        self.state, self.steps, pool = {}, [], torch.cuda.graph_pool_handle()
+        pending: list[Segment] = []
+        for segment in self.segments:
+            segment.eager_reason = reasons[segment.name]
+            if segment.eager_reason is None:
+                pending.append(segment)
+                if not joined:
+                    self._capture_run(pending, pool)
+                continue
+            self._capture_run(pending, pool)
+            before = dict(self.state)
+            segment.run()
             segment.outputs = {key: value for key, value in self.state.items() if value is not before.get(key)}
+            self.steps.append(segment)
+        self._capture_run(pending, pool)
         torch.cuda.synchronize()
+
+    def _capture_run(self, segments: list[Segment], pool) -> None:
+        """Capture `segments` (then emptied) in one graph, with a pair of events around each."""
+        if not segments:
+            return
+        run = CapturedRun(segments=list(segments), graph=torch.cuda.CUDAGraph())
+        segments.clear()
+        try:
+            with torch.cuda.graph(run.graph, pool=pool):
+                for segment in run.segments:
+                    before = dict(self.state)
+                    start = torch.cuda.Event(enable_timing=True, external=True)
+                    end = torch.cuda.Event(enable_timing=True, external=True)
+                    start.record()
+                    segment.run()
+                    end.record()
+                    run.marks.append((start, end))
+                    segment.outputs = {key: value for key, value in self.state.items() if value is not before.get(key)}
+        except RuntimeError as error:
+            raise CaptureFailed(run.segments[0], f"capture failed: {str(error).splitlines()[0]}") from error
+        self.steps.append(run)
+
+    @property
+    def graphs(self) -> int:
+        """CUDA graphs one replay launches (0 before `capture()`)."""
+        return sum(isinstance(step, CapturedRun) for step in self.steps)
 
     @property
     def fused_parts(self) -> list[str]:
@@ -468,17 +552,20 @@ class SegmentedPrefill:
             self._replay(clock)
 
     def _replay(self, clock: Clock | None) -> None:
-        for segment in self.segments:
-            with self._span(clock, segment):
-                if segment.graph is not None:
-                    segment.graph.replay()
+        for step in self.steps:
+            if isinstance(step, CapturedRun):
+                step.graph.replay()
+                for segment, (start, end) in zip(step.segments, step.marks):
                     self.state.update(segment.outputs)  # eager segments after it read these
-                    continue
-                segment.run()
-                for key, static in segment.outputs.items():
-                    if isinstance(static, torch.Tensor):  # tuples and dicts stay the fresh ones: only eager reads them
-                        static.copy_(self.state[key])
-                        self.state[key] = static
+                    if clock is not None:
+                        clock.add(span_name(segment), start, end)
+                continue
+            with self._span(clock, step):
+                step.run()
+            for key, static in step.outputs.items():
+                if isinstance(static, torch.Tensor):  # tuples and dicts stay the fresh ones: only eager reads them
+                    static.copy_(self.state[key])
+                    self.state[key] = static
 
     @staticmethod
     def _span(clock: Clock | None, segment: Segment):

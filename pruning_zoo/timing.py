@@ -45,6 +45,10 @@ class Clock:
         finally:
             self.spans[name].append((start, self.mark()))
 
+    def add(self, name: str, start: object, end: object) -> None:
+        """A span between marks made elsewhere (events recorded inside a CUDA graph, read before its next replay)."""
+        self.spans[name].append((start, end))
+
     def total_ms(self, name: str) -> float:
         """The summed duration of every span called `name` (0 when there was none)."""
         return sum(self.elapsed_ms(start, end) for start, end in self.spans.get(name, []))

@@ -5,7 +5,7 @@
 
 1. Kernels: the fused segmented prefill (as `pruning-zoo bench latency --modes compiled` runs it) of a few cells
    (strategy:budget:batch), replays under torch.profiler, its GPU kernels summed by kind (matmul, attention,
-   fused element-wise, copies); and each selection segment's graph replayed alone: its time and its kernels.
+   fused element-wise, copies); and each selection segment captured alone, replayed alone: its time and kernels.
 2. Matmuls alone: every linear shape of the vision tower, projector and LLM at the cells' row counts, timed
    alone, and what one matrix for q/k/v (and for gate/up) would take instead.
 3. One vision block and one decoder layer, each in a CUDA graph: the model's own forward through inductor,
@@ -31,7 +31,7 @@ import pruning_zoo
 from pruning_zoo.adapters import adapter_for
 from pruning_zoo.latency import architecture, build_random
 from pruning_zoo.provenance import device_description, git_sha, versions
-from pruning_zoo.segmented import SegmentedPrefill
+from pruning_zoo.segmented import CapturedRun, SegmentedPrefill
 
 CELLS = "none:576:1,pool:64:1,none:576:8,pool:64:8"
 
@@ -99,11 +99,15 @@ def kernel_profile(model, arch, name: str, budget: int, batch: int) -> dict:
     ttft = timed_ms(segmented.replay, inner=5)
     entry = {"cell": {"strategy": name, "budget": budget, "batch": batch}, "ttft_ms_back_to_back": ttft,
              **kernels_of(segmented.replay, top=25), "selection_segments": []}
-    # Each selection's graph replays alone: it reads the tensors the segments before it left, which stay put.
-    for segment in segmented.segments:
-        if segment.selection and segment.graph is not None:
-            entry["selection_segments"].append({"segment": segment.name, "ms_back_to_back": timed_ms(segment.graph.replay),
-                                                **kernels_of(segment.graph.replay, top=12)})
+    entry["graphs"] = segmented.graphs
+    # Each selection's graph replays alone (captured anew, a graph per segment): it reads the tensors the segments
+    # before it left, which stay put.
+    if any(segment.selection for segment in segmented.segments):
+        segmented.capture(joined=False)
+    for step in segmented.steps:
+        if isinstance(step, CapturedRun) and step.segments[0].selection:
+            entry["selection_segments"].append({"segment": step.segments[0].name, "ms_back_to_back": timed_ms(step.graph.replay),
+                                                **kernels_of(step.graph.replay, top=12)})
     return entry
 
 

@@ -112,7 +112,9 @@ def test_the_batch_8_target_reads_the_llm_prefill_and_shows_ttft_beside_it():
 def test_the_compiled_cells_name_their_fusion_and_another_is_never_mixed_in(measured):
     out, results = measured
     assert {(e["cell"]["mode"], e["cell"]["fusion"]) for e in results["cells"]} == {("eager", None), ("compiled", "aot_eager")}
-    assert "decoder layers, vision blocks and selections through torch.compile (aot_eager)" in (out / "tiny-llava.md").read_text()
+    assert ("decoder layers, vision blocks and selections through torch.compile (aot_eager), q/k/v and gate/up projections "
+            "multiplied as one matrix each" in (out / "tiny-llava.md").read_text())
+    assert {e["packed_projection_groups"] for e in results["cells"] if e["cell"]["mode"] == "compiled"} == {2 * 4 + 2}
     assert {tuple(e["fused"]) for e in results["cells"] if e["cell"]["mode"] == "compiled"} == {
         ("decoder layers", "vision blocks", "selections")}
     before = (out / "tiny-llava.json").read_text()

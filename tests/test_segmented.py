@@ -140,6 +140,9 @@ def test_fused_layers_compute_the_same_and_are_restored(uniform_model, case):
     assert fused._fused == [layer for i, layer in enumerate(adapter.layers) if i not in watched] + read_blocks
     assert adapter.vision_blocks and (case != "transprune" or watched)
     assert not [module for module in fused._fused + adapter.unused_vision_blocks if "forward" in module.__dict__]
+    # q/k/v and gate/up were multiplied as one matrix each, and the projections' forwards are their own again
+    assert fused.packed and not plain.packed
+    assert not [linear for pack in fused.packed for linear in pack.linears if "forward" in linear.__dict__]
 
 
 @pytest.mark.parametrize("fusion", [None, "aot_eager"])
@@ -278,3 +281,28 @@ def test_qwen_towers_wait_for_no_gpu_value_on_the_host(family, tmp_path):
             for handle in handles:
                 handle.remove()
     assert features.device.type == "meta" and features.shape[:2] == (2, 16)
+
+
+def test_an_eager_segment_makes_the_readers_after_it_eager():
+    """A selection reading what the segments before it kept outside the state (hooks' observations) cannot be
+    captured after an eager segment or an eager selection: its graph would read what the capture saw."""
+    from pruning_zoo.segmented import Segment, eager_reasons
+
+    def segment(name, **flags):
+        return Segment(name, lambda: None, **flags)
+
+    segments = [segment("vision"), segment("selection before the LLM", selection=True, reads_previous=True),
+                segment("gather before the LLM", selection=True, gather=True), segment("layers 0-2"),
+                segment("selection after layer 2", selection=True, reads_previous=True),
+                segment("gather after layer 2", selection=True, gather=True), segment("layers 3-3 and first token")]
+    own = dict.fromkeys((s.name for s in segments), None)
+    assert eager_reasons(segments, own) == own  # all captured
+    host = {**own, "selection before the LLM": "selects on the host"}
+    reasons = eager_reasons(segments, host)
+    assert reasons["selection before the LLM"] == "selects on the host"
+    assert reasons["selection after layer 2"].startswith("reads what an eager segment")  # an eager selection before it
+    assert [name for name, reason in reasons.items() if reason] == ["selection before the LLM", "selection after layer 2"]
+    vision = eager_reasons(segments, {**own, "vision": "waits for the GPU on the host"})
+    assert vision["selection before the LLM"].startswith("reads what")  # right after the eager vision segment
+    assert vision["selection after layer 2"].startswith("reads what")  # and after that eager selection
+    assert vision["gather after layer 2"] is None and vision["layers 0-2"] is None  # these read the state alone

@@ -11,6 +11,7 @@ import inspect
 import torch
 from torch import nn
 
+from pruning_zoo.packing import shared_input_linears
 from pruning_zoo.sequence import Survivors
 from pruning_zoo.strategy import ModelIdentity
 
@@ -94,6 +95,13 @@ class ModelAdapter:
         transformers runs the last one too). The segmented prefill skips them, as serving engines do. None by
         default."""
         return []
+
+    def packable_projections(self) -> list[list[nn.Linear]]:
+        """Groups of linear layers that read one input (q/k/v, gate/up) in the decoder layers and the vision
+        blocks the segmented prefill runs: its compiled mode multiplies each group as one matrix, as serving
+        engines do (`pruning_zoo.packing`)."""
+        blocks = [*self.layers, *(block for block in self.vision_blocks if block not in self.unused_vision_blocks)]
+        return [group for block in blocks for group in shared_input_linears(block)]
 
     @functools.cached_property
     def identity(self) -> ModelIdentity:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pruning_zoo.errors import PruningZooError
+from pruning_zoo.packing import own_linear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,14 +84,14 @@ class ClipTowerWatch:
         if ("keys", layer) not in shared:
             block = self.blocks[self.block(layer)]
             normed = block.layer_norm1(self.hidden_states[self.block(layer)])
-            shared["keys", layer] = block, normed, split_heads(block, block.self_attn.k_proj(normed))
+            shared["keys", layer] = block, normed, split_heads(block, own_linear(block.self_attn.k_proj, normed))
         return shared["keys", layer]
 
     def _cls_attention(self, layer: int, shared: dict) -> torch.Tensor:
         """The CLS row's attention at that block, every crop's, [crops, heads, 1 + patches]."""
         if ("cls", layer) not in shared:
             block, normed, keys = self._keys(layer, shared)
-            query = split_heads(block, block.self_attn.q_proj(normed[:, :1]))  # [crops, 1, heads, head_dim]
+            query = split_heads(block, own_linear(block.self_attn.q_proj, normed[:, :1]))  # [crops, 1, heads, head_dim]
             scores = torch.einsum("cqhd,ckhd->chqk", query.float(), keys.float()) * block.self_attn.scale
             shared["cls", layer] = scores.softmax(dim=-1)[:, :, 0]
         return shared["cls", layer]
