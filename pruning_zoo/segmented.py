@@ -546,10 +546,8 @@ class SegmentedPrefill:
 
     @torch.no_grad()
     def replay(self, clock: Clock | None = None) -> None:
-        """Replay the captured graphs (eager segments run in between and write into the captured tensors). The
-        compiled forwards are installed only for eager segments: replays are timed, and graphs need no Python."""
-        with self._forwards() if self.eager_segments else contextlib.nullcontext():
-            self._replay(clock)
+        """Replay the captured graphs (eager segments run in between and write into the captured tensors)."""
+        self._replay(clock)
 
     def _replay(self, clock: Clock | None) -> None:
         for step in self.steps:
@@ -560,7 +558,9 @@ class SegmentedPrefill:
                     if clock is not None:
                         clock.add(span_name(segment), start, end)
                 continue
-            with self._span(clock, step):
+            # The compiled forwards are installed around each eager segment alone (some hundred attributes to
+            # set): the host does it while the GPU runs the graphs before.
+            with self._forwards(), self._span(clock, step):
                 step.run()
             for key, static in step.outputs.items():
                 if isinstance(static, torch.Tensor):  # tuples and dicts stay the fresh ones: only eager reads them

@@ -30,6 +30,7 @@ from pruning_zoo.strategy import (
     stages_that_prune,
     params_dataclass,
     top_k_in_order,
+    true_indices,
 )
 
 WEIGHTS, CONFIG = "learnpruner.safetensors", "learnpruner.json"
@@ -220,16 +221,14 @@ class LearnPruner(PruningStrategy):
             scores = module.keep_probability(features)
         diverse = math.floor(self.params.diversity_ratio * keep + 0.5)
         ranked = torch.topk(scores, keep - diverse, dim=-1, sorted=False).indices
-        chosen = max_min_diverse(features, ranked, diverse)
-        return [Selection(keep=row) for row in ascending(torch.cat([ranked, chosen], dim=-1), scores.shape[-1])]
+        return [Selection(keep=row) for row in kept_with_diverse(features, ranked, diverse)]
 
     def select(self, scores: torch.Tensor, keep: int, ctx: ScoreContext) -> Selection:
         if ctx.stage.in_llm:
             return Selection(keep=top_k_in_order(scores, keep))
         diverse = math.floor(self.params.diversity_ratio * keep + 0.5)
         ranked = torch.topk(scores, keep - diverse, sorted=False).indices
-        chosen = max_min_diverse(self.features(ctx).float(), ranked, diverse)
-        return Selection(keep=ascending(torch.cat([ranked, chosen]), scores.shape[-1]))
+        return Selection(keep=kept_with_diverse(self.features(ctx).float()[None], ranked[None], diverse)[0])
 
 
 def max_min_diverse(features: torch.Tensor, selected: torch.Tensor, count: int) -> torch.Tensor:
@@ -240,6 +239,24 @@ def max_min_diverse(features: torch.Tensor, selected: torch.Tensor, count: int) 
     CUDA graph."""
     if features.dim() == 2:
         return max_min_diverse(features[None], selected[None], count)[0]
+    picked, _ = _max_min_greedy(features, selected, count)
+    if not picked:
+        return torch.zeros(features.shape[0], 0, dtype=torch.long, device=features.device)
+    return torch.stack(picked, dim=1)
+
+
+def kept_with_diverse(features: torch.Tensor, selected: torch.Tensor, count: int) -> torch.Tensor:
+    """`selected` and `max_min_diverse`'s picks together, ascending: [B, k + count] for [B, n, f] and [B, k]. Read
+    from the greedy's running minimum, which is -inf at every row taken, instead of stacking the picks (on a GPU
+    a kernel each) and sorting."""
+    if not count:
+        return ascending(selected, features.shape[1])
+    _, nearest = _max_min_greedy(features, selected, count)
+    return true_indices(torch.isneginf(nearest), selected.shape[1] + count)
+
+
+def _max_min_greedy(features: torch.Tensor, selected: torch.Tensor, count: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """The picks ([B] each) and every row's smallest distance to the rows taken, -inf at those ([B, n])."""
     normed = F.normalize(features, dim=-1)
     batch, n, _ = normed.shape
     picked = []
@@ -247,7 +264,7 @@ def max_min_diverse(features: torch.Tensor, selected: torch.Tensor, count: int) 
         selected = torch.zeros(batch, 1, dtype=torch.long, device=features.device)
         picked, count = [selected[:, 0]], count - 1
     if not picked and not count:
-        return torch.zeros(batch, 0, dtype=torch.long, device=features.device)
+        return [], None
     # Every cosine distance at once ([B, n, n]; a few MB at LLaVA's 576 tokens), so that each pick is three
     # small kernels: the pick, its column and the running minimum. A row's distance to itself is -inf: taking
     # a row puts -inf in its own running minimum, where it stays, so it never wins a pick again.
@@ -262,7 +279,7 @@ def max_min_diverse(features: torch.Tensor, selected: torch.Tensor, count: int) 
         best = nearest.argmax(dim=1, keepdim=True)  # [B, 1]; the first of equal distances wins
         picked.append(best[:, 0])
         nearest = torch.minimum(nearest, columns(best)[..., 0])
-    return torch.stack(picked, dim=1)
+    return picked, nearest
 
 
 @hookimpl

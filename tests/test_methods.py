@@ -13,7 +13,7 @@ import pruning_zoo
 import tiny_models
 from pruning_zoo.adapters import adapter_for
 from pruning_zoo.engine import prune
-from pruning_zoo.strategies.learnpruner import LearnablePruningModule, max_min_diverse
+from pruning_zoo.strategies.learnpruner import LearnablePruningModule, kept_with_diverse, max_min_diverse
 from pruning_zoo.strategies.transprune import token_transition_variation
 from pruning_zoo.strategies.visionzip import merge_contextual
 from pruning_zoo.strategy import ScoreContext, Stage, SublayerIO
@@ -272,6 +272,15 @@ def test_learnpruner_diversity_of_a_batch_is_each_images_own():
         assert batched[image].tolist() == max_min_diverse(features[image], ranked[image], 6).tolist()
     assert max_min_diverse(features, ranked[:, :0], 2).shape == (3, 2)  # nothing ranked: starts from row 0
     assert max_min_diverse(features, ranked[:, :0], 2)[:, 0].tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("ranked_count, count", [(5, 6), (5, 0), (0, 3), (0, 1), (39, 1)])
+def test_learnpruner_keeps_the_ranked_and_diverse_rows_in_order(ranked_count, count):
+    """Read from the greedy's running minimum, the kept rows are the ranked ones and the picks, ascending."""
+    features = torch.randn(3, 40, 8, generator=torch.Generator().manual_seed(1))
+    ranked = torch.stack([torch.randperm(40, generator=torch.Generator().manual_seed(i))[:ranked_count] for i in range(3)])
+    expected = torch.cat([ranked, max_min_diverse(features, ranked, count)], dim=1).sort(dim=1).values
+    assert torch.equal(kept_with_diverse(features, ranked, count), expected)
 
 
 def test_learnpruner_selects_a_batch_as_it_selects_each_image():
