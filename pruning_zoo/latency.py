@@ -19,6 +19,7 @@ strategy's selections the same way.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import inspect
 import json
 import statistics
@@ -288,6 +289,9 @@ def measure(model, inputs: dict, strategy: PruningStrategy, budget: int, mode: s
             decode_tokens: int, peaks: dict | None, weights: dict[str, int], fusion: str | None = None) -> dict:
     """One cell's measurements (see the module docstring); `inputs` already on the model's device."""
     device = inputs["input_ids"].device
+    # Earlier cells' prefills (their graphs' memory pools) sit in reference cycles: collected now, so that neither
+    # this cell's peak memory nor its room on the device counts them.
+    gc.collect()
     # Also counts the FLOPs both modes compute.
     segmented = SegmentedPrefill(model, strategy, budget, inputs, fusion=fusion if mode == "compiled" else None)
     if mode == "compiled":  # skips the vision blocks nobody reads, whose weights it then never reads either

@@ -5,7 +5,8 @@ A pruned prompt leaves few rows: at 128, LLaVA-1.5-7B's three 4096 x 4096 projec
 multiplications that each underfill an H100 (15 us each, 2.2 TB/s of weights read; one 12288-wide one takes
 40 us, scripts/profile_prefill.py), and each is a kernel launch. Packing gives one.
 
-The group's weights are copied once into one matrix and each layer's parameters become views of their rows:
+The group's weights are copied once into one matrix and each layer's parameters become views of their rows
+(a later packing of the same layers finds them so and copies nothing):
 their values, their Parameter objects and the memory they take are unchanged, so the modules' own forwards and
 everything else reading them (the attention probe, the eager engine) see the same model. Only the forwards
 shadowed by `forwards()` multiply by the packed matrix: the first member called computes every member's
@@ -46,6 +47,9 @@ class PackedProjections:
         self._pending: dict[int, torch.Tensor] = {}
 
     def _pack(self, parameters: list[nn.Parameter]) -> torch.Tensor:
+        if consecutive(parameters):  # packed already (by an earlier prefill): one view over them, no copy
+            first = parameters[0].detach()
+            return first.as_strided((sum(self.sizes), *first.shape[1:]), first.stride(), first.storage_offset())
         with torch.no_grad():
             packed = torch.cat([parameter.detach() for parameter in parameters])
             for parameter, rows in zip(parameters, packed.split(self.sizes)):
@@ -67,6 +71,13 @@ class PackedProjections:
             return output
 
         return forward
+
+
+def consecutive(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether contiguous tensors follow one another in one storage (a packed matrix's rows)."""
+    return all(t.is_contiguous() for t in tensors) and all(
+        a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and b.storage_offset() == a.storage_offset() + a.numel()
+        for a, b in zip(tensors, tensors[1:]))
 
 
 def own_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -558,9 +558,10 @@ class SegmentedPrefill:
                     if clock is not None:
                         clock.add(span_name(segment), start, end)
                 continue
-            # The compiled forwards are installed around each eager segment alone (some hundred attributes to
-            # set): the host does it while the GPU runs the graphs before.
-            with self._forwards(), self._span(clock, step):
+            # An eager vision or layers segment runs the compiled forwards, installed around it alone (some
+            # hundreds of attributes to set, host time the GPU may wait for); an eager selection (a host draw) runs
+            # the strategy's own code and needs none of them.
+            with self._forwards() if not step.selection else contextlib.nullcontext(), self._span(clock, step):
                 step.run()
             for key, static in step.outputs.items():
                 if isinstance(static, torch.Tensor):  # tuples and dicts stay the fresh ones: only eager reads them

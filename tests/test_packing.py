@@ -46,6 +46,9 @@ def test_packing_keeps_the_parameters_and_their_values_in_one_storage(tiny_llava
     storages = {parameter.untyped_storage().data_ptr() for parameter in parameters}
     assert storages == {pack.weight.untyped_storage().data_ptr()}  # views of the packed matrix: no second copy
     torch.testing.assert_close(output_of(layer, hidden, kwargs), expected, rtol=0, atol=0)  # own forwards
+    again = PackedProjections(members)  # as the next prefill packs them: a view of the same matrix, no copy
+    assert again.weight.data_ptr() == pack.weight.data_ptr() and torch.equal(again.weight, pack.weight)
+    assert [linear.weight.data_ptr() for linear in members] == [parameter.data_ptr() for parameter in parameters]
 
 
 @torch.no_grad()
