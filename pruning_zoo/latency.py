@@ -334,6 +334,7 @@ def measure(model, inputs: dict, strategy: PruningStrategy, budget: int, mode: s
         result["fused"] = segmented.fused_parts
         result["skipped_vision_blocks"] = len(segmented.skipped_vision_blocks)
         result["cuda_graphs"] = segmented.graphs
+        result["unfused_selections"] = segmented.unfused
         result["packed_projection_groups"] = len(segmented.packed)
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30

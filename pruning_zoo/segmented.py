@@ -64,6 +64,8 @@ class Segment:
     #: a graph would read what the capture saw. Gathers read `state`'s tensors alone, which replays refill.
     reads_previous: bool = False
     gather: bool = False
+    #: Its own code, when `run` is its torch.compile'd version (used should compilation fail).
+    uncompiled: Callable[[], None] | None = None
     #: Why it runs eagerly on a GPU (None: captured, or not yet tried).
     eager_reason: str | None = None
     #: The state it wrote when captured (tensors, and tuples or dicts of them): later graphs read these tensors,
@@ -224,6 +226,8 @@ class SegmentedPrefill:
         for pack in self.packed:
             self._shadowed.update(pack.forwards())
         self.segments = self._build()
+        #: Compiled selections whose compilation failed, which run their own code instead: name -> why.
+        self.unfused: dict[str, str] = {}
         #: What a replay runs, in order: captured runs of segments and eager segments (set by `capture()`).
         self.steps: list[CapturedRun | Segment] = []
         if fusion:
@@ -232,7 +236,7 @@ class SegmentedPrefill:
             # its own shapes: as shape-general code inductor failed to lower pool's adaptive pooling.
             for segment in self.segments:
                 if segment.selection and not self._declared_eager(segment):
-                    segment.run = torch.compile(segment.run, backend=fusion, dynamic=False)
+                    segment.uncompiled, segment.run = segment.run, torch.compile(segment.run, backend=fusion, dynamic=False)
 
     # -- set-up --------------------------------------------------------------------------------------------
     def _model_entry(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -419,10 +423,23 @@ class SegmentedPrefill:
     def _run(self, clock: Clock | None) -> None:
         for segment in self.segments:
             with self._span(clock, segment):
-                segment.run()
+                self._run_segment(segment)
             if self._validate and segment.name == "vision":
                 self._check_embeddings()
         self._validate = False
+
+    def _run_segment(self, segment: Segment) -> None:
+        """A compiled selection the backend fails to compile (inductor lowers not every reduction of every shape)
+        runs its own code instead, unfused and still captured; `unfused` says which and why."""
+        try:
+            segment.run()
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            if segment.uncompiled is None:
+                raise
+            cause = getattr(error, "inner_exception", None) or error
+            self.unfused[segment.name] = f"{type(cause).__name__}: {str(cause).splitlines()[0][:300]}"
+            segment.run, segment.uncompiled = segment.uncompiled, None
+            segment.run()  # a selection writes the state at its end: run whole from the same inputs
 
     def _check_embeddings(self) -> None:
         """Our vision segment must hand the language model what the model's own forward does."""

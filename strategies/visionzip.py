@@ -19,6 +19,7 @@ from pruning_zoo.strategy import (
     Selection,
     Stage,
     StrategyParams,
+    ascending,
     one_size,
     params_dataclass,
     true_indices,
@@ -104,7 +105,7 @@ class VisionZip(PruningStrategy):
         with_cls = "vision_cls_features" in first.observations
         dominant_count, contextual_count = self.split(keep, with_cls)
         patches = dominant_count - 1 if with_cls else dominant_count
-        dominant = torch.topk(scores, patches, sorted=False).indices.sort().values  # [B, patches]
+        dominant = ascending(torch.topk(scores, patches, sorted=False).indices, count)  # [B, patches]
         rest = torch.ones(batch, count, dtype=torch.bool, device=scores.device)
         rest.scatter_(1, dominant, False)  # not rest[dominant] = False: that copies the value from the host
         remaining = true_indices(rest, count - patches)
@@ -130,7 +131,7 @@ class VisionZip(PruningStrategy):
             free.scatter_(1, slots, False)
             slots = torch.cat([true_indices(free, 1), slots], dim=1)
         # The slots are ascending; the emitted order goes into them in turn, so the sequence order is VisionZip's.
-        return [Selection(keep=kept, features=image) for kept, image in zip(slots.sort().values, projected)]
+        return [Selection(keep=kept, features=image) for kept, image in zip(ascending(slots, count), projected)]
 
 
 def gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -306,3 +306,25 @@ def test_an_eager_segment_makes_the_readers_after_it_eager():
     assert vision["selection before the LLM"].startswith("reads what")  # right after the eager vision segment
     assert vision["selection after layer 2"].startswith("reads what")  # and after that eager selection
     assert vision["gather after layer 2"] is None and vision["layers 0-2"] is None  # these read the state alone
+
+
+def test_a_selection_the_backend_fails_to_compile_runs_its_own_code(tiny_llava):
+    """Inductor lowers not every reduction of every shape (an H100 run failed one of LearnPruner's at batch 8):
+    that selection then runs unfused, the cell is still measured, and the failure is named."""
+
+    def failing_on_selections(graph_module, example_inputs):
+        if any("topk" in str(node.target) for node in graph_module.graph.nodes):
+            raise NotImplementedError("NYI for this reduction")
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    inputs = uniform_llava_inputs(2)
+    plain = SegmentedPrefill(tiny_llava, pruning_zoo.get_strategy("learnpruner"), 4, inputs)
+    plain.run()
+    fused = SegmentedPrefill(tiny_llava, pruning_zoo.get_strategy("learnpruner"), 4, inputs, fusion=failing_on_selections)
+    fused.run()
+    torch.testing.assert_close(fused.logits, plain.logits, atol=1e-5, rtol=1e-4)
+    assert set(fused.unfused) == {"selection before the LLM", "selection after layer 2"}
+    assert all("NYI for this reduction" in reason for reason in fused.unfused.values())
+    fused.run()  # later runs call the selections' own code directly
+    torch.testing.assert_close(fused.logits, plain.logits, atol=1e-5, rtol=1e-4)
