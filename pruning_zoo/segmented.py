@@ -506,7 +506,7 @@ class SegmentedPrefill:
             self._capture_run(pending, pool)
             before = dict(self.state)
             segment.run()
-            segment.outputs = {key: value for key, value in self.state.items() if value is not before.get(key)}
+            segment.outputs = self._written_since(before)
             self.steps.append(segment)
         self._capture_run(pending, pool)
         torch.cuda.synchronize()
@@ -527,10 +527,14 @@ class SegmentedPrefill:
                     segment.run()
                     end.record()
                     run.marks.append((start, end))
-                    segment.outputs = {key: value for key, value in self.state.items() if value is not before.get(key)}
+                    segment.outputs = self._written_since(before)
         except RuntimeError as error:
             raise CaptureFailed(run.segments[0], f"capture failed: {str(error).splitlines()[0]}") from error
         self.steps.append(run)
+
+    def _written_since(self, before: dict) -> dict:
+        """The state a segment wrote: what differs from `before`, the state it started from."""
+        return {key: value for key, value in self.state.items() if value is not before.get(key)}
 
     @property
     def graphs(self) -> int:
