@@ -30,7 +30,7 @@ from pruning_zoo.adapters import adapter_for
 from pruning_zoo.errors import InvalidParameterError, PruningZooError
 from pruning_zoo.loading import chat_prompt
 from pruning_zoo.provenance import device_description, git_sha, versions
-from pruning_zoo.strategies.learnpruner import LearnablePruningModule, LearnPruner, max_min_diverse
+from pruning_zoo.strategies.learnpruner import LearnablePruningModule, LearnPruner, kept_with_diverse
 from pruning_zoo.strategy import ScoreContext, Stage
 
 STATE = "training_state.pt"
@@ -234,11 +234,11 @@ class SoftMaskedLanguageModel:
         probability = self.module.keep_probability(features.float())
         diverse = math.floor(self.strategy.params.diversity_ratio * keep + 0.5)
         ranked = torch.topk(probability.detach(), keep - diverse, sorted=False).indices
-        kept = torch.cat([ranked, max_min_diverse(features.float(), ranked, diverse)])
+        kept = kept_with_diverse(features.float()[None], ranked[None], diverse)[0]  # ascending
         self.probabilities.append(probability)
         hard = torch.zeros_like(probability)
         hard[kept] = 1.0
-        return hard + probability - probability.detach(), kept.sort().values
+        return hard + probability - probability.detach(), kept
 
     def _mask(self, module, args, kwargs):
         embeds, padding = kwargs["inputs_embeds"], kwargs.get("attention_mask")
