@@ -336,6 +336,7 @@ def measure(model, inputs: dict, strategy: PruningStrategy, budget: int, mode: s
         result["cuda_graphs"] = segmented.graphs
         result["unfused_selections"] = segmented.unfused
         result["packed_projection_groups"] = len(segmented.packed)
+        result["patch_embeddings_as_matmul"] = len(segmented.patch_matmuls)
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if peaks is not None:
@@ -651,6 +652,11 @@ def markdown(results: dict) -> str:
         every = len(packed) == sum(c["cell"]["mode"] == "compiled" for c in results["cells"])
         fused += (", q/k/v and gate/up projections multiplied as one matrix each" +
                   ("" if every else " (in the cells listing `packed_projection_groups`)"))
+    patched = [c for c in results["cells"] if c.get("patch_embeddings_as_matmul")]
+    if patched:
+        every = len(patched) == sum(c["cell"]["mode"] == "compiled" for c in results["cells"])
+        fused += (", the patch embedding as one matrix multiplication" +
+                  ("" if every else " (in the cells listing `patch_embeddings_as_matmul`)"))
     lines = [
         f"# Latency: {results['arch']} on {results['device']}",
         "",

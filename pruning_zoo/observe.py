@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pruning_zoo.packing import own_linear
+from pruning_zoo.strategy import fp32_products
 
 if TYPE_CHECKING:
     from pruning_zoo.adapters import ModelAdapter
@@ -69,8 +70,9 @@ def attention_probabilities(
     at_rows = rows[..., None].expand(-1, -1, cos.shape[-1])
     row_cos, row_sin = (table.expand(batch, -1, -1).gather(1, at_rows)[:, None] for table in (cos, sin))
     queries = queries * row_cos + rotate_half(queries) * row_sin
-    keys = keys.repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)  # grouped-query attention
-    scores = (queries.float() @ keys.float().transpose(-1, -2)) * attention.scaling
+    if queries.shape[1] != keys.shape[1]:  # grouped-query attention
+        keys = keys.repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)
+    scores = fp32_products(queries, keys.transpose(-1, -2)) * attention.scaling
     positions = torch.arange(normed.shape[1], device=normed.device)
     allowed = (positions[None, None, :] <= rows[..., None]) & key_valid[:, None, :]
     return scores.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)

@@ -48,6 +48,7 @@ from pruning_zoo.errors import PruningZooError
 from pruning_zoo.flops import Convention, DecoderShape, llm_flops
 from pruning_zoo.observe import AttentionProbe, sublayer_hooks
 from pruning_zoo.packing import PackedProjections
+from pruning_zoo.patch_matmul import patch_matmul_forward
 from pruning_zoo.sequence import Survivors
 from pruning_zoo.strategy import PruningStrategy, ScoreContext, Selection, Stage, SublayerIO
 from pruning_zoo.timing import Clock
@@ -225,6 +226,10 @@ class SegmentedPrefill:
         self.packed = [PackedProjections(group) for group in self.adapter.packable_projections()] if fusion else []
         for pack in self.packed:
             self._shadowed.update(pack.forwards())
+        #: Patch embeddings as one matrix multiplication (`pruning_zoo.patch_matmul`), compiled: their layout
+        #: changes fuse.
+        self.patch_matmuls = self.adapter.patch_convolutions() if fusion else []
+        self._shadowed.update({conv: torch.compile(patch_matmul_forward(conv), backend=fusion) for conv in self.patch_matmuls})
         self.segments = self._build()
         #: Compiled selections whose compilation failed, which run their own code instead: name -> why.
         self.unfused: dict[str, str] = {}

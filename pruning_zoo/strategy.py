@@ -36,6 +36,8 @@ __all__ = [
     "SublayerIO",
     "params_dataclass",
     "top_k_in_order",
+    "top_k_mask",
+    "fp32_products",
     "true_indices",
     "ascending",
 ]
@@ -176,7 +178,39 @@ def checked_scores(strategy: PruningStrategy, ctx: ScoreContext) -> torch.Tensor
 def top_k_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k highest scores, sorted ascending so kept tokens keep their original order ([n] -> [k],
     or a batch [B, n] -> [B, k])."""
-    return ascending(torch.topk(scores, k, sorted=False).indices, scores.shape[-1])
+    return true_indices(top_k_mask(scores, k), k)
+
+
+#: Up to this many scores, `top_k_mask` ranks them by comparing every pair (B x n x n comparisons, which a
+#: compiled selection fuses into one reduction, without materialising them); beyond it, memory linear in n counts
+#: for more and torch.topk picks them.
+PAIRWISE_TOP_K_LIMIT = 2048
+
+
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """True at the k highest scores along the last dimension ([n] or [B, n]). Up to PAIRWISE_TOP_K_LIMIT scores a
+    score's rank is the number of higher ones, and of equal ones before it (the first of equal scores wins); on an
+    H100 torch.topk's radix select took 9 us of each TransPrune stage (scripts/profile_prefill.py)."""
+    n = scores.shape[-1]
+    if n > PAIRWISE_TOP_K_LIMIT:
+        picked = torch.topk(scores, k, sorted=False).indices
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, picked, True)
+    order = torch.arange(n, device=scores.device)
+    other, own = scores[..., None, :], scores[..., :, None]  # [.., i, j]: does score j rank above score i?
+    above = (other > own) | ((other == own) & (order[None, :] < order[:, None]))
+    return above.sum(dim=-1) < k
+
+
+def fp32_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b ([..., m, k] @ [..., k, n], the same leading dimensions) summed in fp32 from exact products, as
+    attention kernels compute their scores. bf16 or fp16 operands on a GPU go to tensor cores, which multiply them
+    exactly and accumulate in fp32 (bmm's out_dtype): cast to fp32 first, they ran on a SIMT kernel, 11 us of each
+    TransPrune stage on an H100. Elsewhere they are cast."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype:
+        lead = a.shape[:-2]
+        product = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out_dtype=torch.float32)
+        return product.view(*lead, *product.shape[-2:])
+    return a.float() @ b.float()
 
 
 def ascending(indices: torch.Tensor, n: int) -> torch.Tensor:

@@ -233,8 +233,7 @@ class SoftMaskedLanguageModel:
         """(m, kept): m = hard + p - p.detach() over one image's tokens, and the indices the hard mask keeps."""
         probability = self.module.keep_probability(features.float())
         diverse = math.floor(self.strategy.params.diversity_ratio * keep + 0.5)
-        ranked = torch.topk(probability.detach(), keep - diverse, sorted=False).indices
-        kept = kept_with_diverse(features.float()[None], ranked[None], diverse)[0]  # ascending
+        kept = kept_with_diverse(features[None], probability.detach()[None], keep - diverse, diverse)[0]  # ascending
         self.probabilities.append(probability)
         hard = torch.zeros_like(probability)
         hard[kept] = 1.0

@@ -1,6 +1,8 @@
 """Every built-in strategy on every family's tiny model on a CUDA device, in bfloat16 with SDPA: a batch of 3
 padded prompts through a forward and through generate() with the KV cache. Checks that nothing lands on the
 wrong device, logits are finite, every image achieves its budget and keep-all reproduces the unpruned logits.
+First, the compiled mode's GPU-only numerics (`numerics_rows`): tensor-core fp32 products, pairwise top-k and the
+patch embedding as a matmul, eager and through inductor.
 
     python scripts/gpu_check.py [OUT_JSON]
 
@@ -24,6 +26,9 @@ import tiny_models  # noqa: E402
 import pruning_zoo  # noqa: E402
 from pruning_zoo.budget import BudgetMeaning, resolve_budget  # noqa: E402
 from pruning_zoo.engine import prune  # noqa: E402
+from pruning_zoo.patch_matmul import patch_matmul_forward  # noqa: E402
+from pruning_zoo.provenance import git_sha  # noqa: E402
+from pruning_zoo.strategy import fp32_products, top_k_mask  # noqa: E402
 
 STRATEGIES = ["none", "random", "pool", "fastv", "visionzip", "transprune", "learnpruner"]
 
@@ -32,9 +37,45 @@ def to_device(inputs: dict, device, dtype) -> dict:
     return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
 
 
+def numerics_rows(device) -> list[dict]:
+    """The compiled mode's GPU-only paths against plain references, eager and through inductor: fp32_products'
+    tensor-core products (bf16 operands, fp32 sums) against float64, top_k_mask's pairwise ranks against
+    torch.topk, and the patch embedding as a matmul against the convolution, in bf16."""
+    generator = torch.Generator(device).manual_seed(0)
+    a = torch.randn(32, 28, 128, device=device, generator=generator).bfloat16()
+    b = torch.randn(32, 128, 640, device=device, generator=generator).bfloat16()
+    reference = a.double() @ b.double()
+    scores = torch.randn(8, 576, device=device, generator=generator)
+    expected = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, torch.topk(scores, 64).indices, True)
+    conv = torch.nn.Conv2d(3, 1024, 14, stride=14).to(device, torch.bfloat16)
+    image = torch.randn(2, 3, 336, 336, device=device, generator=generator).bfloat16()
+    rows = []
+    for compiled in (False, True):
+        wrap = (lambda f: torch.compile(f, backend="inductor", dynamic=False)) if compiled else (lambda f: f)
+        with torch.no_grad():
+            product = wrap(fp32_products)(a, b)
+            mask = wrap(top_k_mask)(scores, 64)
+            patches, convolved = wrap(patch_matmul_forward(conv))(image).float(), conv(image).float()
+        rows.append({
+            "check": "numerics", "compiled": compiled,
+            "fp32_products_dtype": str(product.dtype),
+            "fp32_products_max_relative_error": float(((product.double() - reference).abs() / reference.abs().max()).max()),
+            "top_k_mask_equals_topk": bool(torch.equal(mask, expected)),
+            "patch_matmul_max_difference": float((patches - convolved).abs().max()),
+            "conv_output_max": float(convolved.abs().max()),
+        })
+        # fp32 sums of exact products: errors of fp32 rounding, not of bf16 (2^-8)
+        rows[-1]["ok"] = (rows[-1]["fp32_products_dtype"] == "torch.float32" and rows[-1]["fp32_products_max_relative_error"] < 1e-6
+                          and rows[-1]["top_k_mask_equals_topk"]
+                          and rows[-1]["patch_matmul_max_difference"] <= 0.02 * rows[-1]["conv_output_max"])
+        print(("ok  " if rows[-1]["ok"] else "FAIL"), json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main(out: Path) -> int:
     device, dtype = torch.device("cuda"), torch.bfloat16
-    rows, failures = [], 0
+    rows = numerics_rows(device)
+    failures = sum(not row["ok"] for row in rows)
     for family in tiny_models.FAMILIES.values():
         with tempfile.TemporaryDirectory() as folder:
             model = family.build(folder).to(device, dtype)
@@ -70,6 +111,7 @@ def main(out: Path) -> int:
             rows.append(row)
             print(("ok  " if ok else "FAIL"), family.name, name, row.get("error", ""), flush=True)
     report = {
+        "git_sha": git_sha(),
         "command": "python scripts/gpu_check.py",
         "device": torch.cuda.get_device_name(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},

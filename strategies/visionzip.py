@@ -22,6 +22,7 @@ from pruning_zoo.strategy import (
     ascending,
     one_size,
     params_dataclass,
+    top_k_mask,
     true_indices,
 )
 
@@ -105,10 +106,9 @@ class VisionZip(PruningStrategy):
         with_cls = "vision_cls_features" in first.observations
         dominant_count, contextual_count = self.split(keep, with_cls)
         patches = dominant_count - 1 if with_cls else dominant_count
-        dominant = ascending(torch.topk(scores, patches, sorted=False).indices, count)  # [B, patches]
-        rest = torch.ones(batch, count, dtype=torch.bool, device=scores.device)
-        rest.scatter_(1, dominant, False)  # not rest[dominant] = False: that copies the value from the host
-        remaining = true_indices(rest, count - patches)
+        is_dominant = top_k_mask(scores, patches)
+        dominant = true_indices(is_dominant, patches)  # [B, patches], ascending
+        remaining = true_indices(~is_dominant, count - patches)
 
         features = torch.stack([ctx.observe("vision_features") for ctx in contexts])  # [B, n, ...]
         emitted = [gather_rows(features, dominant)]

@@ -13,7 +13,12 @@ import pruning_zoo
 import tiny_models
 from pruning_zoo.adapters import adapter_for
 from pruning_zoo.engine import prune
-from pruning_zoo.strategies.learnpruner import LearnablePruningModule, kept_with_diverse, max_min_diverse
+from pruning_zoo.strategies.learnpruner import (
+    LearnablePruningModule,
+    cosine_distances,
+    kept_with_diverse,
+    max_min_diverse,
+)
 from pruning_zoo.strategies.transprune import token_transition_variation
 from pruning_zoo.strategies.visionzip import merge_contextual
 from pruning_zoo.strategy import ScoreContext, Stage, SublayerIO
@@ -251,8 +256,7 @@ def test_learnpruner_diversity_follows_its_definition():
         features[features.norm(dim=1) == 0] = 1.0
         kept = torch.randperm(n, generator=generator)[: int(torch.randint(0, n, (1,), generator=generator))]
         count = n - len(kept) if case % 2 else min(3, n - len(kept))
-        normed = torch.nn.functional.normalize(features, dim=-1)
-        distance = 1 - normed @ normed.T
+        distance = cosine_distances(features[None])[0]  # equal distances are equal as computed
         selected, expected = kept.tolist() or [0], [] if len(kept) else [0]
         for _ in range(count - len(expected)):
             nearest = [min(distance[row, s].item() for s in selected) if row not in selected else float("-inf")
@@ -261,6 +265,18 @@ def test_learnpruner_diversity_follows_its_definition():
             selected.append(best)
             expected.append(best)
         assert max_min_diverse(features, kept, count).tolist() == expected, case
+
+
+def test_learnpruner_cosine_distances_are_one_minus_the_normalised_products():
+    features = torch.randn(2, 30, 16, generator=torch.Generator().manual_seed(4)) * 10
+    normed = torch.nn.functional.normalize(features.double(), dim=-1)
+    torch.testing.assert_close(cosine_distances(features), 1 - normed @ normed.transpose(1, 2), rtol=0, atol=1e-6,
+                               check_dtype=False)
+    rounded = features.bfloat16()  # the tower's own dtype: products summed in fp32 all the same
+    normed = torch.nn.functional.normalize(rounded.double(), dim=-1)
+    distance = cosine_distances(rounded)
+    assert distance.dtype == torch.float32
+    torch.testing.assert_close(distance, 1 - normed @ normed.transpose(1, 2), rtol=0, atol=1e-6, check_dtype=False)
 
 
 def test_learnpruner_diversity_of_a_batch_is_each_images_own():
@@ -278,9 +294,14 @@ def test_learnpruner_diversity_of_a_batch_is_each_images_own():
 def test_learnpruner_keeps_the_ranked_and_diverse_rows_in_order(ranked_count, count):
     """Read from the greedy's running minimum, the kept rows are the ranked ones and the picks, ascending."""
     features = torch.randn(3, 40, 8, generator=torch.Generator().manual_seed(1))
-    ranked = torch.stack([torch.randperm(40, generator=torch.Generator().manual_seed(i))[:ranked_count] for i in range(3)])
+    scores = torch.rand(3, 40, generator=torch.Generator().manual_seed(2))
+    ranked = torch.topk(scores, ranked_count).indices
     expected = torch.cat([ranked, max_min_diverse(features, ranked, count)], dim=1).sort(dim=1).values
-    assert torch.equal(kept_with_diverse(features, ranked, count), expected)
+    assert torch.equal(kept_with_diverse(features, scores, ranked_count, count), expected)
+    # The features' own bf16 (as the vision tower gives them) picks the same rows.
+    rounded = features.bfloat16()
+    expected = torch.cat([ranked, max_min_diverse(rounded.float(), ranked, count)], dim=1).sort(dim=1).values
+    assert torch.equal(kept_with_diverse(rounded, scores, ranked_count, count), expected)
 
 
 def test_learnpruner_selects_a_batch_as_it_selects_each_image():

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import pruning_zoo
+import pruning_zoo.strategy as strategy_module
 from pruning_zoo.budget import parse_budget, resolve_budget
 from pruning_zoo.strategy import (
     Stage,
@@ -12,8 +13,10 @@ from pruning_zoo.strategy import (
     ascending,
     build_params,
     describe_field,
+    fp32_products,
     params_dataclass,
     top_k_in_order,
+    top_k_mask,
     true_indices,
 )
 
@@ -27,6 +30,41 @@ class ExampleParams(StrategyParams):
 def test_top_k_keeps_original_order():
     scores = torch.tensor([0.1, 0.9, 0.3, 0.8, 0.2])
     assert top_k_in_order(scores, 3).tolist() == [1, 2, 3]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_top_k_mask_marks_what_topk_picks_and_the_first_of_equal_scores(seed, monkeypatch):
+    """Ranked pairwise up to PAIRWISE_TOP_K_LIMIT scores, by torch.topk beyond: the same rows where scores are
+    distinct; of equal scores the first wins (pairwise)."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randn(3, 50, generator=generator)
+    for k in (0, 1, 17, 50):
+        expected = torch.zeros(3, 50, dtype=torch.bool).scatter_(1, torch.topk(scores, k).indices, True)
+        assert torch.equal(top_k_mask(scores, k), expected)
+        assert torch.equal(top_k_mask(scores[1], k), expected[1])
+        assert torch.equal(top_k_in_order(scores, k), torch.topk(scores, k).indices.sort(dim=1).values)
+    tied = torch.randint(0, 4, (3, 50), generator=generator).float()
+    for k in (1, 20, 49):
+        mask = top_k_mask(tied, k)
+        assert mask.sum(-1).tolist() == [k] * 3
+        for row, kept in zip(tied, mask):
+            threshold = row.sort(descending=True).values[k - 1]
+            assert bool((row[kept] >= threshold).all()) and bool((row[~kept] <= threshold).all())
+            at_threshold = (row == threshold).nonzero()[:, 0]
+            taken = kept[at_threshold]
+            assert bool(taken[: int(taken.sum())].all())  # the first of the equal scores are the ones kept
+    monkeypatch.setattr(strategy_module, "PAIRWISE_TOP_K_LIMIT", 10)
+    for k in (0, 17, 50):
+        expected = torch.zeros(3, 50, dtype=torch.bool).scatter_(1, torch.topk(scores, k).indices, True)
+        assert torch.equal(top_k_mask(scores, k), expected)
+
+
+def test_fp32_products_sum_exact_products_in_fp32():
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 3, 5, 64, generator=generator).bfloat16(), torch.randn(2, 3, 64, 7, generator=generator).bfloat16()
+    product = fp32_products(a, b)
+    assert product.dtype == torch.float32 and product.shape == (2, 3, 5, 7)
+    torch.testing.assert_close(product, a.double() @ b.double(), rtol=1e-6, atol=1e-5, check_dtype=False)
 
 
 def test_params_coerce_strings_from_the_command_line():

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from pruning_zoo.packing import shared_input_linears
+from pruning_zoo.patch_matmul import is_patch_convolution
 from pruning_zoo.sequence import Survivors
 from pruning_zoo.strategy import ModelIdentity
 
@@ -102,6 +103,11 @@ class ModelAdapter:
         engines do (`pruning_zoo.packing`)."""
         blocks = [*self.layers, *(block for block in self.vision_blocks if block not in self.unused_vision_blocks)]
         return [group for block in blocks for group in shared_input_linears(block)]
+
+    def patch_convolutions(self) -> list[nn.Module]:
+        """The vision tower's patch embeddings (convolutions whose stride is their kernel): the compiled mode
+        computes them as one matrix multiplication each (`pruning_zoo.patch_matmul`), as serving engines do."""
+        return [module for module in self.vision_module.modules() if is_patch_convolution(module)]
 
     @functools.cached_property
     def identity(self) -> ModelIdentity:
