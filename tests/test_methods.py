@@ -267,6 +267,13 @@ def test_learnpruner_diversity_follows_its_definition():
         assert max_min_diverse(features, kept, count).tolist() == expected, case
 
 
+def test_learnpruner_keep_probability_is_the_softmax_keep_column():
+    torch.manual_seed(0)
+    module = LearnablePruningModule(16, hidden=8)
+    features = torch.randn(2, 30, 16) * 3
+    torch.testing.assert_close(module.keep_probability(features), module(features).softmax(dim=-1)[..., 1], rtol=1e-5, atol=1e-6)
+
+
 def test_learnpruner_cosine_distances_are_one_minus_the_normalised_products():
     features = torch.randn(2, 30, 16, generator=torch.Generator().manual_seed(4)) * 10
     normed = torch.nn.functional.normalize(features.double(), dim=-1)
