@@ -213,7 +213,9 @@ class SegmentedPrefill:
         self._watched = set(strategy.sublayer_layers(num_layers)) if "sublayer_summary" in strategy.observes else set()
         self._sublayers: dict[int, dict[str, torch.Tensor]] = {}
         self._summaries: dict[int, torch.Tensor] = {}
-        self._index_at: dict[int, torch.Tensor] = {}
+        #: Each watched layer's sequence: (the first layer of its run of layers, which names the sequence, and
+        #: every row's position in the sequence entering the LLM).
+        self._index_at: dict[int, tuple[int, torch.Tensor]] = {}
         self._validate = True
         self.fusion = fusion
         # Layers whose sub-blocks are watched keep their own forward: the hooks inside it stay eager.
@@ -238,10 +240,14 @@ class SegmentedPrefill:
         if fusion:
             # The selections too: dozens of small kernels each (scores, top-k, gathers, index arithmetic), which
             # fused make a few. Not a selection on the host, which runs eagerly by design. Each is compiled for
-            # its own shapes: as shape-general code inductor failed to lower pool's adaptive pooling.
+            # its own shapes: as shape-general code inductor failed to lower pool's adaptive pooling. Inductor's
+            # combo kernels put independent small kernels (TransPrune's per-layer TTV reductions and softmaxes)
+            # into one launch each.
+            options = {"combo_kernels": True} if fusion == "inductor" else None
             for segment in self.segments:
                 if segment.selection and not self._declared_eager(segment):
-                    segment.uncompiled, segment.run = segment.run, torch.compile(segment.run, backend=fusion, dynamic=False)
+                    segment.uncompiled = segment.run
+                    segment.run = torch.compile(segment.run, backend=fusion, dynamic=False, options=options)
 
     # -- set-up --------------------------------------------------------------------------------------------
     def _model_entry(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -322,7 +328,7 @@ class SegmentedPrefill:
                 output = layer(hidden, **kwargs)
             hidden = output[0] if isinstance(output, tuple) else output
             if watch:
-                self._index_at[index] = self.state["index"]
+                self._index_at[index] = (first, self.state["index"])
         self.state.update(hidden=hidden, layer_kwargs=kwargs)
         if final:
             normed = self.adapter.language_model.norm(hidden[:, -1:])
@@ -351,23 +357,27 @@ class SegmentedPrefill:
         probe = AttentionProbe(self.adapter, stage.after_layer, self.state["stage_input"], hidden,
                                self.state["layer_kwargs"], key_valid, image_end=s + current, image=image)
         at_image: dict[int, torch.Tensor] = {}  # layer -> its summary at every sample's image tokens, [B, current]
+        rows_in: dict[int, torch.Tensor] = {}  # sequence -> the image tokens' rows in it, [B, current], once for its layers
         contexts = []
         for sample in range(self.batch):
             observations = probe.observations(sample, image)
-            observations["sublayer_summary"] = functools.partial(self._sublayer_summary, at_image, stage, sample, current)
+            observations["sublayer_summary"] = functools.partial(self._sublayer_summary, at_image, rows_in, stage, sample,
+                                                                current)
             contexts.append(self._context(stage, hidden[sample, s : s + current], None, observations))
         self._keep(self._select(contexts))
 
-    def _sublayer_summary(self, at_image: dict, stage: Stage, sample: int, current: int, layer: int) -> torch.Tensor:
+    def _sublayer_summary(self, at_image: dict, rows_in: dict, stage: Stage, sample: int, current: int, layer: int) -> torch.Tensor:
         """As the engine's `sublayer_summary` observation, for a pad-free batch: the rows of every sample's
         image tokens in the layer's sequence found once for the batch."""
         if layer not in self._summaries or layer > stage.after_layer:  # a later layer's would be the last run's
             raise PruningZooError(f"no sub-block summary of layer {layer}: the strategy's sublayer_layers must list "
                                   "it and it must run before the stage")
         if layer not in at_image:
-            entry_rows = self.state["index"][:, self.start : self.start + current]
-            rows = torch.searchsorted(self._index_at[layer].contiguous(), entry_rows.contiguous())
-            at_image[layer] = self._summaries[layer].gather(1, rows)
+            sequence, index = self._index_at[layer]
+            if sequence not in rows_in:
+                entry_rows = self.state["index"][:, self.start : self.start + current]
+                rows_in[sequence] = torch.searchsorted(index.contiguous(), entry_rows.contiguous())
+            at_image[layer] = self._summaries[layer].gather(1, rows_in[sequence])
         return at_image[layer][sample]
 
     def _context(self, stage: Stage, tokens: torch.Tensor, grid, observations: dict) -> ScoreContext:

@@ -100,6 +100,7 @@ def kernel_profile(model, arch, name: str, budget: int, batch: int) -> dict:
     entry = {"cell": {"strategy": name, "budget": budget, "batch": batch}, "ttft_ms_back_to_back": ttft,
              **kernels_of(segmented.replay, top=25), "selection_segments": []}
     entry["graphs"] = segmented.graphs
+    entry["unfused_selections"] = segmented.unfused
     # Each selection's graph replays alone (captured anew, a graph per segment): it reads the tensors the segments
     # before it left, which stay put.
     if any(segment.selection for segment in segmented.segments):
@@ -107,7 +108,7 @@ def kernel_profile(model, arch, name: str, budget: int, batch: int) -> dict:
     for step in segmented.steps:
         if isinstance(step, CapturedRun) and step.segments[0].selection:
             entry["selection_segments"].append({"segment": step.segments[0].name, "ms_back_to_back": timed_ms(step.graph.replay),
-                                                **kernels_of(step.graph.replay, top=12)})
+                                                **kernels_of(step.graph.replay, top=40)})
     return entry
 
 
