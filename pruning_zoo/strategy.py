@@ -181,24 +181,24 @@ def top_k_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
     return true_indices(top_k_mask(scores, k), k)
 
 
-#: Up to this many scores, `top_k_mask` ranks them by comparing every pair (B x n x n comparisons, which a
-#: compiled selection fuses into one reduction, without materialising them); beyond it, memory linear in n counts
-#: for more and torch.topk picks them.
+#: Up to this many scores a compiled selection ranks them pairwise (B x n x n comparisons, which inductor fuses
+#: into one reduction without materialising them); beyond it, or run eagerly, a stable sort ranks them.
 PAIRWISE_TOP_K_LIMIT = 2048
 
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """True at the k highest scores along the last dimension ([n] or [B, n]). Up to PAIRWISE_TOP_K_LIMIT scores a
-    score's rank is the number of higher ones, and of equal ones before it (the first of equal scores wins); on an
-    H100 torch.topk's radix select took 9 us of each TransPrune stage (scripts/profile_prefill.py)."""
+    """True at the k highest scores along the last dimension ([n] or [B, n]); of equal scores the first wins. In a
+    compiled selection a score's rank is the number of higher ones and of equal ones before it, counted for every
+    pair: on an H100 torch.topk's radix select took 9 us of each TransPrune stage (scripts/profile_prefill.py).
+    Eagerly (a selection on the host, say) a stable sort is the cheaper way to the same ranks."""
     n = scores.shape[-1]
-    if n > PAIRWISE_TOP_K_LIMIT:
-        picked = torch.topk(scores, k, sorted=False).indices
-        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, picked, True)
-    order = torch.arange(n, device=scores.device)
-    other, own = scores[..., None, :], scores[..., :, None]  # [.., i, j]: does score j rank above score i?
-    above = (other > own) | ((other == own) & (order[None, :] < order[:, None]))
-    return above.sum(dim=-1) < k
+    if torch.compiler.is_compiling() and n <= PAIRWISE_TOP_K_LIMIT:
+        order = torch.arange(n, device=scores.device)
+        other, own = scores[..., None, :], scores[..., :, None]  # [.., i, j]: does score j rank above score i?
+        above = (other > own) | ((other == own) & (order[None, :] < order[:, None]))
+        return above.sum(dim=-1) < k
+    picked = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, picked, True)
 
 
 def fp32_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -34,29 +34,31 @@ def test_top_k_keeps_original_order():
 
 @pytest.mark.parametrize("seed", range(4))
 def test_top_k_mask_marks_what_topk_picks_and_the_first_of_equal_scores(seed, monkeypatch):
-    """Ranked pairwise up to PAIRWISE_TOP_K_LIMIT scores, by torch.topk beyond: the same rows where scores are
-    distinct; of equal scores the first wins (pairwise)."""
+    """Eagerly by a stable sort, compiled by pairwise ranks (up to PAIRWISE_TOP_K_LIMIT scores, by the sort
+    beyond): the rows torch.topk picks where scores are distinct; of equal scores the first wins, either way."""
     generator = torch.Generator().manual_seed(seed)
     scores = torch.randn(3, 50, generator=generator)
+    tied = torch.randint(0, 4, (3, 50), generator=generator).float()
+    compiled = torch.compile(top_k_mask, backend="aot_eager", dynamic=False)
     for k in (0, 1, 17, 50):
         expected = torch.zeros(3, 50, dtype=torch.bool).scatter_(1, torch.topk(scores, k).indices, True)
         assert torch.equal(top_k_mask(scores, k), expected)
+        assert torch.equal(compiled(scores, k), expected)
         assert torch.equal(top_k_mask(scores[1], k), expected[1])
         assert torch.equal(top_k_in_order(scores, k), torch.topk(scores, k).indices.sort(dim=1).values)
-    tied = torch.randint(0, 4, (3, 50), generator=generator).float()
     for k in (1, 20, 49):
         mask = top_k_mask(tied, k)
+        assert torch.equal(compiled(tied, k), mask)
         assert mask.sum(-1).tolist() == [k] * 3
         for row, kept in zip(tied, mask):
             threshold = row.sort(descending=True).values[k - 1]
             assert bool((row[kept] >= threshold).all()) and bool((row[~kept] <= threshold).all())
-            at_threshold = (row == threshold).nonzero()[:, 0]
-            taken = kept[at_threshold]
+            taken = kept[(row == threshold).nonzero()[:, 0]]
             assert bool(taken[: int(taken.sum())].all())  # the first of the equal scores are the ones kept
     monkeypatch.setattr(strategy_module, "PAIRWISE_TOP_K_LIMIT", 10)
-    for k in (0, 17, 50):
-        expected = torch.zeros(3, 50, dtype=torch.bool).scatter_(1, torch.topk(scores, k).indices, True)
-        assert torch.equal(top_k_mask(scores, k), expected)
+    torch._dynamo.reset()
+    compiled = torch.compile(top_k_mask, backend="aot_eager", dynamic=False)
+    assert torch.equal(compiled(tied, 20), top_k_mask(tied, 20))
 
 
 def test_fp32_products_sum_exact_products_in_fp32():
