@@ -452,7 +452,10 @@ class SegmentedPrefill:
             if segment.uncompiled is None:
                 raise
             cause = getattr(error, "inner_exception", None) or error
-            self.unfused[segment.name] = f"{type(cause).__name__}: {str(cause).splitlines()[0][:300]}"
+            # The first line names the failure; a subprocess's says only that, and its last line the cause.
+            lines = [line for line in str(cause).splitlines() if line.strip()] or [""]
+            said = lines[0][:300] + (f" ... {lines[-1][:300]}" if len(lines) > 1 else "")
+            self.unfused[segment.name] = f"{type(cause).__name__}: {said}"
             segment.run, segment.uncompiled = segment.uncompiled, None
             segment.run()  # a selection writes the state at its end: run whole from the same inputs
 

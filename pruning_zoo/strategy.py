@@ -181,9 +181,10 @@ def top_k_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
     return true_indices(top_k_mask(scores, k), k)
 
 
-#: Up to this many scores a compiled selection ranks them pairwise (B x n x n comparisons, which inductor fuses
-#: into one reduction without materialising them); beyond it, or run eagerly, a stable sort ranks them.
-PAIRWISE_TOP_K_LIMIT = 2048
+#: Up to this many entries a compiled selection ranks scores (`top_k_mask`) and counts mask entries
+#: (`true_indices`) pairwise: B x n x n comparisons, which inductor fuses into reductions without materialising
+#: them. Beyond it, or run eagerly, a stable sort ranks and a scan counts.
+PAIRWISE_LIMIT = 2048
 
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -192,7 +193,7 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     pair: on an H100 torch.topk's radix select took 9 us of each TransPrune stage (scripts/profile_prefill.py).
     Eagerly (a selection on the host, say) a stable sort is the cheaper way to the same ranks."""
     n = scores.shape[-1]
-    if torch.compiler.is_compiling() and n <= PAIRWISE_TOP_K_LIMIT:
+    if torch.compiler.is_compiling() and n <= PAIRWISE_LIMIT:
         order = torch.arange(n, device=scores.device)
         other, own = scores[..., None, :], scores[..., :, None]  # [.., i, j]: does score j rank above score i?
         above = (other > own) | ((other == own) & (order[None, :] < order[:, None]))
@@ -242,15 +243,26 @@ def true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
     [B, n] -> [B, count]). Unlike `mask.nonzero()` it never waits for the GPU to learn the count, so a
     selection using it can be captured in a CUDA graph. Where fewer are True, False entries follow, ascending.
     Each slot is found by counting, not sorting: the k-th True is where the running count of Trues first reaches
-    k + 1 (a binary search of the counts), and so on for the Falses after them. (Placing every entry in its slot
-    instead took a scatter kernel each time, 3 us on an H100.)"""
-    order = torch.arange(1, mask.shape[-1] + 1, device=mask.device)
-    trues_so_far = mask.long().cumsum(-1)
-    falses_so_far = order - trues_so_far
-    total = trues_so_far[..., -1:]
+    k + 1, and so on for the Falses after them. (Placing every entry in its slot instead took a scatter kernel
+    each time, 3 us on an H100.)"""
+    n = mask.shape[-1]
+    positions = torch.arange(n, device=mask.device)
     wanted = torch.arange(1, count + 1, device=mask.device).expand(*mask.shape[:-1], count).contiguous()
-    at_true = torch.searchsorted(trues_so_far, wanted)
-    at_false = torch.searchsorted(falses_so_far, wanted - total)
+    if torch.compiler.is_compiling() and n <= PAIRWISE_LIMIT:
+        # Counts as sums over pairs, which inductor fuses into parallel reductions. A scan (cumsum) it may split
+        # across programs, and fused with a reduction after it, it failed that: "NYI TritonSplitDimKernel
+        # reductions" (LearnPruner's greedy picks at batch 8 on an H100).
+        trues_so_far = (mask[..., None, :] & (positions <= positions[:, None])).sum(-1)
+
+        def first_reaching(counts: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return (counts[..., None, :] < targets[..., :, None]).sum(-1)
+    else:
+        trues_so_far = mask.long().cumsum(-1)
+        first_reaching = torch.searchsorted  # a binary search of the non-decreasing counts
+    falses_so_far = positions + 1 - trues_so_far
+    total = trues_so_far[..., -1:]
+    at_true = first_reaching(trues_so_far, wanted)
+    at_false = first_reaching(falses_so_far, wanted - total)
     return torch.where(wanted <= total, at_true, at_false)
 
 

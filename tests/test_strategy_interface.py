@@ -34,7 +34,7 @@ def test_top_k_keeps_original_order():
 
 @pytest.mark.parametrize("seed", range(4))
 def test_top_k_mask_marks_what_topk_picks_and_the_first_of_equal_scores(seed, monkeypatch):
-    """Eagerly by a stable sort, compiled by pairwise ranks (up to PAIRWISE_TOP_K_LIMIT scores, by the sort
+    """Eagerly by a stable sort, compiled by pairwise ranks (up to PAIRWISE_LIMIT scores, by the sort
     beyond): the rows torch.topk picks where scores are distinct; of equal scores the first wins, either way."""
     generator = torch.Generator().manual_seed(seed)
     scores = torch.randn(3, 50, generator=generator)
@@ -55,7 +55,7 @@ def test_top_k_mask_marks_what_topk_picks_and_the_first_of_equal_scores(seed, mo
             assert bool((row[kept] >= threshold).all()) and bool((row[~kept] <= threshold).all())
             taken = kept[(row == threshold).nonzero()[:, 0]]
             assert bool(taken[: int(taken.sum())].all())  # the first of the equal scores are the ones kept
-    monkeypatch.setattr(strategy_module, "PAIRWISE_TOP_K_LIMIT", 10)
+    monkeypatch.setattr(strategy_module, "PAIRWISE_LIMIT", 10)
     torch._dynamo.reset()
     compiled = torch.compile(top_k_mask, backend="aot_eager", dynamic=False)
     assert torch.equal(compiled(tied, 20), top_k_mask(tied, 20))
@@ -151,10 +151,13 @@ def test_true_indices_and_ascending_order_as_a_stable_sort_does(seed):
     stable sort of the mask, including where fewer entries are True than asked for."""
     generator = torch.Generator().manual_seed(seed)
     mask = torch.rand(3, 40, generator=generator) < 0.3
+    compiled = torch.compile(true_indices, backend="aot_eager", dynamic=False)  # counted pairwise
     for count in (0, 5, int(mask.sum(-1).min()), 40):
         expected = torch.sort((~mask).to(torch.uint8), stable=True).indices[..., :count]
         assert torch.equal(true_indices(mask, count), expected)
         assert torch.equal(true_indices(mask[0], count), expected[0])
+        assert torch.equal(compiled(mask, count), expected)
+        assert torch.equal(compiled(mask[0], count), expected[0])
     picked = torch.randperm(40, generator=generator)[:17]
     assert torch.equal(ascending(picked, 40), picked.sort().values)
     batch = torch.stack([torch.randperm(40, generator=generator)[:9] for _ in range(4)])
