@@ -287,6 +287,35 @@ def test_qwen_towers_wait_for_no_gpu_value_on_the_host(family, tmp_path):
     assert features.device.type == "meta" and features.shape[:2] == (2, 16)
 
 
+def test_the_llava_next_tower_and_crop_counts_wait_for_no_gpu_value_on_the_host(tmp_path):
+    """LLaVA-NeXT's tower and the adapter's crop counts read `image_sizes` with `.tolist()`;
+    `capturable_vision_inputs` hands them a host copy. Checked as for Qwen, the meta device standing in for the
+    GPU."""
+    model = tiny_models.FAMILIES["llava_next"].build(tmp_path)
+    adapter = pruning_zoo.adapters.adapter_for(model)
+    vision_inputs = {k: v for k, v in uniform_llava_next_inputs(2).items() if k in ("pixel_values", "image_sizes")}
+    capturable = adapter.capturable_vision_inputs(vision_inputs)
+    assert capturable.keys() == vision_inputs.keys() and torch.equal(capturable["image_sizes"], vision_inputs["image_sizes"])
+    observed = frozenset({"vision_attention", "vision_keys", "vision_features"})
+    with torch.no_grad():
+        expected = adapter.image_features(vision_inputs)
+        torch.testing.assert_close(adapter.image_features(capturable), expected, atol=0, rtol=0)
+        model.to("meta")
+        with pytest.raises(NotImplementedError, match="meta"):  # the sizes on the device: the tower waits
+            adapter.image_features({k: v.to("meta") for k, v in vision_inputs.items()})
+        handles = adapter.vision_hooks(observed)
+        try:
+            features = adapter.image_features({**capturable, "pixel_values": capturable["pixel_values"].to("meta")})
+            shared = {}
+            for seen in [adapter.vision_observations(i, 24, shared) for i in range(2)]:  # VisionZip's, LearnPruner's
+                assert seen["vision_attention"]().shape[-1] == 24
+                assert seen["vision_features"]().shape[0] == 24
+        finally:
+            for handle in handles:
+                handle.remove()
+    assert features.device.type == "meta" and features.shape[:2] == (2, 24)
+
+
 def test_an_eager_segment_makes_the_readers_after_it_eager():
     """A selection reading what the segments before it kept outside the state (hooks' observations) cannot be
     captured after an eager segment or an eager selection: its graph would read what the capture saw."""

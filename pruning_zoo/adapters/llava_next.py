@@ -35,6 +35,16 @@ class LlavaNextAdapter(LlavaAdapter):
 
         return [MethodWatch(self.model.model, "get_image_features", record_sizes), *super().vision_hooks(observed)]
 
+    def capturable_vision_inputs(self, vision_inputs):
+        """transformers reads LLaVA-NeXT's `image_sizes` on the host (`.tolist()`, to count each image's crops
+        and unpad its grid), and so does `_crops`: from a GPU tensor, a wait for the GPU that a CUDA graph cannot
+        hold (an H100 run at 71142b3 left the tower and VisionZip's and LearnPruner's selections eager for it). A
+        host copy, made once, serves them; nothing reads the sizes on the device."""
+        sizes = vision_inputs.get("image_sizes")
+        if not isinstance(sizes, torch.Tensor):
+            return vision_inputs
+        return {**vision_inputs, "image_sizes": sizes.cpu()}
+
     def image_features(self, vision_inputs):
         """The packed tokens (base crop, unpadded grid, newlines) of images of one size, [images, n, d]."""
         config = self.model.config
