@@ -231,9 +231,11 @@ class SoftMaskedLanguageModel:
 
     def keep_mask(self, features: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(m, kept): m = hard + p - p.detach() over one image's tokens, and the indices the hard mask keeps."""
-        probability = self.module.keep_probability(features.float())
+        margin = self.module.keep_margin(features.float())
+        probability = torch.sigmoid(margin)
         diverse = math.floor(self.strategy.params.diversity_ratio * keep + 0.5)
-        kept = kept_with_diverse(features[None], probability.detach()[None], keep - diverse, diverse)[0]  # ascending
+        # Ranked by the margin, as at inference (the probability saturates at 1.0)
+        kept = kept_with_diverse(features[None], margin.detach()[None], keep - diverse, diverse)[0]  # ascending
         self.probabilities.append(probability)
         hard = torch.zeros_like(probability)
         hard[kept] = 1.0

@@ -52,14 +52,19 @@ class LearnablePruningModule(nn.Module):
         """[..., n, feature_dim] -> [..., n, 2] logits, column 1 = keep."""
         return self.mlp(features)
 
-    def keep_probability(self, features: torch.Tensor) -> torch.Tensor:
-        """M_soft's keep column, which ranks tokens at inference: the softmax of two logits is the sigmoid of
-        their difference, whose weights are one row (a two-column matrix product ran a 14 us cuBLAS kernel on an
-        H100, for 576 tokens; a weighted sum fuses with the GELU before it)."""
+    def keep_margin(self, features: torch.Tensor) -> torch.Tensor:
+        """The keep logit minus the drop logit, [..., n]: M_soft's keep probability is its sigmoid, so it ranks
+        tokens as the probability does, without the probability's fp32 saturation (the testbed's trained module
+        gives 571-575 of 576 tokens a probability of exactly 1.0, whose order would be the top-k's tie-break).
+        One weighted sum over the hidden units (a two-column matrix product ran a 14 us cuBLAS kernel on an H100,
+        for 576 tokens; the sum fuses with the GELU before it)."""
         first, activation, last = self.mlp
         hidden = activation(first(features))
-        weight, bias = last.weight[1] - last.weight[0], last.bias[1] - last.bias[0]
-        return torch.sigmoid((hidden * weight).sum(dim=-1) + bias)
+        return (hidden * (last.weight[1] - last.weight[0])).sum(dim=-1) + (last.bias[1] - last.bias[0])
+
+    def keep_probability(self, features: torch.Tensor) -> torch.Tensor:
+        """M_soft's keep column: the softmax of two logits is the sigmoid of their difference."""
+        return torch.sigmoid(self.keep_margin(features))
 
     def save(self, directory: str | Path, model_name: str, model_fingerprint: str, **metadata) -> Path:
         """Weights as safetensors plus a JSON config naming the model the module was trained for."""
@@ -123,7 +128,8 @@ class LearnPruner(PruningStrategy):
     paper's k=12 of 32 a budget of 32 keeps R1=52 then R2=18, an average of 31.8).
 
     Stage 1, before the LLM: the module's keep probability (softmax of its logits) on the vision-encoder
-    features ranks the tokens; the top R1 - D are kept, and D = round(10% of R1) more are added greedily, each
+    features ranks the tokens (computed as the logits' difference, whose order it is, unsaturated in fp32); the
+    top R1 - D are kept, and D = round(10% of R1) more are added greedily, each
     the remaining token farthest (max-min cosine distance on the same features) from those already kept.
     The vision encoder's attention is not used (the paper's point: it suffers from attention sinks).
     Stage 2, after layer k: mean over heads and over the text tokens after the image of their attention onto
@@ -209,7 +215,7 @@ class LearnPruner(PruningStrategy):
         features = self.features(ctx)
         module = self.module_for(ctx, features.shape[-1]).to(features.device)
         with torch.no_grad():
-            return module.keep_probability(features.float())
+            return module.keep_margin(features.float())  # ranks as the keep probability, unsaturated
 
     def select_images(self, contexts: Sequence[ScoreContext]) -> list[Selection]:
         """Images of one size are selected together. Before the LLM, the module, the top-k and each greedy pick
@@ -224,7 +230,7 @@ class LearnPruner(PruningStrategy):
         features = torch.stack([self.features(ctx) for ctx in contexts])  # [B, n, f]
         module = self.module_for(contexts[0], features.shape[-1]).to(features.device)
         with torch.no_grad():
-            scores = module.keep_probability(features.float())
+            scores = module.keep_margin(features.float())
         diverse = math.floor(self.params.diversity_ratio * keep + 0.5)
         return [Selection(keep=row) for row in kept_with_diverse(features, scores, keep - diverse, diverse)]
 

@@ -267,11 +267,19 @@ def test_learnpruner_diversity_follows_its_definition():
         assert max_min_diverse(features, kept, count).tolist() == expected, case
 
 
-def test_learnpruner_keep_probability_is_the_softmax_keep_column():
+def test_learnpruner_keep_probability_is_the_softmax_keep_column_and_the_margin_ranks_as_it():
     torch.manual_seed(0)
     module = LearnablePruningModule(16, hidden=8)
     features = torch.randn(2, 30, 16) * 3
-    torch.testing.assert_close(module.keep_probability(features), module(features).softmax(dim=-1)[..., 1], rtol=1e-5, atol=1e-6)
+    logits = module(features)
+    torch.testing.assert_close(module.keep_probability(features), logits.softmax(dim=-1)[..., 1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(module.keep_margin(features), logits[..., 1] - logits[..., 0], rtol=1e-5, atol=1e-5)
+    # A confident module saturates the probability at 1.0 in fp32; the margin still orders the tokens.
+    with torch.no_grad():
+        module.mlp[2].bias += torch.tensor([-40.0, 40.0])
+    assert bool((module.keep_probability(features) == 1.0).all())
+    margin = module.keep_margin(features)
+    assert margin.unique().numel() == margin.numel()
 
 
 def test_learnpruner_cosine_distances_are_one_minus_the_normalised_products():
