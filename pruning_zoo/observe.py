@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pruning_zoo.packing import own_linear
-from pruning_zoo.strategy import fp32_products
+from pruning_zoo.strategy import SublayerIO, fp32_products
 
 if TYPE_CHECKING:
     from pruning_zoo.adapters import ModelAdapter
@@ -35,6 +35,24 @@ def sublayer_hooks(layer: torch.nn.Module, store) -> list:
     parts = {"attn_in": layer.input_layernorm, "attn_out": layer.self_attn,
              "mlp_in": layer.post_attention_layernorm, "mlp_out": layer.mlp}
     return [module.register_forward_hook(keep(part)) for part, module in parts.items()]
+
+
+def summarized_layer_forward(layer: torch.nn.Module, hidden_states: torch.Tensor,
+                             summarize: Callable[[SublayerIO], torch.Tensor], **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Llama-layout decoder layer's forward (pre-norm attention, then MLP, each added to the residual stream: what
+    `sublayer_hooks` assumes) that also returns `summarize` of its sub-blocks, [B, L], for a pad-free batch.
+
+    The segmented prefill runs watched layers through it, so that torch.compile fuses the summary's reductions
+    into the layer's own kernels while its sub-block tensors are being made, as a serving engine would, instead
+    of keeping four [B, L, d] tensors per layer to be read again at the stage. Its output is checked against the
+    layer's own forward (`SegmentedPrefill`'s first run)."""
+    attn_in = layer.input_layernorm(hidden_states)
+    attn_out = layer.self_attn(hidden_states=attn_in, **kwargs)[0]
+    hidden_states = hidden_states + attn_out
+    mlp_in = layer.post_attention_layernorm(hidden_states)
+    mlp_out = layer.mlp(mlp_in)
+    valid = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
+    return hidden_states + mlp_out, summarize(SublayerIO(attn_in, attn_out, mlp_in, mlp_out, valid))
 
 
 def rotated_keys(layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

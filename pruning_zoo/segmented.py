@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import statistics
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,11 +47,11 @@ from pruning_zoo.budget import Budget, check_budget, resolve_budget
 from pruning_zoo.engine import check_plan, check_selections, positions_after
 from pruning_zoo.errors import PruningZooError
 from pruning_zoo.flops import Convention, DecoderShape, llm_flops
-from pruning_zoo.observe import AttentionProbe, sublayer_hooks
+from pruning_zoo.observe import AttentionProbe, summarized_layer_forward
 from pruning_zoo.packing import PackedProjections
 from pruning_zoo.patch_matmul import patch_matmul_forward
 from pruning_zoo.sequence import Survivors
-from pruning_zoo.strategy import PruningStrategy, ScoreContext, Selection, Stage, SublayerIO
+from pruning_zoo.strategy import PruningStrategy, ScoreContext, Selection, Stage
 from pruning_zoo.timing import Clock
 
 
@@ -76,12 +77,13 @@ class Segment:
 
 @dataclasses.dataclass
 class CapturedRun:
-    """Consecutive segments captured in one CUDA graph, and the events recorded inside it around each segment
-    (external events, which time parts of a graph)."""
+    """Consecutive segments captured in one CUDA graph, and the events recorded inside it around each span of
+    them (external events, which time parts of a graph): (span name, start, end), one per run of segments of one
+    `span_name`, so that no events separate a selection from its gather."""
 
     segments: list[Segment]
     graph: torch.cuda.CUDAGraph
-    marks: list[tuple[torch.cuda.Event, torch.cuda.Event]] = dataclasses.field(default_factory=list)
+    marks: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = dataclasses.field(default_factory=list)
 
 
 class CaptureFailed(Exception):
@@ -209,20 +211,22 @@ class SegmentedPrefill:
         self.skipped_vision_blocks = self.adapter.unused_vision_blocks
         self.vision_flops = [self.adapter.vision_flops(i, self.num_visual, skip_unused=True) for i in range(self.batch)]
         self.state: dict = {}
-        #: Layers whose sub-blocks the strategy summarizes; their tensors, summaries, and the sequence they ran on.
+        #: Layers whose sub-blocks the strategy summarizes, run by `summarized_layer_forward`; their summaries, their
+        #: last inputs (hidden states and keyword arguments, for `summary_cost_ms`), and the sequence they ran on.
         self._watched = set(strategy.sublayer_layers(num_layers)) if "sublayer_summary" in strategy.observes else set()
-        self._sublayers: dict[int, dict[str, torch.Tensor]] = {}
         self._summaries: dict[int, torch.Tensor] = {}
+        self._watched_inputs: dict[int, tuple[torch.Tensor, dict]] = {}
         #: Each watched layer's sequence: (the first layer of its run of layers, which names the sequence, and
         #: every row's position in the sequence entering the LLM).
         self._index_at: dict[int, tuple[int, torch.Tensor]] = {}
         self._validate = True
         self.fusion = fusion
-        # Layers whose sub-blocks are watched keep their own forward: the hooks inside it stay eager.
-        self._fused = [layer for index, layer in enumerate(self.adapter.layers) if index not in self._watched]
-        self._fused += [block for block in self.adapter.vision_blocks if block not in self.skipped_vision_blocks]
+        self._fused = [*self.adapter.layers, *(b for b in self.adapter.vision_blocks if b not in self.skipped_vision_blocks)]
         #: The forwards that stand in for the modules' own while the prefill runs.
         self._shadowed = {module: torch.compile(module.forward, backend=fusion) for module in self._fused} if fusion else {}
+        #: Watched layers' forward, with the strategy's summary fused in where there is fusion.
+        summarized = functools.partial(summarized_layer_forward, summarize=strategy.summarize_sublayers)
+        self._summarized_forward = torch.compile(summarized, backend=fusion) if fusion and self._watched else summarized
         self._shadowed.update(dict.fromkeys(self.skipped_vision_blocks, skip_block))
         #: Linear layers reading one input, multiplied as one matrix (q/k/v, gate/up), as serving engines do.
         self.packed = [PackedProjections(group) for group in self.adapter.packable_projections()] if fusion else []
@@ -286,9 +290,8 @@ class SegmentedPrefill:
             segments.append(Segment(f"layers {first}-{stage.after_layer}", functools.partial(self._layers, first, stage.after_layer)))
             # Each stage summarizes the watched layers since the previous one: every run of a segment, captured
             # or not, does the same work.
-            summarized = sorted(layer for layer in self._watched if first <= layer <= stage.after_layer)
             segments.append(Segment(f"selection after layer {stage.after_layer}",
-                                    functools.partial(self._select_in_llm, stage, current, summarized),
+                                    functools.partial(self._select_in_llm, stage, current),
                                     selection=True, reads_previous=True))
             segments.append(Segment(f"gather after layer {stage.after_layer}", functools.partial(self._shrink, current),
                                     selection=True, gather=True))
@@ -321,14 +324,17 @@ class SegmentedPrefill:
         )
         for index in range(first, last + 1):
             layer = self.adapter.layers[index]
-            watch = index in self._watched
             if index == last and not final:
                 self.state["stage_input"] = (hidden, kwargs)
-            with attached(sublayer_hooks(layer, self._sublayers.setdefault(index, {}).__setitem__) if watch else []):
-                output = layer(hidden, **kwargs)
-            hidden = output[0] if isinstance(output, tuple) else output
-            if watch:
+            if index in self._watched:
+                self._watched_inputs[index] = (hidden, kwargs)
+                if self._validate:
+                    self._check_summarized_forward(layer, hidden, kwargs)
+                hidden, self._summaries[index] = self._summarized_forward(layer, hidden, **kwargs)
                 self._index_at[index] = (first, self.state["index"])
+                continue
+            output = layer(hidden, **kwargs)
+            hidden = output[0] if isinstance(output, tuple) else output
         self.state.update(hidden=hidden, layer_kwargs=kwargs)
         if final:
             normed = self.adapter.language_model.norm(hidden[:, -1:])
@@ -345,14 +351,10 @@ class SegmentedPrefill:
                     for sample in range(self.batch)]
         self._keep(self._select(contexts))
 
-    def _select_in_llm(self, stage: Stage, current: int, summarized: list[int]) -> None:
+    def _select_in_llm(self, stage: Stage, current: int) -> None:
         hidden = self.state["hidden"]
         s = self.start
         key_valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-        for layer in summarized:
-            parts = self._sublayers[layer]
-            self._summaries[layer] = self.strategy.summarize_sublayers(SublayerIO(**parts, valid=torch.ones_like(
-                parts["attn_in"][..., 0], dtype=torch.bool)))
         image = torch.arange(s, s + current, device=hidden.device)
         probe = AttentionProbe(self.adapter, stage.after_layer, self.state["stage_input"], hidden,
                                self.state["layer_kwargs"], key_valid, image_end=s + current, image=image)
@@ -459,6 +461,41 @@ class SegmentedPrefill:
             segment.run, segment.uncompiled = segment.uncompiled, None
             segment.run()  # a selection writes the state at its end: run whole from the same inputs
 
+    def _check_summarized_forward(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> None:
+        """A watched layer's forward must compute what the layer's own does: a family whose decoder layers are not
+        Llama-layout (`summarized_layer_forward`) fails here rather than giving other logits."""
+        own = layer(hidden, **self._fresh_cache(kwargs))
+        own = (own[0] if isinstance(own, tuple) else own).float()
+        ours = summarized_layer_forward(layer, hidden, self.strategy.summarize_sublayers, **self._fresh_cache(kwargs))[0].float()
+        tolerance = 1e-4 if hidden.dtype == torch.float32 else 2e-2
+        if not torch.allclose(ours, own, atol=tolerance * float(own.abs().max()), rtol=tolerance):
+            raise PruningZooError(f"{type(layer).__name__} is not a Llama-layout decoder layer (pre-norm attention, then MLP, "
+                                  f"each added to the residual stream): {self.strategy.name}'s sub-block summaries cannot "
+                                  "be taken inside it in the segmented prefill; use the eager engine")
+
+    def _fresh_cache(self, kwargs: dict) -> dict:
+        """A layer's keyword arguments with an empty KV cache, for a forward outside the prefill's own."""
+        return {**kwargs, "past_key_values": PrefillCache(config=self.model.config)}
+
+    @torch.no_grad()
+    def summary_cost_ms(self, repeats: int = 50) -> float | None:
+        """What the strategy's sub-block summaries cost inside the watched layers, where they run fused and so
+        count in the layers' time (None when no layer is watched): per watched layer, on its last input, the
+        median time of its forward with the summary less that of its own forward, summed over the layers. On a
+        GPU each forward is a CUDA graph replayed `repeats` times, timed by CUDA events; on a CPU, eager calls
+        timed by perf_counter. Run after the prefill, which leaves the inputs."""
+        if not self._watched_inputs:
+            return None
+        total = 0.0
+        with self._forwards():
+            for index, (hidden, kwargs) in sorted(self._watched_inputs.items()):
+                layer = self.adapter.layers[index]
+                summarized = median_ms(lambda: self._summarized_forward(layer, hidden, **self._fresh_cache(kwargs)), repeats,
+                                       hidden.device)
+                own = median_ms(lambda: layer(hidden, **self._fresh_cache(kwargs)), repeats, hidden.device)
+                total += summarized - own
+        return total
+
     def _check_embeddings(self) -> None:
         """Our vision segment must hand the language model what the model's own forward does."""
         ours, expected = self.state["hidden"].float(), self.expected_embeds.float()
@@ -530,22 +567,25 @@ class SegmentedPrefill:
         torch.cuda.synchronize()
 
     def _capture_run(self, segments: list[Segment], pool) -> None:
-        """Capture `segments` (then emptied) in one graph, with a pair of events around each."""
+        """Capture `segments` (then emptied) in one graph, with a pair of events around each span of them."""
         if not segments:
             return
         run = CapturedRun(segments=list(segments), graph=torch.cuda.CUDAGraph())
         segments.clear()
+        names = [span_name(segment) for segment in run.segments]
         try:
             with torch.cuda.graph(run.graph, pool=pool):
-                for segment in run.segments:
+                for index, segment in enumerate(run.segments):
+                    if index == 0 or names[index - 1] != names[index]:
+                        start = torch.cuda.Event(enable_timing=True, external=True)
+                        start.record()
                     before = dict(self.state)
-                    start = torch.cuda.Event(enable_timing=True, external=True)
-                    end = torch.cuda.Event(enable_timing=True, external=True)
-                    start.record()
                     segment.run()
-                    end.record()
-                    run.marks.append((start, end))
                     segment.outputs = self._written_since(before)
+                    if index + 1 == len(names) or names[index + 1] != names[index]:
+                        end = torch.cuda.Event(enable_timing=True, external=True)
+                        end.record()
+                        run.marks.append((names[index], start, end))
         except RuntimeError as error:
             raise CaptureFailed(run.segments[0], f"capture failed: {str(error).splitlines()[0]}") from error
         self.steps.append(run)
@@ -592,10 +632,10 @@ class SegmentedPrefill:
         for step in self.steps:
             if isinstance(step, CapturedRun):
                 step.graph.replay()
-                for segment, (start, end) in zip(step.segments, step.marks):
+                for segment in step.segments:
                     self.state.update(segment.outputs)  # eager segments after it read these
-                    if clock is not None:
-                        clock.add(span_name(segment), start, end)
+                for name, start, end in step.marks if clock is not None else []:
+                    clock.add(name, start, end)
                 continue
             # An eager vision or layers segment runs the compiled forwards, installed around it alone (some
             # hundreds of attributes to set, host time the GPU may wait for); an eager selection (a host draw) runs
@@ -638,6 +678,32 @@ class SegmentedPrefill:
         text = self.length - self.num_visual
         tokens = [text + visual for visual in self.visual_per_layer()]
         return self.batch * llm_flops(tokens, DecoderShape.from_config(self.adapter.text_config), convention)
+
+
+def median_ms(call: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Median milliseconds of `call`, work on `device`, over `repeats` runs: on a GPU one CUDA graph of it, warmed
+    up, each replay between CUDA events; on a CPU eager calls timed by perf_counter after one warm-up call."""
+    if device.type != "cuda":
+        clock = Clock(device)
+        call()
+        for _ in range(repeats):
+            with clock.span("call"):
+                call()
+        return statistics.median(clock.elapsed_ms(start, end) for start, end in clock.spans["call"])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    clock = Clock(device)
+    for _ in range(repeats):
+        with clock.span("call"):
+            graph.replay()
+    return statistics.median(clock.elapsed_ms(start, end) for start, end in clock.spans["call"])
 
 
 def span_name(segment: Segment) -> str:

@@ -48,6 +48,11 @@ def test_every_cell_is_measured_once_with_its_figures(measured):
         assert entry["seconds"] > 0
         assert entry["ttft_ms"] >= entry["selection_ms"]
         assert (entry["decode_ms_per_token"] is not None) == (entry["cell"]["mode"] == "eager")
+        # TransPrune's summaries, fused into its layers, are timed apart and counted as selection
+        summarizes = entry["cell"]["mode"] == "compiled" and entry["cell"]["strategy"] == "transprune"
+        assert ("selection_in_layers_ms" in entry) == summarizes
+        if summarizes:
+            assert entry["selection_ms"] >= max(entry["selection_in_layers_ms"], 0.0)
         if entry["cell"]["mode"] == "compiled" and entry["cell"]["strategy"] != "random":
             assert entry["agreement_with_eager"]["max_abs_logit_difference"] < 1e-4
             assert entry["agreement_with_eager"]["same_first_token"]

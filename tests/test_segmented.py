@@ -10,7 +10,9 @@ import torch
 import pruning_zoo
 from pruning_zoo.engine import prune
 from pruning_zoo.errors import PruningZooError
-from pruning_zoo.segmented import PrefillCache, SegmentedPrefill
+from pruning_zoo.observe import sublayer_hooks, summarized_layer_forward
+from pruning_zoo.segmented import PrefillCache, SegmentedPrefill, attached
+from pruning_zoo.strategy import SublayerIO
 
 
 def uniform_llava_inputs(batch_size: int) -> dict:
@@ -100,8 +102,8 @@ def test_fused_layers_compute_the_same_and_are_restored(uniform_model, case):
     """With a fusion backend the decoder layers and vision blocks run compiled forwards (their hooks, which
     VisionZip's observations need, stay outside), as do the selections (attention probe and TransPrune's
     summaries included), and give the same logits; the forwards are the modules' own again afterwards.
-    TransPrune's watched layers keep theirs: their sub-block hooks run inside. Random's host draw stays
-    eager; its gather is compiled."""
+    TransPrune's watched layers run `summarized_layer_forward` compiled, its summaries traced into the layer's
+    graph. Random's host draw stays eager; its gather is compiled."""
     name, model = uniform_model
     graphs = []
 
@@ -131,15 +133,15 @@ def test_fused_layers_compute_the_same_and_are_restored(uniform_model, case):
         if case != "random":
             assert any(torch.where in targets for targets in graphs)
     assert graphs and any(torch.nn.functional.silu in targets or torch.rsqrt in targets for targets in graphs)
-    if case == "transprune":  # its summaries are compiled too
-        assert any(torch.nn.functional.cosine_similarity in targets for targets in graphs)
+    if case == "transprune":  # its summaries are compiled into the watched layers' graphs
+        assert any(torch.nn.functional.cosine_similarity in targets and torch.nn.functional.silu in targets
+                   for targets in graphs)
     if case in ("fastv", "transprune"):  # and the attention probe's scores (the layers' own attention is SDPA)
         assert any("softmax" in targets for targets in graphs)
     adapter = fused.adapter
-    watched = set(fused.strategy.sublayer_layers(adapter.num_layers)) if case == "transprune" else set()
     read_blocks = [block for block in adapter.vision_blocks if block not in adapter.unused_vision_blocks]
-    assert fused._fused == [layer for i, layer in enumerate(adapter.layers) if i not in watched] + read_blocks
-    assert adapter.vision_blocks and (case != "transprune" or watched)
+    assert fused._fused == [*adapter.layers, *read_blocks] and adapter.vision_blocks
+    assert bool(fused._watched) == (case == "transprune")
     assert not [module for module in fused._fused + adapter.unused_vision_blocks if "forward" in module.__dict__]
     # q/k/v and gate/up were multiplied as one matrix each, and the projections' forwards are their own again
     assert fused.packed and not plain.packed
@@ -202,6 +204,52 @@ def test_fused_selections_compile_at_every_budget_of_a_sweep(tiny_llava):
         unfused = SegmentedPrefill(tiny_llava, pruning_zoo.get_strategy("pool"), budget, inputs)
         unfused.run()
         torch.testing.assert_close(segmented.logits, unfused.logits, atol=1e-5, rtol=1e-4)
+
+
+def test_watched_layers_compute_the_layer_and_summarize_what_its_sub_blocks_do(uniform_model):
+    """TransPrune's watched layers run `summarized_layer_forward`: the layer's own output, and the summary of the
+    sub-block tensors its hooks (the hook engine's observation) see."""
+    name, model = uniform_model
+    strategy = pruning_zoo.get_strategy("transprune")
+    segmented = SegmentedPrefill(model, strategy, 2, UNIFORM[name](2))
+    segmented.run()
+    assert sorted(segmented._watched_inputs) == sorted(segmented._watched) != []
+    with torch.no_grad():
+        for index, (hidden, kwargs) in segmented._watched_inputs.items():
+            layer = segmented.adapter.layers[index]
+            parts = {}
+            with attached(sublayer_hooks(layer, parts.__setitem__)):
+                own = layer(hidden, **segmented._fresh_cache(kwargs))
+            ours, summary = summarized_layer_forward(layer, hidden, strategy.summarize_sublayers,
+                                                     **segmented._fresh_cache(kwargs))
+            torch.testing.assert_close(ours, own[0] if isinstance(own, tuple) else own)
+            valid = torch.ones(hidden.shape[:2], dtype=torch.bool)
+            torch.testing.assert_close(summary, strategy.summarize_sublayers(SublayerIO(**parts, valid=valid)))
+            torch.testing.assert_close(segmented._summaries[index], summary)
+
+
+def test_a_watched_layer_that_is_not_llama_layout_is_refused(tiny_llava):
+    segmented = SegmentedPrefill(tiny_llava, pruning_zoo.get_strategy("transprune"), 2, UNIFORM["llava"](1))
+    layer = segmented.adapter.layers[min(segmented._watched)]
+    own = layer.forward
+    layer.forward = lambda hidden, **kwargs: own(hidden, **kwargs) * 2  # a layer scaling its output
+    try:
+        with pytest.raises(PruningZooError, match="not a Llama-layout decoder layer.*eager engine"):
+            segmented.run()
+    finally:
+        del layer.forward
+
+
+def test_the_summaries_cost_inside_the_layers_is_timed_apart(tiny_llava):
+    """Fused into the layers, summaries have no span of their own: their cost is the watched layers' time with
+    them less without, measured on the inputs the prefill left (None where nothing is watched)."""
+    inputs = UNIFORM["llava"](1)
+    watched = SegmentedPrefill(tiny_llava, pruning_zoo.get_strategy("transprune"), 2, inputs)
+    unwatched = SegmentedPrefill(tiny_llava, pruning_zoo.get_strategy("fastv"), 6, inputs)
+    for segmented in (watched, unwatched):
+        segmented.run()
+    assert isinstance(watched.summary_cost_ms(repeats=3), float)
+    assert unwatched.summary_cost_ms(repeats=3) is None
 
 
 def test_the_first_run_validates_the_selection(uniform_model):
