@@ -224,9 +224,11 @@ class SegmentedPrefill:
         self._fused = [*self.adapter.layers, *(b for b in self.adapter.vision_blocks if b not in self.skipped_vision_blocks)]
         #: The forwards that stand in for the modules' own while the prefill runs.
         self._shadowed = {module: torch.compile(module.forward, backend=fusion) for module in self._fused} if fusion else {}
-        #: Watched layers' forward, with the strategy's summary fused in where there is fusion.
+        #: Watched layers' forward, with the strategy's summary fused in where there is fusion: compiled for each
+        #: sequence length (as shape-general code inductor split the summary's softmax over the tokens in parts).
         summarized = functools.partial(summarized_layer_forward, summarize=strategy.summarize_sublayers)
-        self._summarized_forward = torch.compile(summarized, backend=fusion) if fusion and self._watched else summarized
+        self._summarized_forward = (torch.compile(summarized, backend=fusion, dynamic=False) if fusion and self._watched
+                                    else summarized)
         self._shadowed.update(dict.fromkeys(self.skipped_vision_blocks, skip_block))
         #: Linear layers reading one input, multiplied as one matrix (q/k/v, gate/up), as serving engines do.
         self.packed = [PackedProjections(group) for group in self.adapter.packable_projections()] if fusion else []
