@@ -4,8 +4,7 @@ configs with random weights directly on the GPU (latency does not depend on the 
 Per cell (architecture x batch x strategy x budget x mode) it measures, with CUDA events, after warm-up,
 as medians over repetitions:
 - time to first token: vision tower and projector, selection, LLM prefill (writing the KV cache), first token;
-- the selection alone (every pruning step: scoring, selecting, gathering the survivors; sub-block summaries
-  fused into the layers that make them are timed apart, `SegmentedPrefill.summary_cost_ms`, and counted here);
+- the selection alone (every pruning step: scoring, selecting, gathering the survivors);
 - decode milliseconds per token (eager generate(), under the same strategy);
 - peak GPU memory, FLOPs (the flops.py counts, x2 for FLOPs: they count multiply-accumulates), and the
   physical floor max(FLOPs / peak FLOP/s, weight bytes / memory bandwidth), summed over the vision tower and
@@ -328,14 +327,6 @@ def measure(model, inputs: dict, strategy: PruningStrategy, budget: int, mode: s
         "tokens": segmented.length,
         "clock": Clock(device).kind,
     }
-    # A strategy's sub-block summaries run fused inside its watched layers (`summarized_layer_forward`), so inside
-    # the LLM's span: their cost, timed apart, moves from the LLM's time to the selection's (as measured; a
-    # difference below zero, noise, moves nothing).
-    in_layers = segmented.summary_cost_ms() if mode == "compiled" else None
-    if in_layers is not None:
-        result["selection_in_layers_ms"] = in_layers
-        result["selection_ms"] += max(in_layers, 0.0)
-        result["llm_ms"] -= max(in_layers, 0.0)
     result["selection_share"] = result["selection_ms"] / result["ttft_ms"]
     if mode == "compiled":
         result["eager_segments"] = spans["eager_segments"]

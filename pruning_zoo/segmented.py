@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import statistics
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -47,11 +46,11 @@ from pruning_zoo.budget import Budget, check_budget, resolve_budget
 from pruning_zoo.engine import check_plan, check_selections, positions_after
 from pruning_zoo.errors import PruningZooError
 from pruning_zoo.flops import Convention, DecoderShape, llm_flops
-from pruning_zoo.observe import AttentionProbe, summarized_layer_forward
+from pruning_zoo.observe import AttentionProbe, sublayer_forward
 from pruning_zoo.packing import PackedProjections
 from pruning_zoo.patch_matmul import patch_matmul_forward
 from pruning_zoo.sequence import Survivors
-from pruning_zoo.strategy import PruningStrategy, ScoreContext, Selection, Stage
+from pruning_zoo.strategy import PruningStrategy, ScoreContext, Selection, Stage, SublayerIO
 from pruning_zoo.timing import Clock
 
 
@@ -211,9 +210,11 @@ class SegmentedPrefill:
         self.skipped_vision_blocks = self.adapter.unused_vision_blocks
         self.vision_flops = [self.adapter.vision_flops(i, self.num_visual, skip_unused=True) for i in range(self.batch)]
         self.state: dict = {}
-        #: Layers whose sub-blocks the strategy summarizes, run by `summarized_layer_forward`; their summaries, their
-        #: last inputs (hidden states and keyword arguments, for `summary_cost_ms`), and the sequence they ran on.
+        #: Layers whose sub-blocks the strategy summarizes, run by `sublayer_forward`; their sub-block tensors, their
+        #: summaries, and the sequence they ran on; their last inputs (hidden states and keyword arguments), which
+        #: diagnostics time them on (scripts/summary_placement.py).
         self._watched = set(strategy.sublayer_layers(num_layers)) if "sublayer_summary" in strategy.observes else set()
+        self._sublayers: dict[int, SublayerIO] = {}
         self._summaries: dict[int, torch.Tensor] = {}
         self._watched_inputs: dict[int, tuple[torch.Tensor, dict]] = {}
         #: Each watched layer's sequence: (the first layer of its run of layers, which names the sequence, and
@@ -224,11 +225,10 @@ class SegmentedPrefill:
         self._fused = [*self.adapter.layers, *(b for b in self.adapter.vision_blocks if b not in self.skipped_vision_blocks)]
         #: The forwards that stand in for the modules' own while the prefill runs.
         self._shadowed = {module: torch.compile(module.forward, backend=fusion) for module in self._fused} if fusion else {}
-        #: Watched layers' forward, with the strategy's summary fused in where there is fusion: compiled for each
-        #: sequence length (as shape-general code inductor split the summary's softmax over the tokens in parts).
-        summarized = functools.partial(summarized_layer_forward, summarize=strategy.summarize_sublayers)
-        self._summarized_forward = (torch.compile(summarized, backend=fusion, dynamic=False) if fusion and self._watched
-                                    else summarized)
+        #: Watched layers' forward, handing out their sub-block tensors: fused like the other layers where there is
+        #: fusion, compiled for each sequence length (as measured by scripts/summary_placement.py).
+        self._sublayer_forward = (torch.compile(sublayer_forward, backend=fusion, dynamic=False) if fusion and self._watched
+                                  else sublayer_forward)
         self._shadowed.update(dict.fromkeys(self.skipped_vision_blocks, skip_block))
         #: Linear layers reading one input, multiplied as one matrix (q/k/v, gate/up), as serving engines do.
         self.packed = [PackedProjections(group) for group in self.adapter.packable_projections()] if fusion else []
@@ -292,8 +292,9 @@ class SegmentedPrefill:
             segments.append(Segment(f"layers {first}-{stage.after_layer}", functools.partial(self._layers, first, stage.after_layer)))
             # Each stage summarizes the watched layers since the previous one: every run of a segment, captured
             # or not, does the same work.
+            summarized = sorted(layer for layer in self._watched if first <= layer <= stage.after_layer)
             segments.append(Segment(f"selection after layer {stage.after_layer}",
-                                    functools.partial(self._select_in_llm, stage, current),
+                                    functools.partial(self._select_in_llm, stage, current, summarized),
                                     selection=True, reads_previous=True))
             segments.append(Segment(f"gather after layer {stage.after_layer}", functools.partial(self._shrink, current),
                                     selection=True, gather=True))
@@ -331,8 +332,8 @@ class SegmentedPrefill:
             if index in self._watched:
                 self._watched_inputs[index] = (hidden, kwargs)
                 if self._validate:
-                    self._check_summarized_forward(layer, hidden, kwargs)
-                hidden, self._summaries[index] = self._summarized_forward(layer, hidden, **kwargs)
+                    self._check_sublayer_forward(layer, hidden, kwargs)
+                hidden, self._sublayers[index] = self._sublayer_forward(layer, hidden, **kwargs)
                 self._index_at[index] = (first, self.state["index"])
                 continue
             output = layer(hidden, **kwargs)
@@ -353,10 +354,12 @@ class SegmentedPrefill:
                     for sample in range(self.batch)]
         self._keep(self._select(contexts))
 
-    def _select_in_llm(self, stage: Stage, current: int) -> None:
+    def _select_in_llm(self, stage: Stage, current: int, summarized: list[int]) -> None:
         hidden = self.state["hidden"]
         s = self.start
         key_valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        for layer in summarized:  # the layers since the previous stage, in one compiled selection: fused together
+            self._summaries[layer] = self.strategy.summarize_sublayers(self._sublayers[layer])
         image = torch.arange(s, s + current, device=hidden.device)
         probe = AttentionProbe(self.adapter, stage.after_layer, self.state["stage_input"], hidden,
                                self.state["layer_kwargs"], key_valid, image_end=s + current, image=image)
@@ -463,40 +466,21 @@ class SegmentedPrefill:
             segment.run, segment.uncompiled = segment.uncompiled, None
             segment.run()  # a selection writes the state at its end: run whole from the same inputs
 
-    def _check_summarized_forward(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> None:
+    def _check_sublayer_forward(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> None:
         """A watched layer's forward must compute what the layer's own does: a family whose decoder layers are not
-        Llama-layout (`summarized_layer_forward`) fails here rather than giving other logits."""
+        Llama-layout (`sublayer_forward`) fails here rather than giving other logits."""
         own = layer(hidden, **self._fresh_cache(kwargs))
         own = (own[0] if isinstance(own, tuple) else own).float()
-        ours = summarized_layer_forward(layer, hidden, self.strategy.summarize_sublayers, **self._fresh_cache(kwargs))[0].float()
+        ours = sublayer_forward(layer, hidden, **self._fresh_cache(kwargs))[0].float()
         tolerance = 1e-4 if hidden.dtype == torch.float32 else 2e-2
         if not torch.allclose(ours, own, atol=tolerance * float(own.abs().max()), rtol=tolerance):
             raise PruningZooError(f"{type(layer).__name__} is not a Llama-layout decoder layer (pre-norm attention, then MLP, "
-                                  f"each added to the residual stream): {self.strategy.name}'s sub-block summaries cannot "
-                                  "be taken inside it in the segmented prefill; use the eager engine")
+                                  f"each added to the residual stream): {self.strategy.name}'s sub-block tensors cannot "
+                                  "be taken from it in the segmented prefill; use the eager engine")
 
     def _fresh_cache(self, kwargs: dict) -> dict:
         """A layer's keyword arguments with an empty KV cache, for a forward outside the prefill's own."""
         return {**kwargs, "past_key_values": PrefillCache(config=self.model.config)}
-
-    @torch.no_grad()
-    def summary_cost_ms(self, repeats: int = 50) -> float | None:
-        """What the strategy's sub-block summaries cost inside the watched layers, where they run fused and so
-        count in the layers' time (None when no layer is watched): per watched layer, on its last input, the
-        median time of its forward with the summary less that of its own forward, summed over the layers. On a
-        GPU each forward is a CUDA graph replayed `repeats` times, timed by CUDA events; on a CPU, eager calls
-        timed by perf_counter. Run after the prefill, which leaves the inputs."""
-        if not self._watched_inputs:
-            return None
-        total = 0.0
-        with self._forwards():
-            for index, (hidden, kwargs) in sorted(self._watched_inputs.items()):
-                layer = self.adapter.layers[index]
-                summarized = median_ms(lambda: self._summarized_forward(layer, hidden, **self._fresh_cache(kwargs)), repeats,
-                                       hidden.device)
-                own = median_ms(lambda: layer(hidden, **self._fresh_cache(kwargs)), repeats, hidden.device)
-                total += summarized - own
-        return total
 
     def _check_embeddings(self) -> None:
         """Our vision segment must hand the language model what the model's own forward does."""
@@ -680,32 +664,6 @@ class SegmentedPrefill:
         text = self.length - self.num_visual
         tokens = [text + visual for visual in self.visual_per_layer()]
         return self.batch * llm_flops(tokens, DecoderShape.from_config(self.adapter.text_config), convention)
-
-
-def median_ms(call: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median milliseconds of `call`, work on `device`, over `repeats` runs: on a GPU one CUDA graph of it, warmed
-    up, each replay between CUDA events; on a CPU eager calls timed by perf_counter after one warm-up call."""
-    if device.type != "cuda":
-        clock = Clock(device)
-        call()
-        for _ in range(repeats):
-            with clock.span("call"):
-                call()
-        return statistics.median(clock.elapsed_ms(start, end) for start, end in clock.spans["call"])
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
-    clock = Clock(device)
-    for _ in range(repeats):
-        with clock.span("call"):
-            graph.replay()
-    return statistics.median(clock.elapsed_ms(start, end) for start, end in clock.spans["call"])
 
 
 def span_name(segment: Segment) -> str:

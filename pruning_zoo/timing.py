@@ -4,9 +4,10 @@ host's perf_counter on a CPU. Both give milliseconds; every result says which cl
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from transformers.generation.streamers import BaseStreamer
@@ -71,3 +72,29 @@ class TokenClock(BaseStreamer):
 
     def end(self) -> None:
         pass
+
+
+def median_ms(call: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Median milliseconds of `call`, work on `device`, over `repeats` runs: on a GPU one CUDA graph of it, warmed
+    up, each replay between CUDA events; on a CPU eager calls timed by perf_counter after one warm-up call."""
+    if device.type != "cuda":
+        clock = Clock(device)
+        call()
+        for _ in range(repeats):
+            with clock.span("call"):
+                call()
+        return statistics.median(clock.elapsed_ms(start, end) for start, end in clock.spans["call"])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    clock = Clock(device)
+    for _ in range(repeats):
+        with clock.span("call"):
+            graph.replay()
+    return statistics.median(clock.elapsed_ms(start, end) for start, end in clock.spans["call"])

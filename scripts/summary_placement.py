@@ -4,11 +4,11 @@ benchmark.
     python scripts/summary_placement.py --out DIR [--arch llava-1.5-7b] [--budget 64] [--batch 1]
 
 For each watched layer of the fused segmented prefill (on the inputs its prefill left), CUDA graphs replayed
-alone, medians of CUDA events (`pruning_zoo.segmented.median_ms`):
+alone, medians of CUDA events (`pruning_zoo.timing.median_ms`):
 - own: the layer's compiled forward, no summary;
-- in layer: `summarized_layer_forward` compiled with the whole summary (as the prefill runs it);
-- tensors out: the layer compiled returning its four sub-block tensors, and the summary compiled apart on them
-  (as a stage would compute it);
+- in layer: `sublayer_forward` and the whole summary compiled together (the summary fused into the layer);
+- tensors out: `sublayer_forward` compiled, returning the four sub-block tensors (as the prefill runs it), and the
+  summary compiled apart on them (as a stage computes it; there fused with the other layers' summaries);
 - token values out: the layer compiled returning each token's magnitude and direction terms (no softmax), and
   the softmax over the tokens compiled apart.
 Writes DIR/summary-placement-ARCH.json.
@@ -27,10 +27,11 @@ import torch.nn.functional as F
 
 import pruning_zoo
 from pruning_zoo.latency import architecture, build_random
-from pruning_zoo.observe import summarized_layer_forward
+from pruning_zoo.observe import sublayer_forward
 from pruning_zoo.provenance import device_description, git_sha, versions
-from pruning_zoo.segmented import SegmentedPrefill, median_ms
+from pruning_zoo.segmented import SegmentedPrefill
 from pruning_zoo.strategy import SublayerIO
+from pruning_zoo.timing import median_ms
 
 
 def token_values(io: SublayerIO) -> torch.Tensor:
@@ -44,6 +45,16 @@ def token_values(io: SublayerIO) -> torch.Tensor:
 
 def from_token_values(values: torch.Tensor) -> torch.Tensor:
     return values[..., 0] * values[..., 1].softmax(dim=-1) + values[..., 2] * values[..., 3].softmax(dim=-1)
+
+
+def summarized(summarize):
+    """`sublayer_forward` returning `summarize` of its sub-block tensors instead of them."""
+
+    def forward(layer, hidden_states, **kwargs):
+        hidden_states, io = sublayer_forward(layer, hidden_states, **kwargs)
+        return hidden_states, summarize(io)
+
+    return forward
 
 
 def main() -> int:
@@ -62,10 +73,10 @@ def main() -> int:
     segmented = SegmentedPrefill(model, strategy, args.budget, inputs, fusion="inductor")
     segmented.capture()
     compile_static = functools.partial(torch.compile, backend="inductor", dynamic=False)
-    tensors_out = compile_static(functools.partial(summarized_layer_forward,
-                                                   summarize=lambda io: (io.attn_in, io.attn_out, io.mlp_in, io.mlp_out)))
-    values_out = compile_static(functools.partial(summarized_layer_forward, summarize=token_values))
-    summary_apart = compile_static(lambda parts: strategy.summarize_sublayers(SublayerIO(*parts, valid=torch.ones_like(parts[0][..., 0], dtype=torch.bool))))
+    in_layer = compile_static(summarized(strategy.summarize_sublayers))
+    tensors_out = compile_static(sublayer_forward)
+    values_out = compile_static(summarized(token_values))
+    summary_apart = compile_static(strategy.summarize_sublayers)
     softmax_apart = compile_static(from_token_values)
     rows = []
     with segmented._forwards(), torch.no_grad():
@@ -83,7 +94,7 @@ def main() -> int:
             row = {
                 "layer": index, "rows": hidden.shape[1],
                 "own_ms": timed(lambda: layer(hidden, **fresh())),
-                "in_layer_ms": timed(lambda: segmented._summarized_forward(layer, hidden, **fresh())),
+                "in_layer_ms": timed(lambda: in_layer(layer, hidden, **fresh())),
                 "tensors_out_ms": timed(lambda: tensors_out(layer, hidden, **fresh())),
                 "summary_apart_ms": timed(lambda: summary_apart(parts)),
                 "token_values_out_ms": timed(lambda: values_out(layer, hidden, **fresh())),

@@ -18,6 +18,7 @@ from pruning_zoo.cli import app
 from pruning_zoo.engine import prune
 from pruning_zoo.errors import PruningZooError
 from pruning_zoo.segmented import SegmentedPrefill
+from pruning_zoo.timing import median_ms
 
 TINY = latency.Architecture("tiny-llava", "a tiny LLaVA", tiny_models.llava_config, latency.llava_prompt(3, 4), 16)
 STRATEGIES = ["none", "random", "pool", "visionzip", "fastv", "transprune", "learnpruner"]
@@ -48,11 +49,6 @@ def test_every_cell_is_measured_once_with_its_figures(measured):
         assert entry["seconds"] > 0
         assert entry["ttft_ms"] >= entry["selection_ms"]
         assert (entry["decode_ms_per_token"] is not None) == (entry["cell"]["mode"] == "eager")
-        # TransPrune's summaries, fused into its layers, are timed apart and counted as selection
-        summarizes = entry["cell"]["mode"] == "compiled" and entry["cell"]["strategy"] == "transprune"
-        assert ("selection_in_layers_ms" in entry) == summarizes
-        if summarizes:
-            assert entry["selection_ms"] >= max(entry["selection_in_layers_ms"], 0.0)
         if entry["cell"]["mode"] == "compiled" and entry["cell"]["strategy"] != "random":
             assert entry["agreement_with_eager"]["max_abs_logit_difference"] < 1e-4
             assert entry["agreement_with_eager"]["same_first_token"]
@@ -222,3 +218,9 @@ def test_the_llava_next_prompt_holds_the_packed_tokens_and_runs_segmented():
     segmented = SegmentedPrefill(model, pruning_zoo.get_strategy("fastv"), 64, inputs)
     segmented.run()
     torch.testing.assert_close(segmented.logits, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_median_ms_times_a_call_by_its_clock_on_a_cpu():
+    calls = []
+    assert median_ms(lambda: calls.append(1), 5, torch.device("cpu")) >= 0
+    assert len(calls) == 6  # a warm-up call, then the timed ones

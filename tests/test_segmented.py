@@ -10,9 +10,8 @@ import torch
 import pruning_zoo
 from pruning_zoo.engine import prune
 from pruning_zoo.errors import PruningZooError
-from pruning_zoo.observe import sublayer_hooks, summarized_layer_forward
+from pruning_zoo.observe import sublayer_forward, sublayer_hooks
 from pruning_zoo.segmented import PrefillCache, SegmentedPrefill, attached
-from pruning_zoo.strategy import SublayerIO
 
 
 def uniform_llava_inputs(batch_size: int) -> dict:
@@ -102,8 +101,8 @@ def test_fused_layers_compute_the_same_and_are_restored(uniform_model, case):
     """With a fusion backend the decoder layers and vision blocks run compiled forwards (their hooks, which
     VisionZip's observations need, stay outside), as do the selections (attention probe and TransPrune's
     summaries included), and give the same logits; the forwards are the modules' own again afterwards.
-    TransPrune's watched layers run `summarized_layer_forward` compiled, its summaries traced into the layer's
-    graph. Random's host draw stays eager; its gather is compiled."""
+    TransPrune's watched layers run `sublayer_forward` compiled. Random's host draw stays eager; its gather is
+    compiled."""
     name, model = uniform_model
     graphs = []
 
@@ -133,9 +132,8 @@ def test_fused_layers_compute_the_same_and_are_restored(uniform_model, case):
         if case != "random":
             assert any(torch.where in targets for targets in graphs)
     assert graphs and any(torch.nn.functional.silu in targets or torch.rsqrt in targets for targets in graphs)
-    if case == "transprune":  # its summaries are compiled into the watched layers' graphs
-        assert any(torch.nn.functional.cosine_similarity in targets and torch.nn.functional.silu in targets
-                   for targets in graphs)
+    if case == "transprune":  # its summaries are compiled too, in the stages' selections
+        assert any(torch.nn.functional.cosine_similarity in targets for targets in graphs)
     if case in ("fastv", "transprune"):  # and the attention probe's scores (the layers' own attention is SDPA)
         assert any("softmax" in targets for targets in graphs)
     adapter = fused.adapter
@@ -206,26 +204,26 @@ def test_fused_selections_compile_at_every_budget_of_a_sweep(tiny_llava):
         torch.testing.assert_close(segmented.logits, unfused.logits, atol=1e-5, rtol=1e-4)
 
 
-def test_watched_layers_compute_the_layer_and_summarize_what_its_sub_blocks_do(uniform_model):
-    """TransPrune's watched layers run `summarized_layer_forward`: the layer's own output, and the summary of the
-    sub-block tensors its hooks (the hook engine's observation) see."""
+def test_watched_layers_compute_the_layer_and_hand_out_what_its_hooks_see(uniform_model):
+    """TransPrune's watched layers run `sublayer_forward`: the layer's own output, and the sub-block tensors its
+    hooks (the hook engine's observation) see, summarized at the stage."""
     name, model = uniform_model
     strategy = pruning_zoo.get_strategy("transprune")
     segmented = SegmentedPrefill(model, strategy, 2, UNIFORM[name](2))
     segmented.run()
-    assert sorted(segmented._watched_inputs) == sorted(segmented._watched) != []
+    assert sorted(segmented._watched_inputs) == sorted(segmented._sublayers) == sorted(segmented._watched) != []
     with torch.no_grad():
         for index, (hidden, kwargs) in segmented._watched_inputs.items():
             layer = segmented.adapter.layers[index]
             parts = {}
             with attached(sublayer_hooks(layer, parts.__setitem__)):
                 own = layer(hidden, **segmented._fresh_cache(kwargs))
-            ours, summary = summarized_layer_forward(layer, hidden, strategy.summarize_sublayers,
-                                                     **segmented._fresh_cache(kwargs))
+            ours, io = sublayer_forward(layer, hidden, **segmented._fresh_cache(kwargs))
             torch.testing.assert_close(ours, own[0] if isinstance(own, tuple) else own)
-            valid = torch.ones(hidden.shape[:2], dtype=torch.bool)
-            torch.testing.assert_close(summary, strategy.summarize_sublayers(SublayerIO(**parts, valid=valid)))
-            torch.testing.assert_close(segmented._summaries[index], summary)
+            for part, tensor in parts.items():
+                torch.testing.assert_close(getattr(io, part), tensor)
+            assert bool(io.valid.all()) and io.valid.shape == hidden.shape[:2]
+            torch.testing.assert_close(segmented._summaries[index], strategy.summarize_sublayers(io))
 
 
 def test_a_watched_layer_that_is_not_llama_layout_is_refused(tiny_llava):
@@ -238,18 +236,6 @@ def test_a_watched_layer_that_is_not_llama_layout_is_refused(tiny_llava):
             segmented.run()
     finally:
         del layer.forward
-
-
-def test_the_summaries_cost_inside_the_layers_is_timed_apart(tiny_llava):
-    """Fused into the layers, summaries have no span of their own: their cost is the watched layers' time with
-    them less without, measured on the inputs the prefill left (None where nothing is watched)."""
-    inputs = UNIFORM["llava"](1)
-    watched = SegmentedPrefill(tiny_llava, pruning_zoo.get_strategy("transprune"), 2, inputs)
-    unwatched = SegmentedPrefill(tiny_llava, pruning_zoo.get_strategy("fastv"), 6, inputs)
-    for segmented in (watched, unwatched):
-        segmented.run()
-    assert isinstance(watched.summary_cost_ms(repeats=3), float)
-    assert unwatched.summary_cost_ms(repeats=3) is None
 
 
 def test_the_first_run_validates_the_selection(uniform_model):
