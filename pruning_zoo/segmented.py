@@ -210,16 +210,12 @@ class SegmentedPrefill:
         self.skipped_vision_blocks = self.adapter.unused_vision_blocks
         self.vision_flops = [self.adapter.vision_flops(i, self.num_visual, skip_unused=True) for i in range(self.batch)]
         self.state: dict = {}
-        #: Layers whose sub-blocks the strategy summarizes, run by `sublayer_forward`; their sub-block tensors, their
-        #: summaries, and the sequence they ran on; their last inputs (hidden states and keyword arguments), which
-        #: diagnostics time them on (scripts/summary_placement.py).
+        #: Layers whose sub-blocks the strategy summarizes, run by `sublayer_forward`; their sub-block tensors; their
+        #: last inputs (hidden states and keyword arguments), which diagnostics time them on
+        #: (scripts/summary_placement.py).
         self._watched = set(strategy.sublayer_layers(num_layers)) if "sublayer_summary" in strategy.observes else set()
         self._sublayers: dict[int, SublayerIO] = {}
-        self._summaries: dict[int, torch.Tensor] = {}
         self._watched_inputs: dict[int, tuple[torch.Tensor, dict]] = {}
-        #: Each watched layer's sequence: (the first layer of its run of layers, which names the sequence, and
-        #: every row's position in the sequence entering the LLM).
-        self._index_at: dict[int, tuple[int, torch.Tensor]] = {}
         self._validate = True
         self.fusion = fusion
         self._fused = [*self.adapter.layers, *(b for b in self.adapter.vision_blocks if b not in self.skipped_vision_blocks)]
@@ -293,8 +289,9 @@ class SegmentedPrefill:
             # Each stage summarizes the watched layers since the previous one: every run of a segment, captured
             # or not, does the same work.
             summarized = sorted(layer for layer in self._watched if first <= layer <= stage.after_layer)
+            earlier = sorted(layer for layer in self._watched if layer < first)
             segments.append(Segment(f"selection after layer {stage.after_layer}",
-                                    functools.partial(self._select_in_llm, stage, current, summarized),
+                                    functools.partial(self._select_in_llm, stage, current, summarized, earlier),
                                     selection=True, reads_previous=True))
             segments.append(Segment(f"gather after layer {stage.after_layer}", functools.partial(self._shrink, current),
                                     selection=True, gather=True))
@@ -311,9 +308,8 @@ class SegmentedPrefill:
         embeds = self.model.get_input_embeddings()(self.input_ids)
         s, n = self.start, self.num_visual
         hidden = torch.cat([embeds[:, :s], features.reshape(self.batch, n, -1).to(embeds.dtype), embeds[:, s + n :]], dim=1)
-        order = torch.arange(self.length, device=hidden.device)
-        # Materialised, not expanded views: an eager run after a graph copies into them.
-        self.state.update(hidden=hidden, positions=self.entry_positions, index=order[None].repeat(self.batch, 1))
+        # Nothing summarized yet (a state left by the previous run's last stage is not carried into this one).
+        self.state.update(hidden=hidden, positions=self.entry_positions, summaries_at_image=None)
 
     def _layers(self, first: int, last: int, final: bool = False) -> None:
         hidden, positions = self.state["hidden"], self.state["positions"]
@@ -334,7 +330,6 @@ class SegmentedPrefill:
                 if self._validate:
                     self._check_sublayer_forward(layer, hidden, kwargs)
                 hidden, self._sublayers[index] = self._sublayer_forward(layer, hidden, **kwargs)
-                self._index_at[index] = (first, self.state["index"])
                 continue
             output = layer(hidden, **kwargs)
             hidden = output[0] if isinstance(output, tuple) else output
@@ -354,37 +349,35 @@ class SegmentedPrefill:
                     for sample in range(self.batch)]
         self._keep(self._select(contexts))
 
-    def _select_in_llm(self, stage: Stage, current: int, summarized: list[int]) -> None:
+    def _select_in_llm(self, stage: Stage, current: int, summarized: list[int], earlier: list[int]) -> None:
+        """`summarized`: the watched layers since the previous stage, which ran on the current sequence; `earlier`:
+        those before, whose summaries at the image's current tokens the previous gathers carried here."""
         hidden = self.state["hidden"]
         s = self.start
         key_valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-        for layer in summarized:  # the layers since the previous stage, in one compiled selection: fused together
-            self._summaries[layer] = self.strategy.summarize_sublayers(self._sublayers[layer])
+        # Every watched layer's summary at every sample's image tokens, [B, current]: those of the layers since the
+        # previous stage summarized here, in one compiled selection (fused together), and read at the image's rows.
+        at_image = {layer: self.state["summaries_at_image"][:, i] for i, layer in enumerate(earlier)}
+        for layer in summarized:
+            at_image[layer] = self.strategy.summarize_sublayers(self._sublayers[layer])[:, s : s + current]
+        # Carried through the gather to the next stage, as the survivors' rows.
+        self.state["summaries_at_image"] = torch.stack([at_image[layer] for layer in sorted(at_image)], dim=1) if at_image else None
         image = torch.arange(s, s + current, device=hidden.device)
         probe = AttentionProbe(self.adapter, stage.after_layer, self.state["stage_input"], hidden,
                                self.state["layer_kwargs"], key_valid, image_end=s + current, image=image)
-        at_image: dict[int, torch.Tensor] = {}  # layer -> its summary at every sample's image tokens, [B, current]
-        rows_in: dict[int, torch.Tensor] = {}  # sequence -> the image tokens' rows in it, [B, current], once for its layers
         contexts = []
         for sample in range(self.batch):
             observations = probe.observations(sample, image)
-            observations["sublayer_summary"] = functools.partial(self._sublayer_summary, at_image, rows_in, stage, sample,
-                                                                current)
+            observations["sublayer_summary"] = functools.partial(self._sublayer_summary, at_image, stage, sample)
             contexts.append(self._context(stage, hidden[sample, s : s + current], None, observations))
         self._keep(self._select(contexts))
 
-    def _sublayer_summary(self, at_image: dict, rows_in: dict, stage: Stage, sample: int, current: int, layer: int) -> torch.Tensor:
-        """As the engine's `sublayer_summary` observation, for a pad-free batch: the rows of every sample's
-        image tokens in the layer's sequence found once for the batch."""
-        if layer not in self._summaries or layer > stage.after_layer:  # a later layer's would be the last run's
-            raise PruningZooError(f"no sub-block summary of layer {layer}: the strategy's sublayer_layers must list "
-                                  "it and it must run before the stage")
+    @staticmethod
+    def _sublayer_summary(at_image: dict[int, torch.Tensor], stage: Stage, sample: int, layer: int) -> torch.Tensor:
+        """As the engine's `sublayer_summary` observation, for a pad-free batch."""
         if layer not in at_image:
-            sequence, index = self._index_at[layer]
-            if sequence not in rows_in:
-                entry_rows = self.state["index"][:, self.start : self.start + current]
-                rows_in[sequence] = torch.searchsorted(index.contiguous(), entry_rows.contiguous())
-            at_image[layer] = self._summaries[layer].gather(1, rows_in[sequence])
+            raise PruningZooError(f"no sub-block summary of layer {layer} at the stage after layer {stage.after_layer}: "
+                                  "the strategy's sublayer_layers must list it and it must run before the stage")
         return at_image[layer][sample]
 
     def _context(self, stage: Stage, tokens: torch.Tensor, grid, observations: dict) -> ScoreContext:
@@ -415,6 +408,9 @@ class SegmentedPrefill:
         hidden = self.state["hidden"]
         batch, length = hidden.shape[:2]
         s, device = self.start, hidden.device
+        if self.state.get("summaries_at_image") is not None:  # the survivors' summaries, for the next stage
+            carried = self.state["summaries_at_image"]
+            self.state["summaries_at_image"] = carried.gather(2, self.state["kept"][:, None].expand(-1, carried.shape[1], -1))
         kept = s + self.state["kept"]  # [B, keep], sequence rows
         if self.state["merged"] is None:  # one gather for the batch
             rows = hidden.gather(1, kept[..., None].expand(-1, -1, hidden.shape[-1]))
@@ -430,7 +426,7 @@ class SegmentedPrefill:
         before = torch.arange(s, s + current, device=device)
         changes = [(sample, before, kept[sample]) for sample in range(batch)]
         positions, _ = positions_after(self.adapter, self.strategy.params.positions, self.state["positions"], step, changes)
-        self.state.update(hidden=shrunk, positions=positions, index=self.state["index"].gather(1, step_index))
+        self.state.update(hidden=shrunk, positions=positions)
 
     # -- running -------------------------------------------------------------------------------------------
     def _forwards(self):
