@@ -72,21 +72,28 @@ def attention_probabilities(
     keys: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    rows: torch.Tensor,
+    rows: torch.Tensor | slice,
     key_valid: torch.Tensor,
 ) -> torch.Tensor:
     """Post-softmax attention [B, heads, R, L] of each sample's query `rows` at `layer`, fp32, causal and padding
     masks applied, exactly as the layer's attention would compute it for those rows.
 
     normed: [B, L, d] the layer's normed input; keys: [B, kv_heads, L, dh] its rotated keys (`rotated_keys`);
-    cos, sin: [B or 1, L, head_dim] its rotary tables; rows: [B, R] query positions; key_valid: [B, L].
+    cos, sin: [B or 1, L, head_dim] its rotary tables; rows: [B, R] query positions, or a slice of positions
+    every sample shares, read in place (a gather of them was a kernel of its own); key_valid: [B, L].
     """
     attention = layer.self_attn
-    batch, count = rows.shape
-    picked = normed.gather(1, rows[..., None].expand(-1, -1, normed.shape[-1]))
+    batch = normed.shape[0]
+    if isinstance(rows, slice):
+        picked = normed[:, rows]
+        row_cos, row_sin = cos[:, rows][:, None], sin[:, rows][:, None]
+        rows = torch.arange(normed.shape[1], device=normed.device)[rows].expand(batch, -1)
+    else:
+        picked = normed.gather(1, rows[..., None].expand(-1, -1, normed.shape[-1]))
+        at_rows = rows[..., None].expand(-1, -1, cos.shape[-1])
+        row_cos, row_sin = (table.expand(batch, -1, -1).gather(1, at_rows)[:, None] for table in (cos, sin))
+    count = rows.shape[1]
     queries = own_linear(attention.q_proj, picked).view(batch, count, -1, attention.head_dim).transpose(1, 2)
-    at_rows = rows[..., None].expand(-1, -1, cos.shape[-1])
-    row_cos, row_sin = (table.expand(batch, -1, -1).gather(1, at_rows)[:, None] for table in (cos, sin))
     queries = queries * row_cos + rotate_half(queries) * row_sin
     if queries.shape[1] != keys.shape[1]:  # grouped-query attention
         keys = keys.repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)
@@ -135,8 +142,8 @@ class AttentionProbe:
         def last_rows() -> torch.Tensor:  # [B, 1]: each sample's last real token
             return torch.where(self.key_valid, order, -1).max(dim=1, keepdim=True).values
 
-        def after_image_rows() -> torch.Tensor:  # [B, R]
-            return order[self.image_end :].expand(self.key_valid.shape[0], -1)
+        def after_image_rows() -> slice:  # the same rows in every sample
+            return slice(self.image_end, None)
 
         def batched(layer_index: int, hidden, kwargs, name: str, rows) -> torch.Tensor:
             key = layer_index, name
@@ -172,8 +179,8 @@ class AttentionProbe:
             "next_layer_instruction_attention": functools.partial(instruction, *after, "instruction"),
         }
 
-    def _probabilities(self, layer_index: int, hidden, kwargs, rows: torch.Tensor, sample: int | None = None) -> torch.Tensor:
-        """attention_probabilities at a layer for query `rows` [B or 1, R]: of every sample, or of one."""
+    def _probabilities(self, layer_index: int, hidden, kwargs, rows: torch.Tensor | slice, sample: int | None = None) -> torch.Tensor:
+        """attention_probabilities at a layer for query `rows` ([B or 1, R], or a slice): of every sample, or of one."""
         cos, sin = kwargs["position_embeddings"]
         layer = self.adapter.layers[layer_index]
         if layer_index not in self._keys:

@@ -13,6 +13,7 @@ import pruning_zoo
 import tiny_models
 from pruning_zoo.adapters import adapter_for
 from pruning_zoo.engine import prune
+from pruning_zoo.observe import attention_probabilities, rotated_keys
 from pruning_zoo.strategies.learnpruner import (
     LearnablePruningModule,
     cosine_distances,
@@ -220,6 +221,24 @@ def test_transprune_iga_is_the_next_layers_eager_attention_from_the_instruction(
         after = torch.arange(image.shape[1]) > image[sample].nonzero().max()
         expected = attentions[1][sample][:, after][:, :, image[sample]].float().mean((0, 1))
         torch.testing.assert_close(seen[sample], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_attention_rows_given_as_a_shared_range_are_the_rows_given_by_index(tmp_path):
+    """The instruction rows every sample shares are read in place (a slice); the same rows as indices give the
+    same probabilities."""
+    model = tiny_models.FAMILIES["llava"].build(tmp_path)
+    adapter = adapter_for(model)
+    layer = adapter.layers[1]
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 12, adapter.text_config.hidden_size, generator=generator)
+    positions = torch.arange(12)[None].expand(2, -1)
+    cos, sin = adapter.rotary_embedding(hidden, positions)
+    normed, keys = rotated_keys(layer, hidden, cos, sin)
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    by_index = attention_probabilities(layer, normed, keys, cos, sin, torch.arange(9, 12).expand(2, -1), valid)
+    in_place = attention_probabilities(layer, normed, keys, cos, sin, slice(9, None), valid)
+    assert in_place.shape == (2, layer.self_attn.config.num_attention_heads, 3, 12)
+    torch.testing.assert_close(in_place, by_index, rtol=0, atol=0)
 
 
 # -- LearnPruner -----------------------------------------------------------------------------------------------
