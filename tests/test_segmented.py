@@ -321,14 +321,18 @@ def test_qwen_towers_wait_for_no_gpu_value_on_the_host(family, tmp_path):
 
 
 def test_the_llava_next_tower_and_crop_counts_wait_for_no_gpu_value_on_the_host(tmp_path):
-    """LLaVA-NeXT's tower and the adapter's crop counts read `image_sizes` with `.tolist()`;
-    `capturable_vision_inputs` hands them a host copy. Checked as for Qwen, the meta device standing in for the
-    GPU."""
+    """LLaVA-NeXT's tower and the adapter's crop counts read `image_sizes` with `.tolist()`, and transformers'
+    packing copies a host list to the device (`feature_lens`): `capturable_vision_inputs` hands them a host copy
+    of the sizes and the packing as an index map, applied on the device; the token sources are made once, on the
+    model's device. Checked as for Qwen, the meta device standing in for the GPU, with the model's own packing
+    made to fail once the inputs are prepared."""
     model = tiny_models.FAMILIES["llava_next"].build(tmp_path)
     adapter = pruning_zoo.adapters.adapter_for(model)
     vision_inputs = {k: v for k, v in uniform_llava_next_inputs(2).items() if k in ("pixel_values", "image_sizes")}
     capturable = adapter.capturable_vision_inputs(vision_inputs)
-    assert capturable.keys() == vision_inputs.keys() and torch.equal(capturable["image_sizes"], vision_inputs["image_sizes"])
+    assert capturable.keys() == vision_inputs.keys() | {"packed_rows"}
+    assert torch.equal(capturable["image_sizes"], vision_inputs["image_sizes"])
+    assert int((capturable["packed_rows"] < 0).sum()) == 4  # a newline closing each of the grid's 4 rows
     observed = frozenset({"vision_attention", "vision_keys", "vision_features"})
     with torch.no_grad():
         expected = adapter.image_features(vision_inputs)
@@ -336,13 +340,22 @@ def test_the_llava_next_tower_and_crop_counts_wait_for_no_gpu_value_on_the_host(
         model.to("meta")
         with pytest.raises(NotImplementedError, match="meta"):  # the sizes on the device: the tower waits
             adapter.image_features({k: v.to("meta") for k, v in vision_inputs.items()})
+        on_meta = {**capturable, "pixel_values": capturable["pixel_values"].to("meta"),
+                   "packed_rows": capturable["packed_rows"].to("meta")}
         handles = adapter.vision_hooks(observed)
         try:
-            features = adapter.image_features({**capturable, "pixel_values": capturable["pixel_values"].to("meta")})
+            features = adapter.image_features(on_meta)
             shared = {}
             for seen in [adapter.vision_observations(i, 24, shared) for i in range(2)]:  # VisionZip's, LearnPruner's
                 assert seen["vision_attention"]().shape[-1] == 24
                 assert seen["vision_features"]().shape[0] == 24
+            assert adapter.token_sources(1, 24).crop.device.type == "meta"  # made on the device: nothing copied
+            model.model.pack_image_features = None  # not called again: the packing and the sources are kept
+            try:
+                assert adapter.image_features(on_meta).shape == features.shape
+                adapter.vision_observations(0, 24, {})["vision_attention"]()
+            finally:
+                del model.model.pack_image_features
         finally:
             for handle in handles:
                 handle.remove()
