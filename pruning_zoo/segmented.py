@@ -293,7 +293,8 @@ class SegmentedPrefill:
             segments.append(Segment(f"selection after layer {stage.after_layer}",
                                     functools.partial(self._select_in_llm, stage, current, summarized, earlier),
                                     selection=True, reads_previous=True))
-            segments.append(Segment(f"gather after layer {stage.after_layer}", functools.partial(self._shrink, current),
+            segments.append(Segment(f"gather after layer {stage.after_layer}",
+                                    functools.partial(self._shrink, current, carry_summaries=bool(self._watched)),
                                     selection=True, gather=True))
             first, current = stage.after_layer + 1, stage.keep
         last = self.adapter.num_layers - 1
@@ -403,12 +404,13 @@ class SegmentedPrefill:
             ])
         self.state.update(kept=kept, merged=merged)
 
-    def _shrink(self, current: int) -> None:
-        """Keep each sample's selected image tokens (`merged` rows where the strategy gave them)."""
+    def _shrink(self, current: int, carry_summaries: bool = False) -> None:
+        """Keep each sample's selected image tokens (`merged` rows where the strategy gave them); after an in-LLM
+        stage of a strategy summarizing sub-blocks, their summaries at the image's tokens too (`carry_summaries`)."""
         hidden = self.state["hidden"]
         batch, length = hidden.shape[:2]
         s, device = self.start, hidden.device
-        if self.state.get("summaries_at_image") is not None:  # the survivors' summaries, for the next stage
+        if carry_summaries and self.state["summaries_at_image"] is not None:  # the survivors', for the next stage
             carried = self.state["summaries_at_image"]
             self.state["summaries_at_image"] = carried.gather(2, self.state["kept"][:, None].expand(-1, carried.shape[1], -1))
         kept = s + self.state["kept"]  # [B, keep], sequence rows
