@@ -83,8 +83,9 @@ class RandomSubset(PruningStrategy):
         return [Selection(keep=row) for row in kept.to(device)]
 
     def _copy_to_gpu(self, kept: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """From pinned memory, so that the host need not wait for the GPU: a buffer per shape, pinned once (pinning
-        at every call took 0.4-3.8 ms of some batch-8 selections on an H100), reused once its last copy is done."""
+        """From pinned memory, so that the host need not wait for the GPU: a buffer per shape, pinned once, reused
+        once its last copy is done. Pinned at every call, some batch-8 selections on an H100 took 0.45-3.79 ms
+        (fad43a3, e1f8e41); 0.03-0.04 ms since."""
         if kept.shape not in self._pinned:
             self._pinned[kept.shape] = torch.empty_like(kept).pin_memory(), torch.cuda.Event()
         buffer, copied = self._pinned[kept.shape]

@@ -160,8 +160,7 @@ def merge_contextual(keys: torch.Tensor, features: torch.Tensor, count: int, mer
     assignment = (normed[:, members] @ normed[:, targets].transpose(1, 2)).argmax(dim=2)  # first maximum wins ties
     flat = features.flatten(2)
     # Each target's members summed as one matrix product with the assignment's one-hot [B, count, members]: exact
-    # products summed in fp32, in a fixed order. A scatter-add's atomics (hundreds of rows into a few) took 24 us of
-    # VisionZip's selection on an H100 and summed in no fixed order.
+    # products summed in fp32, in a fixed order, where a scatter-add's atomics on a GPU sum in no fixed order.
     joins = (assignment[:, None, :] == torch.arange(count, device=keys.device)[None, :, None]).to(flat.dtype)
     sums = fp32_products(joins, flat[:, members])
     counts = joins.sum(dim=2, dtype=torch.float32)[..., None]
