@@ -108,6 +108,11 @@ def test_the_batch_8_target_reads_the_llm_prefill_and_shows_ttft_beside_it():
                                         cell("fastv", 64, 50.0, 35.0)]})
     rows = {target.split(" at ")[0]: (measured, met) for target, measured, met in checks if "batch 8" in target}
     assert rows == {"pool": ("4.17x (TTFT 3.00x)", True), "fastv": ("2.86x (TTFT 2.40x)", False)}
+    # Where the cells count FLOPs, the LLM's FLOPs cut is shown beside: what bounds a compute-bound prefill.
+    with_flops = [{**cell("none", 576, 120.0, 100.0), "flops": {"vision": 1, "llm": 900}},
+                  {**cell("transprune", 64, 60.0, 45.0), "flops": {"vision": 1, "llm": 400}}]
+    measured = [m for target, m, _ in latency.targets({"cells": with_flops}) if "batch 8" in target]
+    assert measured == ["2.22x (TTFT 2.00x; LLM FLOPs cut 2.25x)"]
 
 
 def test_the_compiled_cells_name_their_fusion_and_another_is_never_mixed_in(measured):
