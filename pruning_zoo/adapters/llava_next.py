@@ -88,13 +88,18 @@ class LlavaNextAdapter(LlavaAdapter):
         newline, for an image of `size` ([1, 2], on the host): an index map packed by the model's own
         `pack_image_features` (its unpadding and newline rules)."""
         config = self.model.config
-        vision = config.vision_config
-        crops = image_size_to_num_patches(size[0], config.image_grid_pinpoints, vision.image_size)
-        per_crop = (vision.image_size // vision.patch_size) ** 2 + 1 - self._first_row
+        crops = image_size_to_num_patches(size[0], config.image_grid_pinpoints, config.vision_config.image_size)
+        per_crop = self._features_per_crop
         index = torch.arange(crops * per_crop, dtype=torch.float64).view(crops, per_crop, 1)
         packed, _ = self.model.model.pack_image_features(
             [index], size, config.vision_feature_select_strategy, image_newline=torch.tensor([NEWLINE], dtype=torch.float64))
         return packed[0][:, 0].long()  # NEWLINE is -1
+
+    @property
+    def _features_per_crop(self) -> int:
+        """Rows of one crop's tower features the projector reads: its patches, and CLS unless it is dropped."""
+        vision = self.model.config.vision_config
+        return (vision.image_size // vision.patch_size) ** 2 + 1 - self._first_row
 
     def _crops(self) -> list[int]:
         """Crops per image, as LLaVA-NeXT splits them (base crop first)."""
@@ -112,8 +117,7 @@ class LlavaNextAdapter(LlavaAdapter):
         if key not in self._sources:
             crops = self._crops()
             first_crop = sum(crops[:image_index])
-            vision = self.model.config.vision_config
-            per_crop = (vision.image_size // vision.patch_size) ** 2 + 1 - self._first_row
+            per_crop = self._features_per_crop
             flat = self._packed_rows(sizes[image_index : image_index + 1])
             synthetic = flat < 0
             # A newline closes a row: it points at the patch before it.
@@ -134,7 +138,6 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def vision_flops(self, image_index: int, num_visual: int, skip_unused: bool = False) -> int:
         crops = self._crops()[image_index]
-        vision = self.model.config.vision_config
-        per_crop = (vision.image_size // vision.patch_size) ** 2 + 1 - self._first_row
+        per_crop = self._features_per_crop
         return clip_vision_tower_flops(self.model, crops=crops, tokens=crops * per_crop,
                                        skipped=len(self.unused_vision_blocks) if skip_unused else 0)
