@@ -28,7 +28,7 @@ from torch import nn
 from pruning_zoo.adapters import ModelAdapter, adapter_for
 from pruning_zoo.adapters.base import VISION_OBSERVATIONS
 from pruning_zoo.budget import Budget, check_budget, resolve_budget
-from pruning_zoo.errors import InvalidParameterError, PruningZooError
+from pruning_zoo.errors import InvalidParameterError, PruningZooError, StrategyOutputError
 from pruning_zoo.flops import Convention, DecoderShape, llm_flops
 from pruning_zoo.observe import AttentionProbe, sublayer_hooks
 from pruning_zoo.sequence import Survivors, causal_mask, gather_positions, mask_invalid_keys
@@ -545,16 +545,19 @@ def check_plan(name: str, stages: tuple[Stage, ...], num_visual: int, num_layers
 def check_selection(name: str, selection: Selection, stage: Stage, tokens: torch.Tensor) -> None:
     keep = selection.keep
     if keep.shape != (stage.keep,):
-        raise PruningZooError(
+        raise StrategyOutputError(
             f"strategy {name!r} selected {tuple(keep.shape)} tokens {stage}; expected exactly {stage.keep}"
         )
     if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= tokens.shape[0] or bool((keep[1:] <= keep[:-1]).any())):
-        raise PruningZooError(
+        outside = int(((keep < 0) | (keep >= tokens.shape[0])).sum())
+        repeated = keep.numel() - int(keep.unique().numel())
+        descents = int((keep[1:] <= keep[:-1]).sum())
+        raise StrategyOutputError(
             f"strategy {name!r} selected invalid indices {stage}: they must be ascending, unique and below "
-            f"{tokens.shape[0]}"
+            f"{tokens.shape[0]} ({outside} outside, {repeated} repeated, {descents} not above the one before)"
         )
     if selection.features is not None and selection.features.shape != (stage.keep, tokens.shape[1]):
-        raise PruningZooError(
+        raise StrategyOutputError(
             f"strategy {name!r} merged features of shape {tuple(selection.features.shape)} {stage}; "
             f"expected ({stage.keep}, {tokens.shape[1]})"
         )
@@ -562,7 +565,7 @@ def check_selection(name: str, selection: Selection, stage: Stage, tokens: torch
 
 def check_selections(name: str, selections: list[Selection], contexts: list[ScoreContext]) -> None:
     if not isinstance(selections, (list, tuple)) or len(selections) != len(contexts):
-        raise PruningZooError(
+        raise StrategyOutputError(
             f"strategy {name!r} gave {len(selections) if isinstance(selections, (list, tuple)) else type(selections).__name__} "
             f"selections for {len(contexts)} images; select_images returns one Selection per context, in order"
         )

@@ -29,6 +29,11 @@ class PluginError(PruningZooError):
     """A plugin that cannot be loaded, or that registers something wrongly."""
 
 
+class StrategyOutputError(PruningZooError):
+    """A strategy returned a selection the engine cannot apply (wrong count, invalid indices or features): a
+    fault of that strategy's code on this input, not of the user's options."""
+
+
 def closest(name: str, known: Iterable[str]) -> str | None:
     """The known name closest to `name`, comparing case-insensitively; None if nothing is close."""
     by_lower = {k.lower(): k for k in known}

@@ -34,7 +34,7 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 from pruning_zoo.adapters import adapter_for
 from pruning_zoo.budget import resolve_budget
 from pruning_zoo.engine import prune
-from pruning_zoo.errors import PruningZooError, UnknownNameError
+from pruning_zoo.errors import PruningZooError, StrategyOutputError, UnknownNameError
 from pruning_zoo.provenance import device_description, git_sha, versions
 from pruning_zoo.segmented import SegmentedPrefill
 from pruning_zoo.strategy import PruningStrategy, params_as_dict
@@ -533,6 +533,8 @@ def run_benchmark(plan: LatencyPlan, out: Path, device: str, command: str, arch:
             torch.cuda.empty_cache()
         except torch._dynamo.exc.TorchDynamoException as error:  # the other cells may still be measured
             measured = {"error": f"torch.compile ({cell.fusion}) failed: {str(error).splitlines()[0]}"}
+        except StrategyOutputError as error:  # one strategy's fault on one cell: recorded, the sweep goes on
+            measured = {"error": str(error)}
         # What the cell cost, compilation and capture included: to plan the next run on a lent GPU.
         measured["seconds"] = round(time.perf_counter() - started, 2)
         results["cells"] = [entry for entry in results["cells"] if key(entry) != cell.key]

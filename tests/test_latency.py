@@ -18,6 +18,8 @@ from pruning_zoo.cli import app
 from pruning_zoo.engine import prune
 from pruning_zoo.errors import PruningZooError
 from pruning_zoo.segmented import SegmentedPrefill
+from pruning_zoo.strategies.baselines import RandomSubset
+from pruning_zoo.strategy import Selection
 from pruning_zoo.timing import median_ms
 
 TINY = latency.Architecture("tiny-llava", "a tiny LLaVA", tiny_models.llava_config, latency.llava_prompt(3, 4), 16)
@@ -150,6 +152,26 @@ def test_a_cell_that_fails_to_compile_is_recorded_the_rest_measured_and_a_rerun_
                                   on_cell=lambda cell, _: seen.append((cell.strategy, cell.mode)))
     assert seen == [("pool", "compiled")]
     assert len(again["cells"]) == 4 and not any("error" in e for e in again["cells"])
+
+
+class RepeatingRandom(RandomSubset):
+    """Test strategy: random's selection with its last index replaced by its first, a repeated index."""
+
+    def select_images(self, contexts):
+        return [Selection(keep=torch.cat([s.keep[:-1], s.keep[:1]]), features=s.features)
+                for s in super().select_images(contexts)]
+
+
+def test_a_strategy_selecting_invalid_indices_fails_its_cells_only_and_says_how(tmp_path):
+    strategies = {"none": pruning_zoo.get_strategy("none"), "random": RepeatingRandom(), "pool": pruning_zoo.get_strategy("pool")}
+    small = plan(batches=[1], budgets=[8], strategies=strategies)
+    results = latency.run_benchmark(small, tmp_path, "cpu", "x", arch=TINY, dtype=torch.float32)
+    errors = {(e["cell"]["strategy"], e["cell"]["mode"]): e.get("error") for e in results["cells"]}
+    assert len(errors) == 6
+    assert errors[("none", "compiled")] is None and errors[("pool", "compiled")] is None and errors[("pool", "eager")] is None
+    for mode in ("eager", "compiled"):
+        assert "selected invalid indices before the LLM: keep 8" in errors[("random", mode)]
+        assert "(0 outside, 1 repeated, 1 not above the one before)" in errors[("random", mode)]
 
 
 def test_an_unknown_fusion_backend_is_refused(tmp_path):
