@@ -196,7 +196,12 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     if torch.compiler.is_compiling() and n <= PAIRWISE_LIMIT:
         order = torch.arange(n, device=scores.device)
         other, own = scores[..., None, :], scores[..., :, None]  # [.., i, j]: does score j rank above score i?
-        above = (other > own) | ((other == own) & (order[None, :] < order[:, None]))
+        # NaN ranks above every number, as in the sort: a NaN compares unequal to everything, so without this
+        # each would count no score above it and the mask would hold more than k.
+        other_nan, own_nan = other.isnan(), own.isnan()
+        higher = (other > own) | (other_nan & ~own_nan)
+        tied = (other == own) | (other_nan & own_nan)
+        above = higher | (tied & (order[None, :] < order[:, None]))
         return above.sum(dim=-1) < k
     picked = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, picked, True)

@@ -61,6 +61,17 @@ def test_top_k_mask_marks_what_topk_picks_and_the_first_of_equal_scores(seed, mo
     assert torch.equal(compiled(tied, 20), top_k_mask(tied, 20))
 
 
+def test_top_k_mask_ranks_nan_above_every_number_compiled_as_eagerly():
+    """A NaN score ranks first, as in the sort; the compiled mask then still holds exactly k."""
+    scores = torch.tensor([[0.5, float("nan"), 0.9, 0.1, float("nan"), 0.7], [0.3, 0.2, 0.1, 0.0, -1.0, float("nan")]])
+    compiled = torch.compile(top_k_mask, backend="aot_eager", dynamic=False)
+    for k in (1, 2, 3, 5):
+        mask = top_k_mask(scores, k)
+        assert mask.sum(-1).tolist() == [k, k]
+        assert torch.equal(compiled(scores, k), mask)
+    assert top_k_mask(scores, 3).tolist() == [[False, True, True, False, True, False], [True, True, False, False, False, True]]
+
+
 def test_fp32_products_sum_exact_products_in_fp32():
     generator = torch.Generator().manual_seed(0)
     a, b = torch.randn(2, 3, 5, 64, generator=generator).bfloat16(), torch.randn(2, 3, 64, 7, generator=generator).bfloat16()
