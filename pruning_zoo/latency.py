@@ -18,6 +18,7 @@ strategy's selections the same way.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import inspect
@@ -304,9 +305,10 @@ def measure(model, inputs: dict, strategy: PruningStrategy, budget: int, mode: s
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
-    spans = run_compiled(segmented, repeats) if mode == "compiled" else run_eager(model, inputs, strategy, budget, repeats)
+    with phase(f"the {mode} mode's timed runs"):
+        spans = run_compiled(segmented, repeats) if mode == "compiled" else run_eager(model, inputs, strategy, budget, repeats)
     if mode == "compiled":  # the graphs must compute what transformers computes under the hook engine
-        with torch.no_grad(), prune(model, strategy, budget):
+        with phase("the hook engine's reference run"), torch.no_grad(), prune(model, strategy, budget):
             reference = model(**inputs, logits_to_keep=1).logits[:, -1].float()
         agreement = {
             "max_abs_logit_difference": float((segmented.logits.float() - reference).abs().max()),
@@ -344,6 +346,15 @@ def measure(model, inputs: dict, strategy: PruningStrategy, budget: int, mode: s
         result["floor_ms"] = floor
         result["ttft_over_floor"] = result["ttft_ms"] / floor
     return result
+
+
+@contextlib.contextmanager
+def phase(name: str):
+    """A strategy's invalid output names the part of the cell that met it (the cell's error says where to look)."""
+    try:
+        yield
+    except StrategyOutputError as error:
+        raise StrategyOutputError(f"{name}: {error}") from error
 
 
 def _spans(clock: Clock) -> dict[str, float]:
