@@ -549,7 +549,7 @@ def run_benchmark(plan: LatencyPlan, out: Path, device: str, command: str, arch:
         # What the cell cost, compilation and capture included: to plan the next run on a lent GPU.
         measured["seconds"] = round(time.perf_counter() - started, 2)
         results["cells"] = [entry for entry in results["cells"] if key(entry) != cell.key]
-        results["cells"].append({"cell": dataclasses.asdict(cell), "git_sha": results["git_sha"], **measured})
+        results["cells"].append({"cell": dataclasses.asdict(cell), "git_sha": results["git_sha"], "command": command, **measured})
         write_results(path, results)
         path.with_suffix(".md").write_text(markdown(results))
         if on_cell is not None:
@@ -592,11 +592,21 @@ def _number(value, digits: int = 2) -> str:
     return "-" if value is None or value != value else f"{value:.{digits}f}"
 
 
-def _earlier_commits(results: dict) -> str:
-    earlier = sorted({c.get("git_sha") for c in results["cells"]} - {results["git_sha"], None})
-    if not earlier:
-        return ""
-    return " (cells resumed from an earlier run name theirs: " + ", ".join(f"`{sha}`" for sha in earlier) + ")"
+def _runs(results: dict) -> list[str]:
+    """One line per run that made cells on the page: its command and commit, and how many cells it made. Older
+    cells, which did not record their command, are counted by commit; the file's git history holds those commands."""
+    runs: dict[tuple, int] = {}
+    for entry in results["cells"]:
+        run = (entry.get("command"), entry.get("git_sha"))
+        runs[run] = runs.get(run, 0) + 1
+    lines = []
+    for (command, sha), cells in sorted(runs.items(), key=lambda item: (item[0][0] is not None, str(item[0]))):
+        made = f"{cells} cell{'s' * (cells != 1)}"
+        if command is None:
+            lines.append(f"  - git `{sha}`: {made}, command not recorded in the cells (see this file's git history)")
+        else:
+            lines.append(f"  - `{command}` at git `{sha}`: {made}")
+    return lines
 
 
 def _times(value) -> str:
@@ -680,8 +690,10 @@ def markdown(results: dict) -> str:
         "",
         f"{results['description']}; random {results['dtype']} weights built from the config on the device, SDPA attention.",
         "",
-        f"- command: `{results['command']}`",
-        f"- git SHA: `{results['git_sha']}`" + _earlier_commits(results) + "; versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()),
+        "- runs (each cell names its git SHA and, since they recorded it, its command):",
+        *_runs(results),
+        f"- last run: `{results['command']}` at git `{results['git_sha']}`; versions: "
+        + ", ".join(f"{k} {v}" for k, v in results["versions"].items()),
     ]
     if peaks:
         lines.append(f"- this GPU, measured: {peaks['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s bf16 matmul, "

@@ -101,6 +101,21 @@ def test_the_page_shows_every_strategy_and_the_targets(measured):
     assert "pruning-zoo bench latency (test)" in page or "more" in page
 
 
+def test_the_page_lists_each_run_with_its_command_commit_and_cells(tmp_path):
+    pool = {"pool": pruning_zoo.get_strategy("pool")}
+    latency.run_benchmark(plan(batches=[1], budgets=[8], strategies=pool, modes=["eager"]), tmp_path, "cpu",
+                          "bench first", arch=TINY, dtype=torch.float32)
+    results = latency.run_benchmark(plan(batches=[1], budgets=[8, 4], strategies=pool, modes=["eager"]), tmp_path,
+                                    "cpu", "bench second", arch=TINY, dtype=torch.float32)
+    assert [entry["command"] for entry in results["cells"]] == ["bench first", "bench second"]
+    sha = results["git_sha"]
+    page = latency.markdown(results)
+    assert f"  - `bench first` at git `{sha}`: 1 cell\n" in page and f"  - `bench second` at git `{sha}`: 1 cell\n" in page
+    assert f"- last run: `bench second` at git `{sha}`" in page
+    del results["cells"][0]["command"]  # as cells made before they recorded their command
+    assert f"  - git `{sha}`: 1 cell, command not recorded in the cells" in latency.markdown(results)
+
+
 def test_the_batch_8_target_reads_the_llm_prefill_and_shows_ttft_beside_it():
     def cell(strategy, budget, ttft, llm):
         return {"cell": {"batch": 8, "strategy": strategy, "budget": budget, "mode": "compiled"}, "ttft_ms": ttft,
