@@ -421,17 +421,18 @@ def test_llava_next_vision_observations_follow_the_packed_tokens(tmp_path):
         torch.testing.assert_close(observed["attention"][:, :patches], base, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
-def test_qwen_vision_observations_follow_the_merged_tokens(name, tmp_path):
+def test_qwen_vision_observations_follow_the_merged_tokens(name, dtype, tmp_path):
     """Qwen2-VL and Qwen2.5-VL: each token's features are its merge unit's four patch rows (the merger of them
     gives the model's own image embedding, so Qwen2.5-VL's window order is undone), and the attention each
-    unit receives in block -2, recomputed here from the block's input with transformers' own rotary code, per
-    attention segment."""
+    unit receives in block -2, recomputed here from the block's input with transformers' own rotary code (in
+    bf16 it rounds the rotated q and k to bf16), per attention segment, from fp32 scores."""
     import tiny_models
 
     family = tiny_models.FAMILIES[name]
-    model = family.build(tmp_path)
-    inputs = family.inputs(2)
+    model = family.build(tmp_path).to(dtype)
+    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in family.inputs(2).items()}
     block_input = {}
 
     def keep(module, args, kwargs):
@@ -448,6 +449,7 @@ def test_qwen_vision_observations_follow_the_merged_tokens(name, tmp_path):
         hidden = block.norm1(block_input["hidden"])
         q, k, _ = block.attn.qkv(hidden).view(hidden.shape[0], 3, block.attn.num_heads, -1).unbind(1)
         q, k = module.apply_rotary_pos_emb_vision(q, k, *block_input["position_embeddings"])
+        assert q.dtype == dtype
         received = torch.zeros(block.attn.num_heads, hidden.shape[0])
         bounds = block_input["cu_seqlens"].tolist()
         for start, end in zip(bounds[:-1], bounds[1:]):
@@ -458,11 +460,14 @@ def test_qwen_vision_observations_follow_the_merged_tokens(name, tmp_path):
     for image, observed in enumerate(seen):
         torch.testing.assert_close(observed["projected"], observed["tokens"])
         assert observed["features"].shape == (units[image], 4, block.norm1.weight.shape[0])
+        assert observed["attention"].dtype == torch.float32
         in_block_order = per_unit[:, sum(units[:image]) : sum(units[: image + 1])]
         # The same values; Qwen2.5-VL's blocks hold them in window order.
-        torch.testing.assert_close(observed["attention"].sort(-1).values, in_block_order.sort(-1).values)
+        # Relative: the probabilities are about 1/16, and in bf16 q and k left unrounded moved them by 3e-6-5e-6.
+        close = dict(rtol=1e-6, atol=0.0)
+        torch.testing.assert_close(observed["attention"].sort(-1).values, in_block_order.sort(-1).values, **close)
         if family.name == "qwen2_vl":
-            torch.testing.assert_close(observed["attention"], in_block_order)
+            torch.testing.assert_close(observed["attention"], in_block_order, **close)
 
 
 def test_sublayer_summaries_see_the_residual_stream_and_follow_the_survivors(family_model):
