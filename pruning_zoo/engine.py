@@ -548,18 +548,23 @@ def check_selection(name: str, selection: Selection, stage: Stage, tokens: torch
         raise StrategyOutputError(
             f"strategy {name!r} selected {tuple(keep.shape)} tokens {stage}; expected exactly {stage.keep}"
         )
-    if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= tokens.shape[0] or bool((keep[1:] <= keep[:-1]).any())):
-        outside = int(((keep < 0) | (keep >= tokens.shape[0])).sum())
-        repeated = keep.numel() - int(keep.unique().numel())
-        descents = int((keep[1:] <= keep[:-1]).sum())
-        raise StrategyOutputError(
-            f"strategy {name!r} selected invalid indices {stage}: they must be ascending, unique and below "
-            f"{tokens.shape[0]} ({outside} outside, {repeated} repeated, {descents} not above the one before)"
-        )
+    check_indices(name, keep, stage, tokens.shape[0])
     if selection.features is not None and selection.features.shape != (stage.keep, tokens.shape[1]):
         raise StrategyOutputError(
             f"strategy {name!r} merged features of shape {tuple(selection.features.shape)} {stage}; "
             f"expected ({stage.keep}, {tokens.shape[1]})"
+        )
+
+
+def check_indices(name: str, keep: torch.Tensor, stage: Stage, count: int) -> None:
+    """Kept indices [k] into `count` tokens must be ascending, unique and in range (read on the host)."""
+    if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= count or bool((keep[1:] <= keep[:-1]).any())):
+        outside = int(((keep < 0) | (keep >= count)).sum())
+        repeated = keep.numel() - int(keep.unique().numel())
+        descents = int((keep[1:] <= keep[:-1]).sum())
+        raise StrategyOutputError(
+            f"strategy {name!r} selected invalid indices {stage}: they must be ascending, unique and below "
+            f"{count} ({outside} outside, {repeated} repeated, {descents} not above the one before)"
         )
 
 

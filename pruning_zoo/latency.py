@@ -381,6 +381,7 @@ def run_compiled(segmented: SegmentedPrefill, repeats: int) -> dict:
         measured["ttft"].append(clock.elapsed_ms(start, end))
         for name, value in _spans(clock).items():
             measured[name].append(value)
+    segmented.check_kept()  # what the timed graphs selected
     measured["eager_segments"] = segmented.eager_segments
     return measured
 

@@ -43,7 +43,7 @@ from transformers.cache_utils import DynamicLayer
 from pruning_zoo.adapters import adapter_for
 from pruning_zoo.adapters.base import VISION_OBSERVATIONS
 from pruning_zoo.budget import Budget, check_budget, resolve_budget
-from pruning_zoo.engine import check_plan, check_selections, positions_after
+from pruning_zoo.engine import check_indices, check_plan, check_selections, positions_after
 from pruning_zoo.errors import PruningZooError
 from pruning_zoo.flops import Convention, DecoderShape, llm_flops
 from pruning_zoo.observe import AttentionProbe, sublayer_forward
@@ -217,6 +217,8 @@ class SegmentedPrefill:
         self._sublayers: dict[int, SublayerIO] = {}
         self._watched_inputs: dict[int, tuple[torch.Tensor, dict]] = {}
         self._validate = True
+        #: Each stage's kept indices [B, keep] and how many tokens it chose from, as the last run left them.
+        self.kept_by_stage: dict[Stage, tuple[torch.Tensor, int]] = {}
         self.fusion = fusion
         self._fused = [*self.adapter.layers, *(b for b in self.adapter.vision_blocks if b not in self.skipped_vision_blocks)]
         #: The forwards that stand in for the modules' own while the prefill runs.
@@ -348,7 +350,7 @@ class SegmentedPrefill:
         contexts = [self._context(stage, hidden[sample, s : s + current], self.grid,
                                   self.adapter.vision_observations(sample, self.num_visual, shared) if observed else {})
                     for sample in range(self.batch)]
-        self._keep(self._select(contexts))
+        self._keep(self._select(contexts), stage, current)
 
     def _select_in_llm(self, stage: Stage, current: int, summarized: list[int], earlier: list[int]) -> None:
         """`summarized`: the watched layers since the previous stage, which ran on the current sequence; `earlier`:
@@ -371,7 +373,7 @@ class SegmentedPrefill:
             observations = probe.observations(sample, image)
             observations["sublayer_summary"] = functools.partial(self._sublayer_summary, at_image, stage, sample)
             contexts.append(self._context(stage, hidden[sample, s : s + current], None, observations))
-        self._keep(self._select(contexts))
+        self._keep(self._select(contexts), stage, current)
 
     @staticmethod
     def _sublayer_summary(at_image: dict[int, torch.Tensor], stage: Stage, sample: int, layer: int) -> torch.Tensor:
@@ -391,11 +393,12 @@ class SegmentedPrefill:
             check_selections(self.strategy.name, selections, contexts)
         return selections
 
-    def _keep(self, selections: list[Selection]) -> None:
+    def _keep(self, selections: list[Selection], stage: Stage, current: int) -> None:
         """The selections as tensors in `state`, for the gather: `kept` [B, keep] image-token indices, and
         `merged` [B, keep, d] the rows to insert where the strategy gave features (None where it gave none)."""
         hidden = self.state["hidden"]
         kept = torch.stack([selection.keep.to(hidden.device) for selection in selections])
+        self.kept_by_stage[stage] = (kept, current)  # a captured run's kept indices, rewritten by each replay
         merged = None
         if any(selection.features is not None for selection in selections):
             merged = torch.stack([
@@ -429,6 +432,14 @@ class SegmentedPrefill:
         changes = [(sample, before, kept[sample]) for sample in range(batch)]
         positions, _ = positions_after(self.adapter, self.strategy.params.positions, self.state["positions"], step, changes)
         self.state.update(hidden=shrunk, positions=positions)
+
+    def check_kept(self) -> None:
+        """Check on the host the indices each stage kept in the last run. The first run checks its selections
+        as they are made, but it is compiled apart (the check reads the GPU), so this checks, after a replay,
+        what the captured selections kept."""
+        for stage, (kept, current) in self.kept_by_stage.items():
+            for sample_kept in kept.cpu():
+                check_indices(self.strategy.name, sample_kept, stage, current)
 
     # -- running -------------------------------------------------------------------------------------------
     def _forwards(self):

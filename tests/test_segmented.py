@@ -247,6 +247,22 @@ def test_the_first_run_validates_the_selection(uniform_model):
         segmented.run()
 
 
+def test_what_every_stage_kept_in_the_last_run_is_checked_after_it(tiny_llava):
+    """The kept indices of each stage as the last run left them (a replay rewrites them) are checked on the host:
+    valid after a run, an error naming the stage and the fault once they are not."""
+    segmented = SegmentedPrefill(tiny_llava, pruning_zoo.get_strategy("transprune"), 2, UNIFORM["llava"](2))
+    segmented.run()
+    stages = list(segmented.kept_by_stage)
+    assert [stage.after_layer for stage in stages] == [stage.after_layer for stage in segmented.stages]
+    segmented.check_kept()
+    segmented.run()  # a run without the first run's checks: the same entries, rewritten
+    assert list(segmented.kept_by_stage) == stages
+    kept, _ = segmented.kept_by_stage[stages[-1]]
+    kept[1, -1] = kept[1, 0]
+    with pytest.raises(pruning_zoo.errors.StrategyOutputError, match=r"\(0 outside, 1 repeated, 1 not above the one before\)"):
+        segmented.check_kept()
+
+
 def test_non_uniform_batches_are_refused_with_a_way_out(uniform_model):
     name, model = uniform_model
     inputs = tiny_models.FAMILIES[name].inputs(2)  # left-padded, prompts of different lengths
