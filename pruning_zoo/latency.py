@@ -18,6 +18,7 @@ strategy's selections the same way.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import gc
@@ -596,10 +597,7 @@ def _number(value, digits: int = 2) -> str:
 def _runs(results: dict) -> list[str]:
     """One line per run that made cells on the page: its command and commit, and how many cells it made. Older
     cells, which did not record their command, are counted by commit; the file's git history holds those commands."""
-    runs: dict[tuple, int] = {}
-    for entry in results["cells"]:
-        run = (entry.get("command"), entry.get("git_sha"))
-        runs[run] = runs.get(run, 0) + 1
+    runs = collections.Counter((entry.get("command"), entry.get("git_sha")) for entry in results["cells"])
     lines = []
     for (command, sha), cells in sorted(runs.items(), key=lambda item: (item[0][0] is not None, str(item[0]))):
         made = f"{cells} cell{'s' * (cells != 1)}"

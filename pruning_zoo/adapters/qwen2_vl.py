@@ -160,8 +160,8 @@ class Qwen2VLAdapter(ModelAdapter):
             cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
             # Rotated in fp32 and rounded back to the weights' dtype, as the block's own attention does; the
             # scores are fp32 sums of their exact products (tensor cores on a GPU). Kept in fp32, the rotated q
-            # and k made the scores an fp32 matmul (VisionZip's selection took 1.0-1.1 ms at batch 1 on an
-            # H100 at 4cbb569, 7.6-7.8 ms at batch 8).
+            # and k made the scores an fp32 matmul: on an H100 VisionZip's selection took 1.0-1.1 ms at batch 1
+            # and 7.6-7.8 ms at batch 8 (4cbb569, 8e4dc76), and 0.72-0.75 and 5.2-5.4 ms since (b4c8bc6).
             query, key = ((x.float() * cos + rotate_half(x.float()) * sin).to(qkv.dtype) for x in (qkv[:, 0], qkv[:, 1]))
             received = torch.zeros(qkv.shape[2], units * unit_area, device=qkv.device)
             bounds = self._segments[index].tolist()
