@@ -78,23 +78,21 @@ def median_ms(call: Callable[[], object], repeats: int, device: torch.device) ->
     """Median milliseconds of `call`, work on `device`, over `repeats` runs: on a GPU one CUDA graph of it, warmed
     up, each replay between CUDA events; on a CPU eager calls timed by perf_counter after one warm-up call."""
     if device.type != "cuda":
-        clock = Clock(device)
         call()
-        for _ in range(repeats):
-            with clock.span("call"):
+        run = call
+    else:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
                 call()
-        return statistics.median(clock.elapsed_ms(start, end) for start, end in clock.spans["call"])
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
+        run = graph.replay
     clock = Clock(device)
     for _ in range(repeats):
         with clock.span("call"):
-            graph.replay()
+            run()
     return statistics.median(clock.elapsed_ms(start, end) for start, end in clock.spans["call"])
