@@ -68,7 +68,7 @@ def run(command: list[str], log, **options) -> tuple[int, str]:
 def frozen(python: Path) -> list[str]:
     lines = subprocess.run([str(python), "-m", "pip", "freeze", "--all"], capture_output=True, text=True,
                            check=True).stdout.splitlines()
-    return sorted((line for line in lines if line and not line.startswith("-e") and not UNLOCKED.match(line)),
+    return sorted((line for line in lines if line and not line.startswith(("-e", "#")) and not UNLOCKED.match(line)),
                   key=str.lower)
 
 
