@@ -1,41 +1,44 @@
 """pruning-zoo: visual-token pruning strategies for vision-language models, compared on equal terms.
 
-Importing this package patches nothing and loads no plugin; plugins load on first use of the registries.
+Importing this package patches nothing and loads no plugin; plugins load on first use of the registries. The
+strategy interface is imported on first use too (it needs torch, which takes seconds to import), so that
+`pruning-zoo --help` and the modules that need no tensors start at once.
 """
+
+import importlib
 
 from pruning_zoo.budget import Budget, BudgetMeaning
 from pruning_zoo.errors import InvalidParameterError, PluginError, PruningZooError, UnknownNameError
 from pruning_zoo.hookspecs import hookimpl
-from pruning_zoo.strategy import (
-    PruningStrategy,
-    ScoreContext,
-    Selection,
-    Stage,
-    StrategyParams,
-    params_dataclass,
-    top_k_in_order,
-)
+
+#: Names this package exports from pruning_zoo.strategy, imported when first read.
+STRATEGY_INTERFACE = ("PruningStrategy", "ScoreContext", "Selection", "Stage", "StrategyParams", "params_dataclass",
+                      "top_k_in_order")
 
 __all__ = [
     "Budget",
     "BudgetMeaning",
     "InvalidParameterError",
     "PluginError",
-    "PruningStrategy",
     "PruningZooError",
-    "ScoreContext",
-    "Selection",
-    "Stage",
-    "StrategyParams",
     "UnknownNameError",
     "get_strategy",
     "hookimpl",
-    "params_dataclass",
-    "top_k_in_order",
+    *STRATEGY_INTERFACE,
 ]
 
 
-def get_strategy(name: str, **params) -> PruningStrategy:
+def __getattr__(name: str):
+    if name in STRATEGY_INTERFACE:
+        return getattr(importlib.import_module("pruning_zoo.strategy"), name)
+    raise AttributeError(f"module 'pruning_zoo' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+def get_strategy(name: str, **params):
     """An installed strategy by name, with parameters validated: `get_strategy("fastv", k=3)`."""
     from pruning_zoo import plugins
 

@@ -1,22 +1,27 @@
-"""The `pruning-zoo` command line."""
+"""The `pruning-zoo` command line.
+
+Only typer, rich and pruning-zoo's pure-Python modules are imported here; each command imports what it needs
+(torch, transformers, lmms-eval) when it runs, so `--help` answers at once and `list` never loads a model library.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from pruning_zoo import get_strategy, plugins
+from pruning_zoo import get_strategy
 from pruning_zoo.budget import parse_budget
 from pruning_zoo.errors import InvalidParameterError, PruningZooError
-from pruning_zoo.strategy import describe_field, param_schema
-from pruning_zoo.suite import Suite, builtin_suite_files, load_suite, validate_suite
+
+if TYPE_CHECKING:
+    from pruning_zoo.suite import Suite
 
 app = typer.Typer(
     name="pruning-zoo",
@@ -42,18 +47,44 @@ def user_errors():
         raise typer.Exit(code=2) from None
 
 
+def fitted(title: str, headers: list[str], rows: list[list[str]], console: Console):
+    """A table whose columns are at least as wide as their longest word, where that fits the terminal; else one
+    block per row (its first cell, then each other column as `header  value`). No word is broken across lines."""
+    columns = [[header, *(row[index] for row in rows)] for index, header in enumerate(headers)]
+    shortest = [max(len(word) for text in column for word in [*text.split(), ""]) for column in columns]
+    widest = [max(len(text) for text in column) for column in columns]
+    spare = console.width - (sum(shortest) + 3 * len(headers) + 1)  # each column's padding and border, the edge
+    if spare >= 0:
+        # rich would narrow the widest columns first, below their longest word: share out the spare width here.
+        wants = [full - least for full, least in zip(widest, shortest)]
+        share = min(1.0, spare / sum(wants)) if sum(wants) else 0.0
+        table = Table(title=title)
+        for header, least, want in zip(headers, shortest, wants):
+            table.add_column(header, width=least + int(want * share), overflow="fold")
+        for row in rows:
+            table.add_row(*row)
+        return table
+    blocks = Table(title=title, show_header=False, box=None, padding=(0, 1))
+    blocks.add_column(overflow="fold", no_wrap=True)
+    blocks.add_column(overflow="fold", ratio=1)
+    for row in rows:
+        blocks.add_row(f"[bold]{escape(row[0])}[/]", "")
+        for header, value in zip(headers[1:], row[1:]):
+            blocks.add_row(f"  {header}", value)
+    return blocks
+
+
 @app.command("list")
 def list_command() -> None:
     """Show the installed strategies (with their source distribution, stages and parameters), the model
     families the engine supports, and the suites that `run` accepts."""
+    from pruning_zoo import plugins
+    from pruning_zoo.strategy import describe_field, param_schema
+    from pruning_zoo.suite import builtin_suite_files, load_suite
+
     with user_errors():
         console = Console()
-        strategies = Table(
-            title=f"Strategies (stages shown for {REFERENCE_BUDGET} of {REFERENCE_TOKENS} visual tokens, "
-            f"{REFERENCE_LAYERS} layers)"
-        )
-        for column in ("name", "budget counts", "stages", "parameters", "from"):
-            strategies.add_column(column, overflow="fold")
+        strategies, parameters = [], []
         for entry in plugins.strategies():
             strategy_class = entry.value
             try:
@@ -61,46 +92,33 @@ def list_command() -> None:
                 stage_text = "; ".join(str(stage) for stage in stages) or "(keeps every token)"
             except PruningZooError as error:
                 stage_text = f"(cannot plan: {error})"
-            params = "\n".join(
-                f"{name}={schema.get('default')!r}: {describe_field(strategy_class.Params, name, default=False)}"
-                for name, schema in param_schema(strategy_class.Params).items()
-            )
-            strategies.add_row(
-                entry.name,
-                strategy_class.budget_meaning.value.replace("_", " "),
-                stage_text,
-                params or "-",
-                str(entry.source),
-            )
-        console.print(strategies)
+            strategies.append([entry.name, strategy_class.budget_meaning.value.replace("_", " "), stage_text,
+                               str(entry.source)])
+            for name, schema in param_schema(strategy_class.Params).items():
+                parameters.append([f"{entry.name}.{name}", repr(schema.get("default")),
+                                   describe_field(strategy_class.Params, name, default=False)])
+        console.print(fitted(f"Strategies (stages for {REFERENCE_BUDGET} of {REFERENCE_TOKENS} visual tokens and "
+                             f"{REFERENCE_LAYERS} decoder layers, numbered from 0)",
+                             ["name", "budget counts", "stages", "from"], strategies, console))
+        console.print(fitted("Strategy parameters (`--param STRATEGY.NAME=VALUE`)", ["parameter", "default", "accepts"],
+                             parameters, console))
 
-        families = Table(title="Model families")
-        for column in ("name", "transformers class", "config model_type", "description", "from"):
-            families.add_column(column, overflow="fold")
-        for entry in plugins.model_families():
-            family = entry.value
-            families.add_row(
-                family.name, family.model_class, ", ".join(family.model_types), family.description, str(entry.source)
-            )
-        console.print(families)
+        families = [[entry.name, entry.value.model_class, ", ".join(entry.value.model_types), entry.value.description,
+                     str(entry.source)] for entry in plugins.model_families()]
+        console.print(fitted("Model families", ["name", "transformers class", "config model_type", "description", "from"],
+                             families, console))
 
-        suites = Table(title="Suites (`pruning-zoo run --suite NAME`)")
-        for column in ("name", "tasks", "models", "strategies", "budgets"):
-            suites.add_column(column, overflow="fold")
+        suites = []
         for name, path in sorted(builtin_suite_files().items()):
             try:
                 suite = load_suite(str(path))
             except PruningZooError as error:  # e.g. a strategy left out by PRUNING_ZOO_PLUGINS
-                suites.add_row(name, f"(unusable: {error})", "", "", "")
+                suites.append([name, f"(unusable: {error})", "", "", ""])
                 continue
-            suites.add_row(
-                name,
-                ", ".join(suite.tasks),
-                ", ".join(suite.models),
-                ", ".join(suite.strategies),
-                ", ".join(map(str, suite.budgets)),
-            )
-        console.print(suites)
+            suites.append([name, ", ".join(suite.tasks), ", ".join(suite.models), ", ".join(suite.strategies),
+                           ", ".join(map(str, suite.budgets))])
+        console.print(fitted("Suites (`pruning-zoo run --suite NAME`)", ["name", "tasks", "models", "strategies", "budgets"],
+                             suites, console))
 
 
 def _split(text: str | None) -> list[str] | None:
@@ -133,6 +151,8 @@ def apply_overrides(
     task_paths: list[str] | None = None,
 ) -> Suite:
     """The suite with the command line's options replacing its fields, validated again as a whole."""
+    from pruning_zoo.suite import validate_suite
+
     data: dict[str, Any] = suite.model_dump()
     if model is not None:
         data["models"] = model
@@ -190,6 +210,8 @@ def run(
 ) -> None:
     """Evaluate a suite's strategies across its tasks, models and budgets through lmms-eval, one result folder
     per cell. Finished cells are skipped: rerun the same command to resume or to retry failed cells."""
+    from pruning_zoo.suite import load_suite
+
     with user_errors():
         console = Console()
         resolved = apply_overrides(
@@ -215,10 +237,29 @@ def run(
                       command="pruning-zoo " + " ".join(sys.argv[1:]), compiled_latency=compiled_latency)
         if not sweep.ranks.main:  # other processes of a multi-process run work silently; rank 0 reports
             console = Console(quiet=True)
-        outcomes = run_with_progress(sweep, console)
+        try:
+            outcomes = run_with_progress(sweep, console)
+        except KeyboardInterrupt:
+            Console(stderr=True, quiet=not sweep.ranks.main).print(interrupted_message(sweep), highlight=False,
+                                                                    soft_wrap=True)
+            raise typer.Exit(code=130) from None
         print_sweep_summary(outcomes, output, console)
         if any(outcome.status == "failed" for outcome in outcomes):
             raise typer.Exit(code=1)
+
+
+def interrupted_message(sweep) -> str:
+    """What an interrupted sweep kept and lost, and how to go on."""
+    evaluated = [o for o in sweep.outcomes if o.status == "finished"]
+    skipped = sum(o.status == "skipped" for o in sweep.outcomes)
+    lines = [f"interrupted: {len(evaluated)} cells evaluated in this run and {skipped} finished before are stored in "
+             f"{sweep.output}; {len(sweep.cells()) - len(sweep.outcomes)} of {len(sweep.cells())} cells are not done."]
+    if sweep.current is not None:
+        cell = sweep.current
+        lines.append(f"The cell in progress ({cell.task} {cell.strategy} {cell.budget_label}) was discarded: nothing "
+                     "of it was written.")
+    lines.append("Rerun the same command to resume: finished cells are skipped.")
+    return "\n".join(lines)
 
 
 def run_with_progress(sweep, console: Console) -> list:
@@ -227,27 +268,29 @@ def run_with_progress(sweep, console: Console) -> list:
     from pruning_zoo.runner import quiet_progress_output
 
     cells = sweep.cells()
+    failed = 0
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
         bar = progress.add_task("sweep", total=len(cells))
 
         def on_cell(cell, state):
-            label = f"{cell.task} {cell.strategy} {cell.budget_label}"
+            nonlocal failed
+            failed += state == "failed"
+            note = f" ({failed} failed, listed at the end)" if failed else ""
             if state == "running":
-                progress.update(bar, description=f"running {label}")
+                progress.update(bar, description=f"running {cell.task} {cell.strategy} {cell.budget_label}{note}")
             else:
                 progress.advance(bar)
-                if state == "failed":
-                    progress.console.print(f"[red]failed[/] {label}: see {sweep.output / cell.folder_name}/error.json")
 
         sweep.on_cell = on_cell
         quiet_progress_output()
         outcomes = sweep.run()
-        progress.update(bar, description="sweep done")
+        progress.update(bar, description="sweep done" + (f" ({failed} failed)" if failed else ""))
     return outcomes
 
 
 def print_sweep_summary(outcomes: list, output: Path, console: Console) -> None:
+    """The stored results of this sweep's cells as a table, then each failed cell once, with its error."""
     from pruning_zoo.leaderboard import cell_text, format_flops, load_results
 
     done = {str(o.folder.resolve()) for o in outcomes if o.status in {"finished", "skipped"}}
@@ -256,26 +299,27 @@ def print_sweep_summary(outcomes: list, output: Path, console: Console) -> None:
         frame = frame[frame["folder"].isin(done)]
         columns = {"strategy": "strategy", "budget": "budget", "score": "score",
                    "pct_of_none": "% of none", "entering_llm": "tokens in", "average_per_layer": "per layer",
-                   "llm_flops_2ndm": "LLM FLOPs", "evidence_recall": "evidence", "ttft_ms": "TTFT ms"}
+                   "llm_flops_2ndm": "LLM FLOPs (2ndm)", "evidence_recall": "evidence", "ttft_ms": "TTFT ms"}
         if len(set(frame["task"])) > 1:
             columns = {"task": "task", **columns}
-        table = Table(title=f"{', '.join(sorted(set(frame['task'])))}: results in {output}, latency on "
-                            f"{', '.join(sorted(set(frame['device'])))}")
-        for key, header in columns.items():
-            table.add_column(header, overflow="fold", no_wrap=key in {"task", "strategy"})
+        rows = []
         for row in frame.to_dict("records"):
             row["llm_flops_2ndm"] = format_flops(row["llm_flops_2ndm"])
-            table.add_row(*[cell_text(row[column], digits=3) for column in columns])
-        console.print(table)
+            rows.append([cell_text(row[column], digits=3) for column in columns])
+        console.print(fitted(f"{', '.join(sorted(set(frame['task'])))}: results in {output}, latency on "
+                             f"{', '.join(sorted(set(frame['device'])))}", list(columns.values()), rows, console))
     counts = {state: sum(o.status == state for o in outcomes) for state in ("finished", "skipped", "failed")}
     console.print(f"{counts['finished']} cells evaluated, {counts['skipped']} already finished (skipped), "
-                  f"{counts['failed']} failed. Build the leaderboard with `pruning-zoo leaderboard {output}`.")
+                  f"{counts['failed']} failed.")
     for outcome in outcomes:
         if outcome.status == "failed":
             console.print(f"[red]failed[/] {outcome.cell.task} {outcome.cell.strategy} {outcome.cell.budget_label}: "
-                          f"{escape(outcome.error or '')}", highlight=False, soft_wrap=True)
+                          f"{escape(outcome.error or '')} (traceback in {outcome.folder / 'error.json'})",
+                          highlight=False, soft_wrap=True)
     if counts["failed"]:
         console.print("Rerun the same command to retry the failed cells; finished ones are skipped.")
+    if counts["finished"] or counts["skipped"]:
+        console.print(f"Build the leaderboard with `pruning-zoo leaderboard {output}`.")
 
 
 @app.command()

@@ -1,3 +1,5 @@
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -95,3 +97,75 @@ def test_the_console_script_is_installed():
     script = Path(sys.executable).parent / "pruning-zoo"
     result = subprocess.run([str(script), "run", "--suite", "nope"], capture_output=True, text=True)
     assert result.returncode == 2 and "unknown suite 'nope'" in result.stderr
+
+
+def modules_loaded_by(*args) -> set[str]:
+    """The model libraries a fresh process has imported after running the command line with `args`."""
+    code = ("import sys\nfrom pruning_zoo.cli import app\ntry:\n    app(sys.argv[1:], prog_name='pruning-zoo')\n"
+            "except SystemExit:\n    pass\n"
+            "print(' '.join(m for m in ('torch', 'transformers', 'lmms_eval', 'pandas') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env={
+        **os.environ, "COLUMNS": "250"})
+    assert done.returncode == 0, done.stderr
+    return set(done.stdout.splitlines()[-1].split())
+
+
+def test_help_imports_no_model_library_and_list_no_transformers():
+    """What keeps `--help` under a second and `list` under two (scripts/bench_cli_startup.py measures them)."""
+    assert modules_loaded_by("--help") == set()
+    assert modules_loaded_by("list") == {"torch"}  # the strategies' modules need it; transformers is not loaded
+
+
+def words(text: str) -> set[str]:
+    return set(re.sub(r"[\u2500-\u257f]", " ", text).split())  # box-drawing characters are not words
+
+
+def test_list_breaks_no_word_on_a_narrow_terminal():
+    wide = CliRunner().invoke(app, ["list"], env={"COLUMNS": "250"})
+    for columns in (80, 60):
+        narrow = CliRunner().invoke(app, ["list"], env={"COLUMNS": str(columns)})
+        assert narrow.exit_code == 0, narrow.output
+        assert max(len(line) for line in narrow.output.splitlines()) <= columns
+        # Every word whole, none folded into pieces (a table shown as blocks names its rows without the first header).
+        assert words(wide.output) - {"name", "parameter"} <= words(narrow.output)
+    assert "Qwen2_5_VLForConditionalGeneration" in narrow.output and "learnpruner.diversity_ratio" in narrow.output
+
+
+def test_a_model_that_cannot_be_loaded_is_one_message_and_writes_nothing(tmp_path, offline_hub):
+    result = CliRunner().invoke(app, ["run", "--suite", "image-vqa", "--model", "some-org/not-downloaded", "--device",
+                                      "cpu", "--output", str(tmp_path / "results")], env=WIDE)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert text.count("cannot load model 'some-org/not-downloaded'") == 1
+    assert "stopped at gqa none all (cell 1 of 96)" in text and "cells evaluated" not in text
+    assert list((tmp_path / "results").iterdir()) == []
+
+
+def test_ctrl_c_says_what_finished_and_how_to_resume(tmp_path, monkeypatch):
+    import tiny_models
+
+    from pruning_zoo.runner import Sweep
+
+    model = tiny_models.testbed_like(tmp_path / "model")
+    real_run_cell, calls = Sweep.run_cell, []
+
+    def interrupted_at_the_second_cell(self, cell):
+        calls.append(cell)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_run_cell(self, cell)
+
+    monkeypatch.setattr(Sweep, "run_cell", interrupted_at_the_second_cell)
+    args = ["run", "--suite", "testbed", "--model", model, "--strategies", "none,fastv,random", "--budgets", "64",
+            "--limit", "2", "--device", "cpu", "--output", str(tmp_path / "results")]
+    result = invoke(*args)
+    assert result.exit_code == 130
+    text = " ".join(result.output.split())
+    assert "interrupted: 1 cells evaluated in this run and 0 finished before are stored in" in text
+    assert "2 of 3 cells are not done" in text
+    assert "The cell in progress (testbed fastv 64) was discarded: nothing of it was written" in text
+    assert "Rerun the same command to resume" in text
+    assert [folder.name.split("__")[2] for folder in (tmp_path / "results").iterdir()] == ["none"]
+    monkeypatch.setattr(Sweep, "run_cell", real_run_cell)
+    again = invoke(*args)
+    assert again.exit_code == 0 and "2 cells evaluated, 1 already finished (skipped)" in again.output

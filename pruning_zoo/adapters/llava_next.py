@@ -9,13 +9,21 @@ newline token carries no CLS attention and the keys and features of the patch it
 from __future__ import annotations
 
 import torch
-from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from pruning_zoo.adapters.base import MethodWatch, ModelAdapter, stack_image_features
 from pruning_zoo.adapters.clip import TokenSources
 from pruning_zoo.adapters.llava import LlavaAdapter, clip_vision_tower_flops
 
 NEWLINE = -1.0
+
+
+def crops_of(image_size, config) -> int:
+    """Crops LLaVA-NeXT splits an image of `image_size` into (base crop included), by the model's own rule."""
+    # Imported here: transformers' modeling modules take a second to import, and `pruning-zoo list` loads
+    # every family's adapter.
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    return image_size_to_num_patches(image_size, config.image_grid_pinpoints, config.vision_config.image_size)
 
 
 class LlavaNextAdapter(LlavaAdapter):
@@ -73,7 +81,7 @@ class LlavaNextAdapter(LlavaAdapter):
         config, model = self.model.config, self.model.model
         sizes, rows, pixels = vision_inputs["image_sizes"], vision_inputs["packed_rows"], vision_inputs["pixel_values"]
         self._image_sizes = sizes  # as the vision hooks record it from get_image_features
-        crops = image_size_to_num_patches(sizes[0], config.image_grid_pinpoints, config.vision_config.image_size)
+        crops = crops_of(sizes[0], config)
         hidden = model.vision_tower(pixels[:, :crops].flatten(0, 1), output_hidden_states=True).hidden_states
         layer = config.vision_feature_layer
         selected = hidden[layer] if isinstance(layer, int) else torch.cat([hidden[i] for i in layer], dim=-1)
@@ -88,7 +96,7 @@ class LlavaNextAdapter(LlavaAdapter):
         newline, for an image of `size` ([1, 2], on the host): an index map packed by the model's own
         `pack_image_features` (its unpadding and newline rules)."""
         config = self.model.config
-        crops = image_size_to_num_patches(size[0], config.image_grid_pinpoints, config.vision_config.image_size)
+        crops = crops_of(size[0], config)
         per_crop = self._features_per_crop
         index = torch.arange(crops * per_crop, dtype=torch.float64).view(crops, per_crop, 1)
         packed, _ = self.model.model.pack_image_features(
@@ -104,10 +112,7 @@ class LlavaNextAdapter(LlavaAdapter):
     def _crops(self) -> list[int]:
         """Crops per image, as LLaVA-NeXT splits them (base crop first)."""
         config = self.model.config
-        return [
-            image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
-            for size in self._image_sizes.tolist()
-        ]
+        return [crops_of(size, config) for size in self._image_sizes.tolist()]
 
     def token_sources(self, image_index: int, num_visual: int) -> TokenSources:
         """Each packed token's crop and patch (`_packed_rows`), on the model's device, made once per image size."""

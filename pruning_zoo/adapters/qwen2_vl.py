@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.utils.generic import is_flash_attention_requested
-from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
 from pruning_zoo.adapters.base import VISION_OBSERVATIONS, ModelAdapter, stack_image_features
 from pruning_zoo.errors import PruningZooError
@@ -81,6 +79,11 @@ class Qwen2VLAdapter(ModelAdapter):
         `vision_utils` pop them from the tower's kwargs), so they are made here once from a host copy of the
         grids: segment bounds on the host (they size SDPA's per-image splits), positions on the device. Flash
         attention needs its bounds on the device and their maximum: left to the tower, uncaptured."""
+        # transformers' vision utilities are imported where used: importing them takes most of a second, and
+        # `pruning-zoo list` loads every family's adapter.
+        from transformers.utils.generic import is_flash_attention_requested
+        from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
+
         if is_flash_attention_requested(self.model.config.vision_config):
             return vision_inputs
         grid = vision_inputs["image_grid_thw"]
@@ -240,6 +243,8 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
         inputs = super().capturable_vision_inputs(vision_inputs)
         if inputs is vision_inputs:
             return inputs
+        from transformers.vision_utils import get_vision_window_index
+
         config = self.model.config.vision_config
         window_index, cu_window_seqlens = get_vision_window_index(
             inputs["image_grid_thw"], config.spatial_merge_size, config.window_size, config.patch_size)
@@ -247,6 +252,8 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
                 "cu_window_seqlens": cu_window_seqlens}
 
     def _window_index(self) -> torch.Tensor:
+        from transformers.vision_utils import get_vision_window_index
+
         config = self.model.config.vision_config
         grid = torch.tensor(self._grids)
         window_index, _ = get_vision_window_index(grid, config.spatial_merge_size, config.window_size, config.patch_size)
