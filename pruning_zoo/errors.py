@@ -29,6 +29,11 @@ class PluginError(PruningZooError):
     """A plugin that cannot be loaded, or that registers something wrongly."""
 
 
+class SetupError(PruningZooError):
+    """Something every cell needs is missing (a model that cannot be loaded, a task's data that cannot be
+    reached): the sweep stops at once, writes nothing for the cells it could not run and keeps the finished ones."""
+
+
 class StrategyOutputError(PruningZooError):
     """A strategy returned a selection the engine cannot apply (wrong count, invalid indices or features): a
     fault of that strategy's code on this input, not of the user's options."""

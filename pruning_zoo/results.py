@@ -16,7 +16,7 @@ import math
 import os
 import re
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,10 @@ def write_cell(output: Path, cell: Cell, config: dict, metrics: dict | None = No
     if (metrics is None) == (error is None):
         raise ValueError("a cell is written with metrics or with an error")
     final = output / cell.folder_name
-    temporary = Path(tempfile.mkdtemp(prefix=TEMPORARY_PREFIX, dir=output))
+    # A plain mkdir (not tempfile.mkdtemp, which makes 0700 folders): the folder gets the user's umask, so results
+    # are as readable as any file the user writes.
+    temporary = output / f"{TEMPORARY_PREFIX}{cell.folder_name}-{uuid.uuid4().hex[:8]}"
+    temporary.mkdir()
     try:
         (temporary / CONFIG).write_text(json.dumps(clean_json(config), indent=1) + "\n")
         if error is not None:

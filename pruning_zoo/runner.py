@@ -1,7 +1,8 @@
 """The suite runner: every cell of a suite through lmms-eval's `simple_evaluate`, one result folder per cell.
 
 Finished cells are skipped, so rerunning a command resumes it; a failing cell is recorded with its error and
-the sweep goes on; models are loaded once per sweep and tasks indexed once.
+the sweep goes on; a model or task data that cannot be had stops the sweep at once (SetupError), with nothing
+written for it; models are loaded once per sweep and tasks indexed once.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from pruning_zoo import get_strategy
 from pruning_zoo.distributed import ProcessGroupAccelerator, Ranks
-from pruning_zoo.errors import PruningZooError, closest, describe
+from pruning_zoo.errors import PruningZooError, SetupError, closest, describe
 from pruning_zoo.provenance import device_description, git_sha, versions
 from pruning_zoo.results import Cell, remove_temporaries, status, write_cell
 from pruning_zoo.strategy import params_as_dict
@@ -167,7 +168,9 @@ class Sweep:
         #: Read once: the code that runs is the code imported at the start, whatever changes on disk later.
         self.provenance = {"git_sha": git_sha(), "versions": versions(), "device": device_description(self.device)}
         self._models: dict[str, Any] = {}
-        self._broken: dict[tuple[str, str], str] = {}  # ("model", name) or ("task", name) -> error
+        #: The cells of the current `run` so far, and the one being evaluated: what an interrupted sweep reports.
+        self.outcomes: list[CellOutcome] = []
+        self.current: Cell | None = None
 
     def cells(self) -> list[Cell]:
         return [
@@ -191,19 +194,32 @@ class Sweep:
         check_tasks(self.task_manager, self.suite.tasks)
         for name in self.suite.strategies:  # parameters were validated with the suite; build once to be sure
             get_strategy(name, **resolve_paths(self.suite.strategies[name], self.suite_folder))
-        outcomes = []
+        self.outcomes = outcomes = []
         for cell in self.cells():
             folder = self.output / cell.folder_name
             if self.ranks.broadcast(status(folder)) == "finished":  # rank 0's view: every rank skips alike
                 outcomes.append(CellOutcome(cell, folder, "skipped"))
                 self.on_cell(cell, "skipped")
                 continue
+            self.current = cell
             self.on_cell(cell, "running")
-            outcome = self.run_cell(cell)
+            try:
+                outcome = self.run_cell(cell)
+            except SetupError as error:
+                self.ranks.finish()
+                raise SetupError(f"{error}\n{self.stopped_at(cell)}") from None
+            self.current = None
             outcomes.append(outcome)
             self.on_cell(cell, outcome.status)
         self.ranks.finish()
         return outcomes
+
+    def stopped_at(self, cell: Cell) -> str:
+        """What a sweep stopped at `cell` leaves: which cells are stored and how to go on."""
+        stored = sum(outcome.status != "failed" for outcome in self.outcomes)
+        return (f"The sweep stopped at {cell.task} {cell.strategy} {cell.budget_label} (cell {len(self.outcomes) + 1} of "
+                f"{len(self.cells())}); nothing was written for it or the cells after it, and the {stored} finished "
+                f"cells in {self.output} are kept. Fix this and rerun the same command: finished cells are skipped.")
 
     def run_cell(self, cell: Cell) -> CellOutcome:
         """Evaluate one cell on every rank; rank 0 writes it. Every rank returns rank 0's outcome."""
@@ -212,15 +228,13 @@ class Sweep:
         seconds = Stopwatch()
         lm, results, failure = None, None, None
         try:
-            known_error = self._broken.get(("model", cell.model)) or self._broken.get(("task", cell.task))
-            if known_error:
-                raise PruningZooError(known_error)
             lm = self.model_for(cell)
         except Exception as error:  # noqa: BLE001 - a failing cell is recorded and the sweep goes on
             failure = failure_record(error)
         # Evaluate only when every rank could build its model: a rank missing from lmms-eval's collectives
         # would leave the others waiting.
         ready = [f for f in self.ranks.gather(failure) if f is not None]
+        raise_setup_failure(ready)
         if not ready:
             try:
                 results = self.evaluate(cell, lm)
@@ -240,6 +254,7 @@ class Sweep:
                                     "timings": lm.batch_timings if lm is not None else [],
                                     "latency_example": lm.latency_example if lm is not None and self.compiled_latency else None})
         failures = [part["failure"] for part in shared if part["failure"] is not None]
+        raise_setup_failure(failures)  # on every rank alike, before anything is written
         # On a GPU the leaderboard's latency is the compiled mode's. The last rank times it while rank 0 turns
         # the results into metrics, so that neither waits for the other's serial work (one rank does both). All
         # ranks time the same document: the task's first one that any of them answered.
@@ -286,9 +301,10 @@ class Sweep:
         if cell.model not in self._models:
             try:
                 self._models[cell.model] = load_vlm(resolve_model(cell.model, self.suite_folder), str(self.device), self.dtype)
-            except PruningZooError as error:
-                self._broken[("model", cell.model)] = str(error)
-                raise
+            except PruningZooError as error:  # every cell of this model would fail alike
+                raise SetupError(str(error)) from None
+            except Exception as error:
+                raise SetupError(f"cannot load model {cell.model!r}: {describe(error)}") from error
         lm = PrunedVLM(loaded=self._models[cell.model], strategy=cell.strategy, budget=cell.budget,
                        batch_size=cell.batch_size, **resolve_paths(cell.params, self.suite_folder))
         if self.ranks.world > 1:
@@ -308,9 +324,8 @@ class Sweep:
             raise
         except Exception as error:
             message = explain_task_error(cell.task, yaml_path, error)
-            if "could not load its dataset" in message:
-                self._broken[("task", cell.task)] = message
-            raise PruningZooError(message) from error
+            # A dataset that cannot be reached fails every cell of its task alike: stop, as for a model.
+            raise (SetupError if "could not load its dataset" in message else PruningZooError)(message) from error
         if results is None and self.ranks.main:  # lmms-eval returns results on rank 0 only
             raise PruningZooError(f"lmms-eval returned no results for task {cell.task!r}")
         return results
@@ -333,7 +348,15 @@ class Stopwatch:
 
 
 def failure_record(error: BaseException) -> dict:
-    return {"error": describe(error), "type": type(error).__name__, "traceback": traceback.format_exc()}
+    return {"error": describe(error), "type": type(error).__name__, "traceback": traceback.format_exc(),
+            "setup": isinstance(error, SetupError)}
+
+
+def raise_setup_failure(failures: list[dict]) -> None:
+    """A SetupError of any process stops the sweep on every process (they all see the same gathered failures)."""
+    for failure in failures:
+        if failure.get("setup"):
+            raise SetupError(failure["error"])
 
 
 def _mean(values: list) -> float | None:

@@ -12,6 +12,18 @@ def fresh_plugins(monkeypatch):
     plugins.reset()
 
 
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """The hub unreachable at once, as HF_HUB_OFFLINE=1 makes it (the libraries read it at import, so set
+    their constants; without it a blocked network takes tens of seconds of retries to fail)."""
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+
+
 import tiny_models  # noqa: E402  (tests/ is on sys.path under pytest's rootdir conftest)
 
 

@@ -10,7 +10,7 @@ import torch
 
 import pruning_zoo
 from pruning_zoo import plugins, results
-from pruning_zoo.errors import PruningZooError
+from pruning_zoo.errors import PruningZooError, SetupError
 from pruning_zoo.lmms_model import PrunedVLM
 from pruning_zoo.loading import load_vlm
 from pruning_zoo.runner import Sweep
@@ -18,18 +18,6 @@ from pruning_zoo.strategy import BudgetMeaning, PruningStrategy, Stage
 from pruning_zoo.suite import validate_suite
 
 BUILTIN = ["none", "random", "pool", "fastv", "visionzip", "transprune", "learnpruner"]
-
-
-@pytest.fixture
-def offline_hub(monkeypatch):
-    """The hub unreachable at once, as HF_HUB_OFFLINE=1 makes it (the libraries read it at import, so set
-    their constants; without it a blocked network takes tens of seconds of retries to fail)."""
-    import datasets
-    import huggingface_hub
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
 
 
 def make_suite(model: str, strategies, budgets=(64,), limit=6, batch_size=3, tasks=("testbed",), task_paths=()):
@@ -172,15 +160,28 @@ def test_a_model_that_cannot_be_loaded_is_a_clear_error(offline_hub):
         load_vlm("some-org/not-downloaded", device="cpu")
 
 
-def test_a_sweep_over_an_unreachable_model_records_why_and_writes_nothing_else(tmp_path, offline_hub):
-    outcomes = sweep(make_suite("some-org/not-downloaded", ["none", "fastv"], limit=2), tmp_path).run()
-    assert [o.status for o in outcomes] == ["failed", "failed"]
-    for outcome in outcomes:
-        assert "hf download" in read(outcome.folder, results.ERROR)["error"]
-        assert sorted(p.name for p in outcome.folder.iterdir()) == [results.CONFIG, results.ERROR]
+def test_a_model_that_cannot_be_loaded_stops_the_sweep_at_once_and_writes_nothing(tmp_path, offline_hub):
+    states = []
+    suite = make_suite("some-org/not-downloaded", ["none", "fastv", "random"], limit=2)
+    with pytest.raises(SetupError) as stopped:
+        sweep(suite, tmp_path, on_cell=lambda cell, state: states.append(state)).run()
+    message = str(stopped.value)
+    assert "cannot load model 'some-org/not-downloaded' (hub id)" in message and "hf download" in message
+    assert "stopped at testbed none all (cell 1 of 3)" in message and "rerun the same command" in message
+    assert states == ["running"]  # no further cell was tried
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_a_hub_dataset_that_cannot_be_reached_is_a_clear_error(tiny_testbed_model, tmp_path, offline_hub):
+def test_a_sweep_stopped_by_a_model_keeps_the_cells_finished_before(tiny_testbed_model, tmp_path, offline_hub):
+    data = make_suite(tiny_testbed_model, ["none"], limit=2).model_dump()
+    suite = validate_suite({**data, "models": [tiny_testbed_model, "some-org/not-downloaded"]}, origin="test")
+    with pytest.raises(SetupError, match=r"cell 2 of 2\); nothing was written for it .* the 1 finished cells"):
+        sweep(suite, tmp_path).run()
+    (folder,) = tmp_path.iterdir()
+    assert results.status(folder) == "finished" and tiny_testbed_model.strip("/").split("/")[-1] in folder.name
+
+
+def test_a_hub_dataset_that_cannot_be_reached_stops_the_sweep(tiny_testbed_model, tmp_path, offline_hub):
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "hub_task.yaml").write_text(
@@ -189,12 +190,24 @@ def test_a_hub_dataset_that_cannot_be_reached_is_a_clear_error(tiny_testbed_mode
         "metric_list:\n  - metric: exact_match\n"
     )
     suite = make_suite(tiny_testbed_model, ["none", "fastv"], tasks=["hub_task"], task_paths=[str(tasks)], limit=2)
-    outcomes = sweep(suite, tmp_path / "results").run()
-    assert [o.status for o in outcomes] == ["failed", "failed"]
-    message = read(outcomes[0].folder, results.ERROR)["error"]
+    with pytest.raises(SetupError) as stopped:
+        sweep(suite, tmp_path / "results").run()
+    message = str(stopped.value)
     assert "task 'hub_task' could not load its dataset from the Hugging Face hub" in message
     assert "--task-path FOLDER" in message and "HF_HUB_OFFLINE=1" in message
-    assert read(outcomes[1].folder, results.ERROR)["error"] == message  # not retried for every cell
+    assert list((tmp_path / "results").iterdir()) == []
+
+
+def test_result_folders_follow_the_users_umask(tmp_path):
+    cell = results.Cell(model="m", task="t", strategy="none", params={}, budget=1.0, limit=None, batch_size=1,
+                        dtype="auto", device_type="cpu")
+    previous = os.umask(0o022)
+    try:
+        folder = results.write_cell(tmp_path, cell, {"cell": cell.as_dict()}, error={"error": "x"})
+    finally:
+        os.umask(previous)
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert (folder / results.CONFIG).stat().st_mode & 0o777 == 0o644
 
 
 def test_an_unknown_task_stops_before_anything_is_written(tiny_testbed_model, tmp_path):
