@@ -22,8 +22,8 @@ TABLE_COLUMNS = {
     "pct_of_none": "% of unpruned",
     "entering_llm": "tokens entering LLM",
     "average_per_layer": "avg tokens / layer",
-    "llm_flops_2ndm": "LLM {unit} (2ndm)",
-    "llm_flops_3ndm": "LLM {unit} (3ndm)",
+    "llm_flops_2ndm": "LLM prefill {unit} (2ndm)",
+    "llm_flops_3ndm": "LLM prefill {unit} (3ndm)",
     "vision_flops": "vision {unit}",
     "evidence_recall": "evidence recall",
     "ttft_ms": "TTFT ms",
@@ -169,29 +169,44 @@ def markdown(frame: pd.DataFrame, plots: dict[tuple, str] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_group(group: pd.DataFrame, path: Path) -> None:
-    """Score against prefill FLOPs (LLM 2ndm + vision) and against TTFT: one line per strategy and parameters
-    over budgets, the unpruned model as a star."""
+#: Markers cycled beside the colours, so that lines stay apart in grey print and for colour-blind readers.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+
+def strategy_styles(frame: pd.DataFrame) -> dict[tuple[str, str], dict]:
+    """A colour (the colour-blind-safe Tableau 10 palette) and a marker for each pruned strategy and parameter set,
+    in sorted order over the whole leaderboard, so that a strategy looks the same in every plot."""
+    import matplotlib.style
+
+    colours = matplotlib.style.library["tableau-colorblind10"]["axes.prop_cycle"].by_key()["color"]
+    keys = sorted({key for key in zip(frame["strategy"], frame["params"]) if key[0] != "none"})
+    return {key: {"color": colours[i % len(colours)], "marker": MARKERS[i % len(MARKERS)]} for i, key in enumerate(keys)}
+
+
+def plot_group(group: pd.DataFrame, path: Path, styles: dict[tuple[str, str], dict] | None = None) -> None:
+    """Score against the LLM's prefill FLOPs (2ndm, the table's convention) and against TTFT: one line per strategy
+    and parameters over budgets, the unpruned model as a black star."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    styles = styles or strategy_styles(group)
     figure, axes = plt.subplots(1, 2, figsize=(14, 4.6), constrained_layout=True)
-    total_flops = group["llm_flops_2ndm"].astype(float) + group["vision_flops"].astype(float)
-    scale, unit = flops_unit(total_flops)
-    for axis in axes:
-        axis.set_prop_cycle(color=plt.cm.tab20.colors)  # more lines than tab10 has colours
-    for axis, x, label in ((axes[0], total_flops / scale, f"prefill {unit} (LLM 2ndm + vision)"),
+    flops = group["llm_flops_2ndm"].astype(float)
+    scale, unit = flops_unit(flops)
+    flops_label = TABLE_COLUMNS["llm_flops_2ndm"].format(unit=unit) + " per document"  # the table's own column
+    for axis, x, label in ((axes[0], flops / scale, flops_label),
                            (axes[1], group["ttft_ms"].astype(float), f"time to first token, ms ({group['device'].iloc[0]})")):
         for (strategy, params), rows in group.groupby(["strategy", "params"], sort=True):
             xs, ys = x[rows.index], rows["score"].astype(float)
             if strategy == "none":
-                axis.scatter(xs, ys, marker="*", s=160, color="black", label="none (unpruned)", zorder=3)
+                axis.scatter(xs, ys, marker="*", s=180, color="black", label="none (unpruned)", zorder=3)
             else:
                 order = xs.argsort()
                 name = strategy if params == "defaults" else f"{strategy} ({params})"
-                axis.plot(xs.iloc[order], ys.iloc[order], marker="o", label=name)
+                axis.plot(xs.iloc[order], ys.iloc[order], label=name, markersize=7, linewidth=1.6,
+                          **styles[(strategy, params)])
         axis.set_xlabel(label)
         axis.set_ylabel(f"score ({group['metric'].iloc[0]})")
         axis.grid(alpha=0.3)
@@ -209,9 +224,10 @@ def build(paths: list[Path], output: Path) -> tuple[Path, pd.DataFrame]:
     output.mkdir(parents=True, exist_ok=True)
     plots = {}
     (output / "plots").mkdir(exist_ok=True)
+    styles = strategy_styles(frame)
     for key, group in frame.groupby(TABLE_GROUP, sort=False):
         name = f"plots/{_slug(*key[:-1])}{'__compiled' if key[-1] == 'compiled' else ''}.png"
-        plot_group(group, output / name)
+        plot_group(group, output / name, styles)
         plots[key] = name
     page = output / "leaderboard.md"
     page.write_text(markdown(frame, plots))

@@ -69,3 +69,23 @@ def test_fused_and_unfused_compiled_latencies_never_share_a_table(tmp_path):
     titles = [line for line in page.splitlines() if line.startswith("## ")]
     assert sum("compiled latency" in t for t in titles) == 1 and sum("compiled (inductor) latency" in t for t in titles) == 1
     assert "CUDA-graph segments fused by torch.compile (inductor)" in page
+
+
+def test_plots_use_the_tables_flops_convention_and_tell_strategies_apart(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from pruning_zoo import leaderboard
+
+    labels, lines = [], []
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xlabel", lambda axis, text, *a, **k: labels.append(text))
+    real_plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda axis, *a, **k: lines.append((k["label"], k["color"], k["marker"])) or real_plot(axis, *a, **k))
+    page, frame = build(RESULTS, tmp_path)
+    header = next(line for line in page.read_text().splitlines() if line.startswith("| budget"))
+    assert "LLM prefill TFLOPs (2ndm)" in header and "LLM prefill TFLOPs (2ndm) per document" in labels
+    styles = {label: (colour, marker) for label, colour, marker in lines}
+    assert len(set(styles.values())) == len(styles) >= 3  # each strategy its own colour and marker, in every plot
+    assert len(set(lines)) == len(styles)
+    many = pd.DataFrame({"strategy": [f"s{i}" for i in range(12)], "params": ["defaults"] * 12})
+    assert len({(s["color"], s["marker"]) for s in leaderboard.strategy_styles(many).values()}) == 12
