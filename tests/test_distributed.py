@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from pruning_zoo import results
@@ -16,10 +17,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def torchrun() -> list[str]:
-    """Two processes on a fresh local port."""
+def torchrun(log_dir: Path) -> list[str]:
+    """Two processes on a fresh local port, logging under the test's own folder (by default torchrun leaves a
+    /tmp/torchelastic_* folder behind after every launch)."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port())]
+            "--master_port", str(free_port()), "--log-dir", str(log_dir)]
 
 
 def sweep_command(model: str, output: Path) -> list[str]:
@@ -44,8 +46,10 @@ def read_cells(output: Path) -> dict:
 def test_two_gloo_processes_give_the_results_of_one(tiny_testbed_model, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, *sweep_command(tiny_testbed_model, one)], check=True, capture_output=True)
-    done = subprocess.run([*torchrun(), *sweep_command(tiny_testbed_model, two)], capture_output=True, text=True)
+    left_before = set(Path(tempfile.gettempdir()).glob("torchelastic_*"))
+    done = subprocess.run([*torchrun(tmp_path / "logs"), *sweep_command(tiny_testbed_model, two)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    assert set(Path(tempfile.gettempdir()).glob("torchelastic_*")) == left_before  # nothing left in /tmp
     # random too: its draw follows the document, not the process or the order
     assert read_cells(one) == read_cells(two)
     config = json.loads(next((two).glob("*fastv*/config.json")).read_text())
@@ -57,7 +61,7 @@ def test_two_gloo_processes_give_the_results_of_one(tiny_testbed_model, tmp_path
         latency = json.loads(next(output.glob("*fastv*/metrics.json")).read_text())["latency"]
         assert latency["mode"] == "compiled" and latency["time_to_first_token_ms"] > 0 and "compiled_error" not in latency
     assert len(read_cells(two)["" + next(two.glob("*fastv*")).name][4]) == 7  # every document, once
-    again = subprocess.run([*torchrun(), *sweep_command(tiny_testbed_model, two)], capture_output=True, text=True)
+    again = subprocess.run([*torchrun(tmp_path / "logs"), *sweep_command(tiny_testbed_model, two)], capture_output=True, text=True)
     assert again.returncode == 0 and "0 cells evaluated, 3 already finished" in " ".join(again.stdout.split())
 
 
@@ -106,7 +110,7 @@ def launcher(tiny_testbed_model, tmp_path):
     command[command.index("--strategies") + 1] = "none,fails-on-rank-one,fastv"
 
     def launch(**env):
-        return subprocess.run([*torchrun(), str(driver), *command], capture_output=True, text=True,
+        return subprocess.run([*torchrun(tmp_path / "logs"), str(driver), *command], capture_output=True, text=True,
                               env={**os.environ, **env}, timeout=600)  # a hang fails the test instead of blocking it
 
     return output, launch
