@@ -53,18 +53,19 @@ def fitted(title: str, headers: list[str], rows: list[list[str]], console: Conso
     columns = [[header, *(row[index] for row in rows)] for index, header in enumerate(headers)]
     shortest = [max(len(word) for text in column for word in [*text.split(), ""]) for column in columns]
     widest = [max(len(text) for text in column) for column in columns]
-    spare = console.width - (sum(shortest) + 3 * len(headers) + 1)  # each column's padding and border, the edge
+    # No outer border or edge padding: each column takes 2 of padding and 1 of separator, less 3 at the edges.
+    spare = console.width - (sum(shortest) + 3 * len(headers) - 3)
     if spare >= 0:
         # rich would narrow the widest columns first, below their longest word: share out the spare width here.
         wants = [full - least for full, least in zip(widest, shortest)]
         share = min(1.0, spare / sum(wants)) if sum(wants) else 0.0
-        table = Table(title=title)
+        table = Table(title=title, show_edge=False, pad_edge=False)
         for header, least, want in zip(headers, shortest, wants):
             table.add_column(header, width=least + int(want * share), overflow="fold")
         for row in rows:
             table.add_row(*row)
         return table
-    blocks = Table(title=title, show_header=False, box=None, padding=(0, 1))
+    blocks = Table(title=title, show_header=False, box=None, padding=(0, 1), expand=True)
     blocks.add_column(overflow="fold", no_wrap=True)
     blocks.add_column(overflow="fold", ratio=1)
     for row in rows:

@@ -28,7 +28,7 @@ def test_list_shows_strategies_families_and_suites():
     assert result.exit_code == 0, result.output
     for name in ("none", "random", "pool", "fastv", "llava_next", "Qwen2VLForConditionalGeneration", "image-vqa"):
         assert name in result.output
-    fastv = next(line for line in result.output.splitlines() if line.startswith("│ fastv"))
+    fastv = next(line for line in result.output.splitlines() if line.startswith("fastv "))
     assert "after pruning" in fastv and "after layer 1: keep 64" in fastv and "pruning-zoo 0.1.0" in fastv
 
 
