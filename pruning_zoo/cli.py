@@ -150,6 +150,7 @@ def apply_overrides(
     limit: int | None,
     batch_size: int | None,
     task_paths: list[str] | None = None,
+    data_folder: Path | None = None,
 ) -> Suite:
     """The suite with the command line's options replacing its fields, validated again as a whole."""
     from pruning_zoo.suite import validate_suite
@@ -176,6 +177,11 @@ def apply_overrides(
         data["batch_size"] = batch_size
     if task_paths is not None:
         data["task_paths"] = [str(Path(path).resolve()) for path in task_paths] + data["task_paths"]
+    if data_folder is not None:
+        if not data_folder.is_dir():
+            raise InvalidParameterError(f"--data {data_folder} is not a folder; give a folder of local dataset copies, "
+                                        "each as DIR/OWNER/NAME (see docs/real-datasets.md)")
+        data["data"] = str(data_folder.resolve())
     return validate_suite(data, origin=f"{suite.name} (with command-line options)")
 
 
@@ -189,6 +195,9 @@ def run(
     task_path: Annotated[
         list[str] | None, typer.Option(help="Folder of lmms-eval task YAMLs over local data; repeatable.")
     ] = None,
+    data: Annotated[Path | None, typer.Option(
+        help="Folder of local copies of the tasks' hub datasets, each as DATA/OWNER/NAME (e.g. DATA/lmms-lab-encoder/GQA, "
+             "as `hf download OWNER/NAME --repo-type dataset --local-dir DATA/OWNER/NAME` makes it).")] = None,
     strategies: Annotated[
         str | None, typer.Option(help="Comma-separated strategy names, replacing the suite's (e.g. none,fastv).")
     ] = None,
@@ -217,7 +226,7 @@ def run(
         console = Console()
         resolved = apply_overrides(
             load_suite(suite), model, _split(tasks), _split(strategies), _split(budgets), param or [], limit, batch_size,
-            task_path,
+            task_path, data,
         )
         if output.exists() and not output.is_dir():
             raise PruningZooError(f"--output {output} exists and is not a folder; choose a folder path")

@@ -79,9 +79,9 @@ def clean_json(value: Any) -> Any:
 
 
 def write_cell(output: Path, cell: Cell, config: dict, metrics: dict | None = None, samples: list[dict] | None = None,
-               error: dict | None = None) -> Path:
+               error: dict | None = None, files: Path | None = None) -> Path:
     """Write a finished (metrics and samples) or failed (error) cell atomically; returns its folder. A failed
-    record of the same cell is replaced."""
+    record of the same cell is replaced. `files`, a folder, is moved into a finished cell under its own name."""
     if (metrics is None) == (error is None):
         raise ValueError("a cell is written with metrics or with an error")
     final = output / cell.folder_name
@@ -98,6 +98,8 @@ def write_cell(output: Path, cell: Cell, config: dict, metrics: dict | None = No
             with gzip.GzipFile(temporary / SAMPLES, "wb", mtime=0) as raw, io.TextIOWrapper(raw, encoding="utf-8") as file:
                 for sample in samples or []:
                     file.write(json.dumps(clean_json(sample), default=str) + "\n")
+            if files is not None and files.is_dir():
+                shutil.move(files, temporary / files.name)
             (temporary / METRICS).write_text(json.dumps(clean_json(metrics), indent=1) + "\n")
         if final.exists():
             if status(final) == "finished":

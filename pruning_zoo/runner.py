@@ -7,24 +7,28 @@ written for it; models are loaded once per sweep and tasks indexed once.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import datetime
 import importlib
 import os
+import shutil
 import statistics
 import sys
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from pruning_zoo import get_strategy
 from pruning_zoo.distributed import ProcessGroupAccelerator, Ranks
+from pruning_zoo.datasources import TaskData, check_sources, task_data
 from pruning_zoo.errors import PruningZooError, SetupError, closest, describe
 from pruning_zoo.provenance import device_description, git_sha, versions
-from pruning_zoo.results import Cell, remove_temporaries, status, write_cell
+from pruning_zoo.results import TEMPORARY_PREFIX, Cell, remove_temporaries, status, write_cell
 from pruning_zoo.strategy import params_as_dict
 from pruning_zoo.suite import Suite, builtin_suite_folder
 
@@ -63,6 +67,16 @@ def local_task_folders(suite_folder: Path | None, task_paths: list[str]) -> list
     return folders
 
 
+def resolve_data_folder(name: str | None, suite_folder: Path | None) -> Path | None:
+    """The suite's data folder: absolute, else relative to the working directory if there, else to the suite file."""
+    if name is None:
+        return None
+    path = Path(name)
+    if not path.is_absolute() and not path.is_dir() and suite_folder is not None:
+        path = suite_folder / path
+    return path.resolve()
+
+
 def resolve_model(name: str, suite_folder: Path | None) -> str:
     """A folder relative to the working directory, else one relative to the suite file, else a hub id."""
     if Path(name).is_dir():
@@ -98,8 +112,8 @@ def check_tasks(task_manager, tasks: list[str]) -> None:
 
 @contextlib.contextmanager
 def working_directory(folder: Path | None) -> Iterator[None]:
-    """lmms-eval resolves a local task's `data_files` against the working directory: run it from the task's
-    folder, so task YAMLs give paths relative to themselves."""
+    """lmms-eval resolves a local task's `data_files`, and datasets a dataset id, against the working directory: run
+    a task from its data's folder."""
     previous = os.getcwd()
     if folder is not None:
         os.chdir(folder)
@@ -158,6 +172,9 @@ class Sweep:
 
         self.ranks = Ranks()
         self.suite, self.output, self.suite_folder = suite, output.resolve(), suite_folder
+        self.data_folder = resolve_data_folder(suite.data, suite_folder)
+        #: Task -> where its documents come from, resolved when the sweep starts.
+        self.task_data: dict[str, TaskData] = {}
         self.device = torch.device(device or self.ranks.default_device())
         if self.device.type == "cuda" and self.device.index is None and self.ranks.world > 1:
             self.device = torch.device("cuda", self.ranks.local)
@@ -185,13 +202,17 @@ class Sweep:
         from lmms_eval.tasks import TaskManager
 
         self.ranks.start(self.device)
+        self.task_manager = task_manager(TaskManager, local_task_folders(self.suite_folder, self.suite.task_paths),
+                                         self.suite.tasks)
+        check_tasks(self.task_manager, self.suite.tasks)
+        # Every dataset and model checked before anything is made or loaded: an offline machine fails here, at once.
+        self.task_data = {task: task_data(self.task_manager, task, self.data_folder) for task in self.suite.tasks}
+        check_sources(list(self.task_data.values()), [resolve_model(m, self.suite_folder) for m in self.suite.models],
+                      self.data_folder)
         if self.ranks.main:
             self.output.mkdir(parents=True, exist_ok=True)
             remove_temporaries(self.output)
         self.ranks.barrier()
-        self.task_manager = task_manager(TaskManager, local_task_folders(self.suite_folder, self.suite.task_paths),
-                                         self.suite.tasks)
-        check_tasks(self.task_manager, self.suite.tasks)
         for name in self.suite.strategies:  # parameters were validated with the suite; build once to be sure
             get_strategy(name, **resolve_paths(self.suite.strategies[name], self.suite_folder))
         self.outcomes = outcomes = []
@@ -223,6 +244,14 @@ class Sweep:
 
     def run_cell(self, cell: Cell) -> CellOutcome:
         """Evaluate one cell on every rank; rank 0 writes it. Every rank returns rank 0's outcome."""
+        #: What the task's own code writes while it runs (submission files): kept with a finished cell.
+        self.artefacts = self.output / f"{TEMPORARY_PREFIX}files-{uuid.uuid4().hex[:8]}-rank{self.ranks.rank}"
+        try:
+            return self._run_cell(cell)
+        finally:
+            shutil.rmtree(self.artefacts, ignore_errors=True)
+
+    def _run_cell(self, cell: Cell) -> CellOutcome:
         config = {"cell": cell.as_dict(), "command": self.command, **self.provenance, "processes": self.ranks.world,
                   "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         seconds = Stopwatch()
@@ -290,7 +319,9 @@ class Sweep:
                 config["strategy_params"] = params_as_dict(lm.strategy.params)
                 config["model_path"] = lm.loaded.name
                 config["lmms_eval"] = {key: value for key, value in (results.get("config") or {}).items() if key != "model"}
-                folder = write_cell(self.output, cell, config, metrics=metrics, samples=samples)
+                config["task"] = task_record(self.task_data.get(cell.task), results, cell.task)
+                folder = write_cell(self.output, cell, config, metrics=metrics, samples=samples,
+                                    files=self.artefacts / "submissions")
                 outcome = CellOutcome(cell, folder, "finished")
         return self.ranks.broadcast(outcome)
 
@@ -315,11 +346,17 @@ class Sweep:
         from lmms_eval.evaluator import simple_evaluate
 
         yaml_path = self.task_manager.task_index[cell.task].get("yaml_path")
-        folder = Path(yaml_path).parent if isinstance(yaml_path, str) else None
+        data = self.task_data.get(cell.task)
+        # A local copy of a hub dataset is found from the data folder; a task over its own files from its YAML's.
+        folder = self.data_folder if data is not None and data.local is not None else (
+            Path(yaml_path).parent if isinstance(yaml_path, str) else None)
+        # Files a task's aggregation writes (submission files) go to `submissions/` of the cell's folder.
+        options = argparse.Namespace(output_path=str(self.artefacts), process_with_media=True)
         try:
             with working_directory(folder):
                 results = simple_evaluate(model=lm, tasks=[cell.task], limit=cell.limit, batch_size=cell.batch_size,
-                                          task_manager=self.task_manager, log_samples=True, verbosity="WARNING")
+                                          task_manager=self.task_manager, log_samples=True, verbosity="WARNING",
+                                          cli_args=options)
         except PruningZooError:
             raise
         except Exception as error:
@@ -329,6 +366,17 @@ class Sweep:
         if results is None and self.ranks.main:  # lmms-eval returns results on rank 0 only
             raise PruningZooError(f"lmms-eval returned no results for task {cell.task!r}")
         return results
+
+
+def task_record(data: TaskData | None, results: dict, task: str) -> dict:
+    """Which task definition ran and on what data: lmms-eval's own YAML and functions, the dataset and its copy."""
+    config = (results.get("configs") or {}).get(task) or {}
+    record = {"name": task, "yaml_path": data.yaml_path if data else None,
+              "dataset_path": data.dataset_path if data else None, "dataset_name": data.dataset_name if data else None,
+              "split": data.split if data else None, "local_copy": str(data.local) if data and data.local else None,
+              "metrics": [entry.get("metric") for entry in config.get("metric_list") or []]}
+    record["functions"] = dict(data.hooks) if data else {}
+    return record
 
 
 class Stopwatch:

@@ -27,6 +27,9 @@ class Suite(pydantic.BaseModel):
     tasks: list[str] = pydantic.Field(min_length=1)
     #: More folders of lmms-eval task YAMLs (relative to the suite file), for tasks over local data.
     task_paths: list[str] = pydantic.Field(default_factory=list)
+    #: Folder of local copies of the tasks' hub datasets, each as DIR/OWNER/NAME laid out as its repository (relative
+    #: paths: to the working directory, else to the suite file's folder); None: the hub (or its cache).
+    data: str | None = None
     #: Hub ids or local paths that `from_pretrained` accepts (relative paths: to the suite file's folder).
     models: list[str] = pydantic.Field(min_length=1)
     #: Strategy name -> parameter overrides ({} for the defaults).

@@ -132,13 +132,15 @@ def test_list_breaks_no_word_on_a_narrow_terminal():
 
 
 def test_a_model_that_cannot_be_loaded_is_one_message_and_writes_nothing(tmp_path, offline_hub):
-    result = CliRunner().invoke(app, ["run", "--suite", "image-vqa", "--model", "some-org/not-downloaded", "--device",
-                                      "cpu", "--output", str(tmp_path / "results")], env=WIDE)
+    result = CliRunner().invoke(app, ["run", "--suite", "image-vqa", "--model", "some-org/not-downloaded", "--tasks",
+                                      "gqa,pope", "--device", "cpu", "--output", str(tmp_path / "results")], env=WIDE)
     assert result.exit_code == 2, result.output
     text = " ".join(result.output.split())
-    assert text.count("cannot load model 'some-org/not-downloaded'") == 1
-    assert "stopped at gqa none all (cell 1 of 96)" in text and "cells evaluated" not in text
-    assert list((tmp_path / "results").iterdir()) == []
+    # One message, before any cell: every missing model and dataset, and how to use local copies instead.
+    assert text.count("error: the sweep cannot start") == 1 and "cells evaluated" not in text
+    assert ("not in this machine's cache: model some-org/not-downloaded; dataset lmms-lab-encoder/GQA (task gqa); "
+            "dataset lmms-lab-encoder/POPE (task pope). Use local copies: `--data DIR`") in text
+    assert not (tmp_path / "results").exists()
 
 
 def test_ctrl_c_says_what_finished_and_how_to_resume(tmp_path, monkeypatch):
