@@ -69,6 +69,7 @@ def load_results(paths: list[Path]) -> pd.DataFrame:
             "documents": metrics["documents"],
             "metric": metrics["primary_metric"],
             "score": metrics["scores"].get(metrics["primary_metric"]),
+            "scores": json.dumps(metrics["scores"]),
             "entering_llm": metrics["visual_tokens"]["entering_llm"],
             "average_per_layer": metrics["visual_tokens"]["average_per_layer"],
             "llm_flops_2ndm": flops["llm_prefill_2ndm"],
@@ -95,6 +96,14 @@ def load_results(paths: list[Path]) -> pd.DataFrame:
                             for score, ref in zip(frame["score"], reference)]
     frame["budget_order"] = frame["budget"].map(_budget_order)
     return frame.sort_values([*GROUP, "budget_order", "strategy", "params"]).reset_index(drop=True)
+
+
+def task_metrics(group: pd.DataFrame) -> list[str]:
+    """The metric names of a table's cells, in the task's order (the primary one first)."""
+    names = [group["metric"].iloc[0]]
+    for scores in group["scores"]:
+        names += [name for name in json.loads(scores) if name not in names]
+    return names
 
 
 def cell_text(value, digits: int = 4) -> str:
@@ -136,8 +145,8 @@ def markdown(frame: pd.DataFrame, plots: dict[tuple, str] | None = None) -> str:
     lines = [
         "# pruning-zoo leaderboard",
         "",
-        "Built by `pruning-zoo leaderboard` from stored results. Score: the task's first lmms-eval metric; "
-        "% of unpruned: against the `none` cell of the same model, task, device and limit. Tokens are per image; "
+        "Built by `pruning-zoo leaderboard` from stored results. Each table names the task's lmms-eval metrics; "
+        "the first is its score, and % of unpruned compares it against the `none` cell of the same model, task, device and limit. Tokens are per image; "
         "FLOPs are per document, for the prefill, counted as the papers do (multiply-accumulates; 2ndm: two MLP "
         "matrices as FastV, 3ndm: three as TransPrune). TTFT: time to first token, vision encoder, selection and "
         "prefill included; selection: the engine's scoring and selecting alone.",
@@ -147,12 +156,17 @@ def markdown(frame: pd.DataFrame, plots: dict[tuple, str] | None = None) -> str:
     for key, group in frame.groupby(TABLE_GROUP, sort=False):
         model, task, device, limit, mode = key
         scale, unit = flops_unit(group[FLOPS_COLUMNS].to_numpy().ravel())
+        metric = group["metric"].iloc[0]
         table = group[list(TABLE_COLUMNS)].copy()
         table[FLOPS_COLUMNS] = table[FLOPS_COLUMNS].astype(float) / scale
-        table = table.rename(columns={key: header.format(unit=unit) for key, header in TABLE_COLUMNS.items()})
+        headers = {key: header.format(unit=unit) for key, header in TABLE_COLUMNS.items()} | {"score": metric}
+        table = table.rename(columns=headers)
+        # Every metric the task reports, under its own name, after the first one and its share of the unpruned.
+        others = task_metrics(group)[1:]
+        for offset, name in enumerate(others):
+            table.insert(5 + offset, name, [json.loads(scores).get(name) for scores in group["scores"]])
         text = table.astype(object).apply(lambda column: column.map(cell_text))
-        numeric = ["left"] * 3 + ["right"] * (len(TABLE_COLUMNS) - 3)
-        metric = group["metric"].iloc[0]
+        numeric = ["left"] * 3 + ["right"] * (len(table.columns) - 3)
         documents = int(group["documents"].iloc[0])
         lines += [
             "",
