@@ -565,6 +565,26 @@ def testbed_splits(
         Console().print(f"wrote {write_split(out, name)}")
 
 
+@testbed_app.command("hub-copies")
+def testbed_hub_copies(
+    out: Annotated[Path, typer.Option(help="Folder for the copies, one OWNER/NAME folder per dataset.")] = Path(
+        "suites/hub-copies"),
+    testbed: Annotated[Path, typer.Option(help="Folder with the testbed's test split and images.")] = Path("suites/testbed"),
+    documents: Annotated[int, typer.Option(min=8, help="Documents per task (about; MME and MMBench keep whole groups).")] = 40,
+) -> None:
+    """Write local copies of the image-VQA suite's hub datasets (the same columns, types, configs and splits) made
+    from the testbed's test scenes, for `pruning-zoo run --suite image-vqa-local` (or `--data OUT`)."""
+    from pruning_zoo.testbed.hub_copies import write_copies
+
+    with user_errors():
+        if not (testbed / "test.jsonl").is_file():
+            raise PruningZooError(f"--testbed {testbed} has no test.jsonl; write the splits with `pruning-zoo testbed splits`")
+        if out.exists() and not out.is_dir():
+            raise PruningZooError(f"--out {out} exists and is not a folder; choose a folder path")
+        for (repository, config, split), rows in write_copies(testbed, out, documents).items():
+            Console().print(f"{out / repository}: {config}/{split}, {rows} rows", highlight=False)
+
+
 @testbed_app.command("evaluate")
 def testbed_evaluate(
     strategies: Annotated[str, typer.Option(help="Comma-separated strategies; 'oracle' keeps the evidence first.")] = (
