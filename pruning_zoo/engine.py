@@ -46,9 +46,20 @@ class ImageRecord:
     kept_per_layer: list[int]
     #: Multiply-accumulates of the vision tower and projector for this image (the flops.py convention).
     vision_flops: int
-    #: Indices (into the image's original visual tokens) of the slots still present after the last stage.
-    #: For a merge (pool, VisionZip's contextual tokens) a slot holds merged features, not only its own.
-    kept: list[int] = dataclasses.field(default_factory=list)
+    #: For each slot still present after the last stage, the index (into the image's original visual tokens) of the
+    #: token it holds, or None for a token that is no patch (VisionZip's CLS, placed in a free slot). For a merge
+    #: (pool, VisionZip's contextual tokens) a slot holds merged features, not only its own.
+    slots: list[int | None] = dataclasses.field(default_factory=list)
+
+    @property
+    def kept(self) -> list[int]:
+        """The original visual tokens still present (what evidence recall reads)."""
+        return [index for index in self.slots if index is not None]
+
+    @property
+    def non_patch_tokens(self) -> int:
+        """Kept tokens that are no patch of the image (VisionZip's CLS)."""
+        return sum(index is None for index in self.slots)
 
     @property
     def entering_llm(self) -> int:
@@ -105,8 +116,9 @@ class _Image:
     kept_per_layer: list[int]
     grid: tuple[int, int] | None
     vision_flops: int
-    #: Original indices of the surviving slots (shared with the record, updated in place).
-    kept: list[int] = dataclasses.field(default_factory=list)
+    #: Original indices of the surviving slots, None where a slot holds no patch (shared with the record, updated
+    #: in place).
+    kept: list[int | None] = dataclasses.field(default_factory=list)
     key: str | None = None
 
 
@@ -270,7 +282,8 @@ class PruningRun:
         keep[image.sample, image.positions[dropped]] = False
         before, image.positions = image.positions, kept
         image.kept_per_layer[first_layer:] = [stage.keep] * (self.adapter.num_layers - first_layer)
-        image.kept[:] = [image.kept[i] for i in selection.keep.tolist()]
+        borrowed = selection.borrowed.tolist() if selection.borrowed is not None else [False] * stage.keep
+        image.kept[:] = [None if lent else image.kept[i] for i, lent in zip(selection.keep.tolist(), borrowed)]
         return image.sample, before, kept
 
     def _prune_before_llm(self, input_ids: torch.Tensor, kwargs: dict) -> dict:
@@ -554,6 +567,10 @@ def check_selection(name: str, selection: Selection, stage: Stage, tokens: torch
             f"strategy {name!r} merged features of shape {tuple(selection.features.shape)} {stage}; "
             f"expected ({stage.keep}, {tokens.shape[1]})"
         )
+    borrowed = selection.borrowed
+    if borrowed is not None and (borrowed.shape != (stage.keep,) or borrowed.dtype != torch.bool):
+        raise StrategyOutputError(f"strategy {name!r} marked borrowed slots as {borrowed.dtype} {tuple(borrowed.shape)} "
+                                  f"{stage}; expected a bool tensor of shape ({stage.keep},)")
 
 
 def check_indices(name: str, keep: torch.Tensor, stage: Stage, count: int) -> None:

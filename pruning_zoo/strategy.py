@@ -99,6 +99,9 @@ class Selection:
     #: Replacement features for the kept slots (a merge plan, e.g. VisionZip's contextual tokens), shaped
     #: [len(keep), dim]; None keeps the tokens as they are.
     features: torch.Tensor | None = None
+    #: [len(keep)] bool, True where a slot only lends its place to a token that is none of the stage's (VisionZip's
+    #: CLS): the record then counts that slot as no kept patch. None: every slot holds its own token (or a merge of it).
+    borrowed: torch.Tensor | None = None
 
 
 @dataclasses.dataclass(frozen=True)

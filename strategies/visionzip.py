@@ -127,12 +127,17 @@ class VisionZip(PruningStrategy):
         projected = first.observe("vision_project", features=emitted.flatten(0, 1)).view(batch, keep, -1)
 
         slots = torch.cat([dominant, targets], dim=1)
-        if with_cls:  # CLS has no slot of its own: it takes the first free one
+        borrowed = [None] * batch
+        if with_cls:  # CLS has no slot of its own: it takes the first free one, which holds no kept patch
             free = torch.ones(batch, count, dtype=torch.bool, device=scores.device)
             free.scatter_(1, slots, False)
-            slots = torch.cat([true_indices(free, 1), slots], dim=1)
+            lent = true_indices(free, 1)
+            slots = torch.cat([lent, slots], dim=1)
         # The slots are ascending; the emitted order goes into them in turn, so the sequence order is VisionZip's.
-        return [Selection(keep=kept, features=image) for kept, image in zip(ascending(slots, count), projected)]
+        kept = ascending(slots, count)
+        if with_cls:
+            borrowed = kept == lent
+        return [Selection(keep=k, features=image, borrowed=b) for k, image, b in zip(kept, projected, borrowed)]
 
 
 def gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -99,6 +99,23 @@ def test_visionzip_on_llava_keeps_cls_and_the_top_cls_attended_patches(tmp_path)
         torch.testing.assert_close(selection.features[:6], expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family_name, cls_tokens", [("llava", 1), ("qwen2_vl", 0)])
+def test_visionzip_records_the_patches_it_kept_and_the_cls_apart(tmp_path, family_name, cls_tokens):
+    """CLS takes a free patch slot, but that patch is not kept: the record (what evidence recall reads) holds the
+    dominant patches and the contextual targets only, and counts CLS on its own."""
+    family = tiny_models.FAMILIES[family_name]
+    model = family.build(tmp_path)
+    strategy = pruning_zoo.get_strategy("visionzip", contextual_ratio=0.25)
+    recording = Recording(strategy)
+    with torch.no_grad(), prune(model, strategy, 8) as run:
+        model(**family.inputs(2))
+    for record, (_, selection) in zip(run.records[0].images, recording.selections):
+        lent = set(selection.keep[selection.borrowed].tolist()) if selection.borrowed is not None else set()
+        assert len(lent) == cls_tokens and record.non_patch_tokens == cls_tokens
+        assert record.kept == sorted(set(selection.keep.tolist()) - lent) and len(record.kept) == 8 - cls_tokens
+        assert record.entering_llm == 8  # CLS still enters the LLM
+
+
 def test_visionzip_merges_each_remaining_token_into_its_most_similar_target():
     # Remaining tokens in order; targets are positions 0 and 2 (step = 4 // 2).
     keys = torch.tensor([[1.0, 0.0], [0.1, 1.0], [0.0, 1.0], [0.9, 0.1]])
@@ -139,6 +156,9 @@ def test_transprune_default_schedule_is_the_codes():
     stages = transprune.plan(72, 576, 32)
     assert stages == (Stage(6, 504), Stage(8, 360), Stage(11, 72))  # after layers 7, 9, 12 (1-idx)
     assert list(transprune.ttv_layers(32)) == [6, 7, 8, 9, 10, 11]
+    # Scaled to 6 layers, the prunes bump to after 1, 2, 3 (1-indexed) and TTV still runs to the last of them.
+    assert transprune.prune_layers(6) == [1, 2, 3] and list(transprune.ttv_layers(6)) == [0, 1, 2]
+    assert transprune.prune_layers(16) == [4, 5, 6] and list(transprune.ttv_layers(16)) == [3, 4, 5]
     average = transprune.average([7, 9, 12], [504, 360, 72], 576, 32)
     assert average == 236.25
     by_average = pruning_zoo.get_strategy("transprune", budget_counts="per_layer_average").plan(236, 576, 32)
