@@ -119,8 +119,11 @@ class TransPrune(PruningStrategy):
         return layers
 
     def ttv_layers(self, num_layers: int) -> range:
-        """0-indexed layers whose TTV is accumulated."""
-        first, last = (self.scaled_layer(layer, num_layers) for layer in self.params.ttv_layers)
+        """0-indexed layers whose TTV is accumulated. A bound that is a prune layer (the code: 7..12, from the first
+        prune to the last) follows that prune layer as scaled, so on any depth the window ends where it does
+        relative to the schedule (6 layers: prunes after 1, 2, 3 and TTV over 1..3, not 1..2)."""
+        scaled = dict(zip(self.params.prune_layers, self.prune_layers(num_layers)))
+        first, last = (scaled.get(layer) or self.scaled_layer(layer, num_layers) for layer in self.params.ttv_layers)
         return range(first - 1, max(first, last))
 
     def counts(self, factor: float, num_visual: int) -> list[int]:

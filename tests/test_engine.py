@@ -613,20 +613,21 @@ def test_a_batch_selected_at_once_keeps_what_one_image_at_a_time_keeps(family_mo
 
 
 def test_only_the_summarized_layers_are_watched_and_let_go(family_model):
-    """TransPrune on a 4-layer model accumulates TTV over layers 0 and 1: only their sub-blocks are hooked (4
-    hooks each), and after the forward their tensors are gone, their summaries kept."""
+    """TransPrune on a 4-layer model prunes after layers 0, 1 and 2 and accumulates TTV over them (as the 32-layer
+    code does from the first prune layer to the last): only their sub-blocks are hooked (4 hooks each), and after
+    the forward their tensors are gone, their summaries kept."""
     family, model = family_model
     strategy = pruning_zoo.get_strategy("transprune")
-    assert list(strategy.sublayer_layers(4)) == [0, 1]
+    assert list(strategy.sublayer_layers(4)) == [0, 1, 2]
     with torch.no_grad():
         model(**family.inputs(2))  # transformers installs its own output-capturing hooks on a first forward
     before = _count_hooks(model)
     with torch.no_grad(), prune(model, strategy, 4) as run:
         pruning_hooks = _count_hooks(model) - before
         model(**family.inputs(2))
-        assert run._sublayers == {} and sorted(run._summaries) == [0, 1]
+        assert run._sublayers == {} and sorted(run._summaries) == [0, 1, 2]
     with torch.no_grad(), prune(model, pruning_zoo.get_strategy("fastv"), 4):
-        assert _count_hooks(model) - before == pruning_hooks - 2 * 4  # fastv watches no sub-blocks
+        assert _count_hooks(model) - before == pruning_hooks - 3 * 4  # fastv watches no sub-blocks
 
 
 @pytest.mark.parametrize("name, budget", [("transprune", 4), ("learnpruner", 8)])
