@@ -11,6 +11,11 @@ from pruning_zoo.budget import Budget, BudgetMeaning
 from pruning_zoo.errors import InvalidParameterError, PluginError, PruningZooError, UnknownNameError
 from pruning_zoo.hookspecs import hookimpl
 
+#: The version of the plugin interface (docs/plugins.md): the hooks, the strategy class's members, ScoreContext,
+#: Selection, Stage and the observation names. A minor step only adds; a major step changes or removes, after a
+#: release that warns. Plugins may rely on everything documented for the major version they were written for.
+INTERFACE_VERSION = "1.0"
+
 #: Names this package exports from pruning_zoo.strategy, imported when first read.
 STRATEGY_INTERFACE = ("PruningStrategy", "ScoreContext", "Selection", "Stage", "StrategyParams", "params_dataclass",
                       "top_k_in_order")
@@ -18,6 +23,7 @@ STRATEGY_INTERFACE = ("PruningStrategy", "ScoreContext", "Selection", "Stage", "
 __all__ = [
     "Budget",
     "BudgetMeaning",
+    "INTERFACE_VERSION",
     "InvalidParameterError",
     "PluginError",
     "PruningZooError",

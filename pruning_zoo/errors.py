@@ -20,6 +20,11 @@ class UnknownNameError(PruningZooError, KeyError):
     def __str__(self) -> str:  # KeyError would quote the message
         return self.args[0]
 
+    def with_hint(self, hint: str) -> "UnknownNameError":
+        """The same error with what to do appended."""
+        self.args = (f"{self.args[0]}. {hint}",)
+        return self
+
 
 class InvalidParameterError(PruningZooError, ValueError):
     """A strategy parameter, budget or option value outside what is allowed."""

@@ -2,7 +2,7 @@
 
 Built-in strategies and model families are plugins of the `pruning-zoo` distribution, loaded exactly like
 third-party ones. Set PRUNING_ZOO_PLUGINS to a comma-separated list of entry-point names to load only
-those (an empty value loads none).
+those (an empty value loads none); pruning-zoo's own model families load in any case.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import functools
 import os
 import re
 from collections import defaultdict
+from collections.abc import Iterable
 from importlib.metadata import entry_points
 
 import pluggy
@@ -19,11 +20,13 @@ from pruning_zoo import hookspecs
 from pruning_zoo.errors import PluginError, UnknownNameError
 from pruning_zoo.families import ModelFamily
 from pruning_zoo.registry import Registry, Source
-from pruning_zoo.strategy import PruningStrategy, StrategyParams
+from pruning_zoo.strategy import OBSERVATIONS, PruningStrategy, StrategyParams
 from pruning_zoo.budget import BudgetMeaning
 
 ENTRY_POINT_GROUP = "pruning_zoo"
 PLUGINS_ENV = "PRUNING_ZOO_PLUGINS"
+#: The entry point of pruning-zoo's own model families, loaded whatever PRUNING_ZOO_PLUGINS says.
+BUILTIN_FAMILIES = "model_families"
 _STRATEGY_NAME = re.compile(r"[a-z][a-z0-9_\-]*")
 
 
@@ -56,6 +59,10 @@ def load_entry_point_plugins(manager: pluggy.PluginManager) -> None:
         for name in names:
             if name not in providers:
                 raise PluginError(f"{PLUGINS_ENV}: {UnknownNameError('plugin', name, providers)}")
+        # The allow-list picks strategies: pruning-zoo's own model families always load, so that a subset of
+        # strategies still runs on every supported model.
+        if BUILTIN_FAMILIES in providers and BUILTIN_FAMILIES not in names:
+            names.append(BUILTIN_FAMILIES)
 
     for name in names:
         try:
@@ -119,9 +126,25 @@ def check_strategy_class(strategy_class, source: Source) -> None:
         raise PluginError(f"{where}: {strategy_class.__name__}.Params must subclass StrategyParams")
     if not isinstance(getattr(strategy_class, "budget_meaning", None), BudgetMeaning):
         raise PluginError(f"{where}: {strategy_class.__name__}.budget_meaning must be a BudgetMeaning")
+    strategy_class.observes = observation_names(strategy_class, where)
     if strategy_class.__abstractmethods__:
         missing = ", ".join(sorted(strategy_class.__abstractmethods__))
         raise PluginError(f"{where}: {strategy_class.__name__} does not implement {missing}")
+
+
+def observation_names(strategy_class, where: str) -> frozenset[str]:
+    """A strategy's `observes` as the frozenset the engine uses: any collection of known observation names."""
+    observes = getattr(strategy_class, "observes", frozenset())
+    example = "observes = {'vision_attention'}"
+    if isinstance(observes, (str, bytes)) or not isinstance(observes, Iterable):
+        raise PluginError(f"{where}: {strategy_class.__name__}.observes is {observes!r}; give a collection of "
+                          f"observation names, e.g. {example}")
+    names = tuple(observes)
+    unknown = sorted(repr(name) for name in names if name not in OBSERVATIONS)
+    if unknown:
+        raise PluginError(f"{where}: {strategy_class.__name__}.observes names {', '.join(unknown)}, which the engine "
+                          f"does not provide; known observations: {', '.join(sorted(OBSERVATIONS))}")
+    return frozenset(names)
 
 
 def collect_model_families(manager: pluggy.PluginManager) -> Registry[ModelFamily]:

@@ -274,6 +274,19 @@ def true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
     return torch.where(wanted <= total, at_true, at_false)
 
 
+#: Observations of the vision tower, before the LLM (docs/plugins.md, "Observations").
+VISION_OBSERVATIONS = frozenset(
+    {"vision_attention", "vision_keys", "vision_features", "vision_project", "vision_cls_features"}
+)
+#: Observations at an in-LLM stage.
+LLM_OBSERVATIONS = frozenset(
+    {"last_token_attention", "received_attention", "instruction_attention", "next_layer_instruction_attention",
+     "sublayer_summary"}
+)
+#: Every name a strategy may list in `observes`.
+OBSERVATIONS = VISION_OBSERVATIONS | LLM_OBSERVATIONS
+
+
 class PruningStrategy(ABC):
     """Base class of every strategy. A subclass sets the class attributes and implements plan and score."""
 
@@ -283,7 +296,8 @@ class PruningStrategy(ABC):
     Params: ClassVar[type[StrategyParams]] = StrategyParams
     #: What the budget counts; the leaderboard reports both, but compares by this one.
     budget_meaning: ClassVar[BudgetMeaning]
-    #: Names of engine observations `score` uses (see ScoreContext.observe).
+    #: Names of engine observations `score` uses (see ScoreContext.observe and OBSERVATIONS); any collection of
+    #: names, made a frozenset when the strategy is registered.
     observes: ClassVar[frozenset[str]] = frozenset()
     #: True when `select_images` computes its picks on the host at every call (a seeded draw, say): the
     #: segmented prefill then runs it eagerly, never in a CUDA graph, which would replay one call's picks.
@@ -300,6 +314,8 @@ class PruningStrategy(ABC):
             self.params = build_params(self.name, self.Params, params or {})
         if isinstance(self.params, InLLMParams):  # the instance's meaning follows its parameter
             self.budget_meaning = BudgetMeaning(self.params.budget_counts)
+        if not isinstance(self.observes, frozenset):  # a class used without registering it (which does the same)
+            self.observes = frozenset(self.observes)
 
     @abstractmethod
     def plan(self, budget: int, num_visual: int, num_layers: int) -> tuple[Stage, ...]:

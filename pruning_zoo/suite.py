@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.resources
 import itertools
+import os
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,10 @@ class Suite(pydantic.BaseModel):
         """Every strategy is registered and its parameters validate (raises a PruningZooError)."""
         registry = plugins.strategies()
         for name, params in self.strategies.items():
+            if name not in registry and os.environ.get(plugins.PLUGINS_ENV) is not None:
+                raise UnknownNameError("strategy", name, registry.names()).with_hint(
+                    f"{plugins.PLUGINS_ENV}={os.environ[plugins.PLUGINS_ENV]!r} loads only those plugins: choose "
+                    "strategies from them with --strategies, or unset it")
             build_params(name, registry.get(name).Params, params)
 
     def cells(self) -> list[tuple[str, str, str, Budget]]:
@@ -83,8 +88,9 @@ def suite_file(name_or_path: str) -> Path:
     return path
 
 
-def load_suite(name_or_path: str) -> Suite:
-    """A built-in suite by name, or a suite file by path."""
+def load_suite(name_or_path: str, check_strategies: bool = True) -> Suite:
+    """A built-in suite by name, or a suite file by path. `check_strategies=False` leaves the strategies to be
+    checked after the command line replaced them (a strategy the user leaves out need not be installed)."""
     path = suite_file(name_or_path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -93,10 +99,10 @@ def load_suite(name_or_path: str) -> Suite:
     if not isinstance(data, dict):
         raise PruningZooError(f"suite file {path} must hold a mapping of fields (tasks, models, ...)")
     data.setdefault("name", path.stem)
-    return validate_suite(data, origin=str(path))
+    return validate_suite(data, origin=str(path), check_strategies=check_strategies)
 
 
-def validate_suite(data: dict[str, Any], origin: str) -> Suite:
+def validate_suite(data: dict[str, Any], origin: str, check_strategies: bool = True) -> Suite:
     try:
         suite = Suite(**data)
     except pydantic.ValidationError as error:
@@ -107,5 +113,6 @@ def validate_suite(data: dict[str, Any], origin: str) -> Suite:
         )
         allowed = ", ".join(Suite.model_fields)
         raise InvalidParameterError(f"suite {origin} is invalid: {problems}. Suite fields: {allowed}") from None
-    suite.check_strategies()
+    if check_strategies:
+        suite.check_strategies()
     return suite

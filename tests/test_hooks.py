@@ -121,15 +121,36 @@ def test_a_misspelled_hook_is_caught():
         plugins.check_hook_names(manager)
 
 
-def test_the_environment_variable_limits_plugins(fresh_plugins):
+def test_the_environment_variable_limits_strategies_but_keeps_the_model_families(fresh_plugins):
     fresh_plugins.setenv(plugins.PLUGINS_ENV, "fastv")
     assert plugins.strategies().names() == ["fastv"]
-    assert plugins.model_families().names() == []
+    assert plugins.model_families().names() == ["llava", "llava_next", "qwen2_5_vl", "qwen2_vl"]
 
 
-def test_an_empty_environment_variable_loads_nothing(fresh_plugins):
+def test_an_empty_environment_variable_loads_no_strategy(fresh_plugins):
     fresh_plugins.setenv(plugins.PLUGINS_ENV, "")
-    assert plugins.strategies().names() == []
+    assert plugins.strategies().names() == [] and "llava" in plugins.model_families()
+
+
+def test_a_plugin_subset_runs_a_builtin_suite_with_its_strategies(fresh_plugins, tmp_path):
+    """Under PRUNING_ZOO_PLUGINS=fastv,baselines the testbed suite (which names transprune, learnpruner, ...) runs
+    with --strategies from that subset; a strategy outside it is an error that says why."""
+    from typer.testing import CliRunner
+
+    from pruning_zoo.cli import app
+
+    fresh_plugins.setenv(plugins.PLUGINS_ENV, "fastv,baselines")
+    dry = CliRunner().invoke(app, ["run", "--suite", "testbed", "--strategies", "none,fastv", "--dry-run",
+                                   "--output", str(tmp_path)])
+    assert dry.exit_code == 0, dry.output
+    run = CliRunner().invoke(app, ["run", "--suite", "testbed", "--strategies", "none,fastv", "--limit", "2",
+                                   "--budgets", "64", "--device", "cpu", "--output", str(tmp_path / "out")])
+    assert run.exit_code == 0, run.output
+    assert len(list((tmp_path / "out").iterdir())) == 2
+    other = CliRunner().invoke(app, ["run", "--suite", "testbed", "--dry-run", "--output", str(tmp_path)])
+    text = " ".join(other.output.split())
+    assert other.exit_code == 2 and "unknown strategy 'visionzip' known: fastv, none, pool, random." in text
+    assert "PRUNING_ZOO_PLUGINS='fastv,baselines' loads only those plugins" in text
 
 
 def test_an_unknown_plugin_in_the_environment_variable_is_an_error(fresh_plugins):

@@ -14,12 +14,8 @@ from torch import nn
 from pruning_zoo.packing import shared_input_linears
 from pruning_zoo.patch_matmul import is_patch_convolution
 from pruning_zoo.sequence import Survivors
-from pruning_zoo.strategy import ModelIdentity
-
-#: Observations of the vision tower (docs/plugins.md); their hooks attach only when a strategy observes one.
-VISION_OBSERVATIONS = frozenset(
-    {"vision_attention", "vision_keys", "vision_features", "vision_project", "vision_cls_features"}
-)
+# Observations of the vision tower (docs/plugins.md); their hooks attach only when a strategy observes one.
+from pruning_zoo.strategy import VISION_OBSERVATIONS, ModelIdentity  # noqa: F401 - re-exported
 
 
 class MethodWatch:
