@@ -225,8 +225,8 @@ def run(
     with user_errors():
         console = Console()
         resolved = apply_overrides(
-            load_suite(suite), model, _split(tasks), _split(strategies), _split(budgets), param or [], limit, batch_size,
-            task_path, data,
+            load_suite(suite, check_strategies=False), model, _split(tasks), _split(strategies), _split(budgets),
+            param or [], limit, batch_size, task_path, data,
         )
         if output.exists() and not output.is_dir():
             raise PruningZooError(f"--output {output} exists and is not a folder; choose a folder path")
@@ -254,6 +254,10 @@ def run(
                                                                     soft_wrap=True)
             raise typer.Exit(code=130) from None
         print_sweep_summary(outcomes, output, console)
+        if sweep.superseded:
+            console.print(f"{len(sweep.superseded)} finished cells of this sweep had been made by other code of their "
+                          "strategy (its source changed since): they were evaluated again, and the old folders kept: "
+                          + ", ".join(folder.name for folder in sweep.superseded), highlight=False, soft_wrap=True)
         if any(outcome.status == "failed" for outcome in outcomes):
             raise typer.Exit(code=1)
 

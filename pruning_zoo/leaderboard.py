@@ -83,6 +83,8 @@ def load_results(paths: list[Path]) -> pd.DataFrame:
             "device": latency["device"], "clock": latency["clock"], "mode": latency["mode"],
             "batch_size": latency["batch_size"],
             "git_sha": config["git_sha"], "versions": json.dumps(config["versions"], sort_keys=True),
+            # Which code of the strategy made the cell (older results predate the record).
+            "strategy_code": (config.get("strategy_code") or {}).get("source_sha256"),
             "command": config["command"], "started": config["started"],
         })
     columns = ["folder", *GROUP, "strategy", "params", "budget", "score", "started"]

@@ -43,6 +43,8 @@ class Cell:
     batch_size: int
     dtype: str
     device_type: str
+    #: A hash of the strategy's source (provenance.code_identity): other code is another cell.
+    strategy_code: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -116,6 +118,25 @@ def read_samples(folder: Path) -> list[dict]:
     """The per-document records of a finished cell."""
     with gzip.open(folder / SAMPLES, "rt", encoding="utf-8") as file:
         return [json.loads(line) for line in file]
+
+
+def superseded_cells(output: Path, cells: list[Cell]) -> list[Path]:
+    """Finished folders in `output` that hold one of `cells` as made by other code of its strategy: the sweep
+    evaluates those cells again (their new folders have other names) and leaves the old folders as they are."""
+    wanted = {json.dumps({**cell.as_dict(), "strategy_code": None}, sort_keys=True, default=str): cell for cell in cells}
+    found = []
+    for config_file in sorted(output.glob(f"*/{CONFIG}")):
+        folder = config_file.parent
+        if folder.name.startswith(TEMPORARY_PREFIX) or status(folder) != "finished":
+            continue
+        try:
+            stored = json.loads(config_file.read_text())["cell"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        cell = wanted.get(json.dumps({**stored, "strategy_code": None}, sort_keys=True, default=str))
+        if cell is not None and stored.get("strategy_code") != cell.strategy_code:
+            found.append(folder)
+    return found
 
 
 def remove_temporaries(output: Path) -> list[Path]:

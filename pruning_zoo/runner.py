@@ -23,12 +23,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pruning_zoo import get_strategy
+from pruning_zoo import get_strategy, plugins
 from pruning_zoo.distributed import ProcessGroupAccelerator, Ranks
 from pruning_zoo.datasources import TaskData, check_sources, task_data
 from pruning_zoo.errors import PruningZooError, SetupError, closest, describe
-from pruning_zoo.provenance import device_description, git_sha, versions
-from pruning_zoo.results import TEMPORARY_PREFIX, Cell, remove_temporaries, status, write_cell
+from pruning_zoo.provenance import code_identity, device_description, git_sha, versions
+from pruning_zoo.results import TEMPORARY_PREFIX, Cell, remove_temporaries, status, superseded_cells, write_cell
 from pruning_zoo.strategy import params_as_dict
 from pruning_zoo.suite import Suite, builtin_suite_folder
 
@@ -184,6 +184,12 @@ class Sweep:
         self.on_cell = on_cell or (lambda cell, state: None)
         #: Read once: the code that runs is the code imported at the start, whatever changes on disk later.
         self.provenance = {"git_sha": git_sha(), "versions": versions(), "device": device_description(self.device)}
+        registry = plugins.strategies()
+        #: Strategy -> which code it is (its distribution, version, source hash): recorded in every cell.
+        self.strategy_code = {name: code_identity(registry.get(name), registry.entry(name).source)
+                              for name in suite.strategies if name in registry}
+        #: Finished folders of this sweep's cells made by other strategy code, found when the sweep starts.
+        self.superseded: list[Path] = []
         self._models: dict[str, Any] = {}
         #: The cells of the current `run` so far, and the one being evaluated: what an interrupted sweep reports.
         self.outcomes: list[CellOutcome] = []
@@ -193,7 +199,8 @@ class Sweep:
         return [
             Cell(model=model, task=task, strategy=strategy, params=dict(self.suite.strategies[strategy]),
                  budget=budget, limit=self.suite.limit, batch_size=self.suite.batch_size, dtype=self.dtype,
-                 device_type=self.device.type)
+                 device_type=self.device.type,
+                 strategy_code=self.strategy_code.get(strategy, {}).get("source_sha256"))
             for model, task, strategy, budget in self.suite.cells()
         ]
 
@@ -212,6 +219,7 @@ class Sweep:
         if self.ranks.main:
             self.output.mkdir(parents=True, exist_ok=True)
             remove_temporaries(self.output)
+            self.superseded = superseded_cells(self.output, self.cells())
         self.ranks.barrier()
         for name in self.suite.strategies:  # parameters were validated with the suite; build once to be sure
             get_strategy(name, **resolve_paths(self.suite.strategies[name], self.suite_folder))
@@ -252,7 +260,8 @@ class Sweep:
             shutil.rmtree(self.artefacts, ignore_errors=True)
 
     def _run_cell(self, cell: Cell) -> CellOutcome:
-        config = {"cell": cell.as_dict(), "command": self.command, **self.provenance, "processes": self.ranks.world,
+        config = {"cell": cell.as_dict(), "command": self.command, **self.provenance,
+                  "strategy_code": self.strategy_code.get(cell.strategy), "processes": self.ranks.world,
                   "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         seconds = Stopwatch()
         lm, results, failure = None, None, None

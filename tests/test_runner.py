@@ -306,3 +306,67 @@ def test_the_compiled_latency_times_copies_of_the_first_document(tiny_testbed_mo
     assert fused["mode"] == "compiled (inductor)" and "fused by torch.compile (inductor)" in fused["how"]
     assert merged["time_to_first_token_ms"] == compiled["time_to_first_token_ms"] and merged["decode_ms_per_token"] == 2.0
     assert with_compiled_latency(eager, {"error": "x"}) == {**eager, "compiled_error": "x"}
+
+
+STRATEGY_SOURCE = '''
+import pruning_zoo
+from pruning_zoo.budget import BudgetMeaning
+from pruning_zoo.strategy import PruningStrategy, Stage
+
+
+class Norm(PruningStrategy):
+    """Keeps the tokens of largest L2 norm."""
+
+    name = "norm"
+    budget_meaning = BudgetMeaning.ENTERING_LLM
+
+    def plan(self, budget, num_visual, num_layers):
+        return (Stage(after_layer=None, keep=budget),)
+
+    def score(self, ctx):
+        return ctx.tokens.float().norm(dim=-1) * SIGN
+
+
+class Plugin:
+    @pruning_zoo.hookimpl
+    def register_strategies(self, register):
+        register(Norm)
+'''
+
+
+def load_module(path: Path, monkeypatch):
+    import importlib.util
+    import sys
+
+    name = f"edited_strategy_{abs(hash(path.read_text()))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)  # as an imported plugin module is
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_result_made_by_other_strategy_code_is_never_reused(tiny_testbed_model, tmp_path, monkeypatch):
+    """The strategy's source is part of its cells' identity: after an edit the same command evaluates again (the old
+    folder is kept and named), and each result records which code made it."""
+    source = tmp_path / "norm_strategy.py"
+    results_folder = tmp_path / "results"
+    runs = []
+    for sign in ("1.0", "-1.0"):  # the author flips the score: the largest norms, then the smallest
+        source.write_text(STRATEGY_SOURCE.replace("SIGN", sign))
+        plugins.reset()
+        plugins.plugin_manager().register(load_module(source, monkeypatch).Plugin(), name="norm-plugin")
+        try:
+            runner = sweep(make_suite(tiny_testbed_model, ["norm"], limit=3), results_folder)
+            runs.append((runner.run(), runner.superseded))
+        finally:
+            plugins.reset()
+    (first, _), (second, superseded) = runs
+    assert [o.status for o in first] == ["finished"] and [o.status for o in second] == ["finished"]
+    assert first[0].folder != second[0].folder and superseded == [first[0].folder]
+    assert sorted(results_folder.iterdir()) == sorted([first[0].folder, second[0].folder])
+    codes = [read(o[0].folder, results.CONFIG)["strategy_code"] for o in (first, second)]
+    assert codes[0]["file"] == codes[1]["file"] == str(source) and codes[0]["source_sha256"] != codes[1]["source_sha256"]
+    assert codes[0]["distribution"] is None  # a plugin registered by hand, from no installed distribution
+    builtin = sweep(make_suite(tiny_testbed_model, ["fastv"]), tmp_path / "other").strategy_code["fastv"]
+    assert builtin["distribution"] == "pruning-zoo" and builtin["module"].endswith("fastv")
