@@ -8,11 +8,12 @@ task runs on it unchanged: `pruning-zoo run --suite image-vqa-local`. Only the s
 The documents are the testbed's test questions recast in each benchmark's form (GQA's open questions, MME's
 yes/no pairs per image, POPE's three ways of choosing absent objects, TextVQA's ten answers, ScienceQA's and
 MMBench's multiple choice with MMBench's circular copies), so the testbed model can answer some and the metrics are
-exercised; the images are the testbed's PNGs, embedded as the hub's parquet files embed theirs.
+exercised; the images are the testbed's, embedded as JPEG as the hub's parquet files embed theirs.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import shutil
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import datasets
+import PIL.Image
 from datasets import Features, Image, List, Value
 
 from pruning_zoo.testbed.questions import NUMBERS
@@ -95,6 +97,7 @@ class Source:
         lines = (folder / "test.jsonl").read_text().splitlines()
         self.questions = [json.loads(line) for line in lines if line.strip()]
         self._scenes: dict[int, object] = {}
+        self._images: dict[Path, bytes] = {}
 
     def family(self, name: str) -> list[dict]:
         return [q for q in self.questions if q["family"] == name]
@@ -105,8 +108,14 @@ class Source:
         return self._scenes[seed]
 
     def image(self, record: dict) -> dict:
+        """The scene's image as JPEG (quality 90), as most of these hub datasets store theirs: a third of the PNG's
+        size, so the copies stay small enough to carry."""
         path = self.folder / record["image"]
-        return {"bytes": path.read_bytes(), "path": path.name}
+        if path not in self._images:
+            encoded = io.BytesIO()
+            PIL.Image.open(path).convert("RGB").save(encoded, format="JPEG", quality=90)
+            self._images[path] = encoded.getvalue()
+        return {"bytes": self._images[path], "path": f"{path.stem}.jpg"}
 
 
 def _spread(records: list[dict], count: int) -> list[dict]:
