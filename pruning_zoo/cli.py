@@ -231,7 +231,8 @@ def run(
         if output.exists() and not output.is_dir():
             raise PruningZooError(f"--output {output} exists and is not a folder; choose a folder path")
         if dry_run:
-            table = Table(title=f"Suite {resolved.name}: {len(resolved.cells())} cells -> {output}")
+            source = f"; datasets from local copies in {resolved.data}" if resolved.data else ""
+            table = Table(title=f"Suite {resolved.name}: {len(resolved.cells())} cells -> {output}{source}")
             for column in ("model", "task", "strategy", "budget", "parameters"):
                 table.add_column(column, overflow="fold")
             for model_name, task, strategy, budget in resolved.cells():
