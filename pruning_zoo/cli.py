@@ -254,6 +254,9 @@ def run(
             Console(stderr=True, quiet=not sweep.ranks.main).print(interrupted_message(sweep), highlight=False,
                                                                     soft_wrap=True)
             raise typer.Exit(code=130) from None
+        for folder, problem in sweep.set_aside:
+            console.print(f"[yellow]set aside[/] a damaged result, evaluated again: {folder} ({escape(problem)})",
+                          highlight=False, soft_wrap=True)
         print_sweep_summary(outcomes, output, console)
         if sweep.superseded:
             console.print(f"{len(sweep.superseded)} finished cells of this sweep had been made by other code of their "
@@ -351,8 +354,14 @@ def leaderboard(
 
         if output.exists() and not output.is_dir():
             raise PruningZooError(f"-o {output} exists and is not a folder; choose a folder path")
-        page, frame = build(results, output)
-        Console().print(f"wrote {page} ({len(frame)} cells) and its plots")
+        damaged: list = []
+        page, frame = build(results, output, damaged)
+        console = Console()
+        for folder, problem in damaged:
+            console.print(f"[yellow]left out[/] damaged result {folder}: {escape(problem)}", highlight=False,
+                          soft_wrap=True)
+        console.print(f"wrote {page} ({len(frame)} cells) and its plots"
+                      + (f"; {len(damaged)} damaged result folders left out, listed on the page" if damaged else ""))
 
 
 train_app = typer.Typer(help="Train the learned parts of strategies.", no_args_is_help=True)

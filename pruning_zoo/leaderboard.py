@@ -54,10 +54,11 @@ def _budget_order(label: str) -> tuple:
     return (0, 0.0) if label == "all" else (1, -float(label))
 
 
-def load_results(paths: list[Path]) -> pd.DataFrame:
-    """One row per finished cell; when a cell was stored more than once, the latest run."""
+def load_results(paths: list[Path], damaged: list[tuple[Path, str]] | None = None) -> pd.DataFrame:
+    """One row per sound finished cell; when a cell was stored more than once, the latest run. Damaged cell
+    folders are left out and, with `damaged`, listed there."""
     rows = []
-    for item in finished_cells(paths):
+    for item in finished_cells(paths, damaged):
         config, metrics = item["config"], item["metrics"]
         cell, latency, flops = config["cell"], metrics["latency"], metrics["flops"]
         rows.append({
@@ -142,7 +143,18 @@ def _provenance(group: pd.DataFrame) -> str:
             f"Made by {commands} at git {shas}; versions {versions}.")
 
 
-def markdown(frame: pd.DataFrame, plots: dict[tuple, str] | None = None) -> str:
+def damaged_section(damaged: list[tuple[Path, str]]) -> list[str]:
+    """The page's list of result folders it left out, and why."""
+    if not damaged:
+        return []
+    return ["", "## Damaged results, left out", "",
+            "These folders hold a result that cannot be read; rerun `pruning-zoo run` with the same options to set "
+            "them aside (renamed `*.corrupt`) and evaluate their cells again.", "",
+            *[f"- `{folder.name}`: {problem}" for folder, problem in damaged]]
+
+
+def markdown(frame: pd.DataFrame, plots: dict[tuple, str] | None = None,
+             damaged: list[tuple[Path, str]] | None = None) -> str:
     """The whole leaderboard page."""
     lines = [
         "# pruning-zoo leaderboard",
@@ -154,7 +166,7 @@ def markdown(frame: pd.DataFrame, plots: dict[tuple, str] | None = None) -> str:
         "prefill included; selection: the engine's scoring and selecting alone.",
     ]
     if frame.empty:
-        return "\n".join(lines + ["", "No finished results.", ""])
+        return "\n".join(lines + ["", "No finished results.", *damaged_section(damaged or []), ""])
     for key, group in frame.groupby(TABLE_GROUP, sort=False):
         model, task, device, limit, mode = key
         scale, unit = flops_unit(group[FLOPS_COLUMNS].to_numpy().ravel())
@@ -182,6 +194,7 @@ def markdown(frame: pd.DataFrame, plots: dict[tuple, str] | None = None) -> str:
         ]
         if plots and key in plots:
             lines += ["", f"![{task}: accuracy against FLOPs and latency]({plots[key]})"]
+    lines += damaged_section(damaged or [])
     return "\n".join(lines) + "\n"
 
 
@@ -232,11 +245,14 @@ def plot_group(group: pd.DataFrame, path: Path, styles: dict[tuple[str, str], di
     plt.close(figure)
 
 
-def build(paths: list[Path], output: Path) -> tuple[Path, pd.DataFrame]:
-    """Write `output/leaderboard.md`, `output/leaderboard.csv` and `output/plots/*.png`; returns the page's path."""
-    frame = load_results(paths)
+def build(paths: list[Path], output: Path, damaged: list[tuple[Path, str]] | None = None) -> tuple[Path, pd.DataFrame]:
+    """Write `output/leaderboard.md`, `output/leaderboard.csv` and `output/plots/*.png`; returns the page's path.
+    Damaged result folders are left out, listed on the page and, with `damaged`, there."""
+    damaged = [] if damaged is None else damaged
+    frame = load_results(paths, damaged)
     if frame.empty:
-        raise PruningZooError(f"no finished results under {', '.join(map(str, paths))}; run `pruning-zoo run` first")
+        found = f" ({len(damaged)} damaged result folders: {', '.join(str(f) for f, _ in damaged)})" if damaged else ""
+        raise PruningZooError(f"no finished results under {', '.join(map(str, paths))}{found}; run `pruning-zoo run` first")
     output.mkdir(parents=True, exist_ok=True)
     plots = {}
     (output / "plots").mkdir(exist_ok=True)
@@ -246,6 +262,6 @@ def build(paths: list[Path], output: Path) -> tuple[Path, pd.DataFrame]:
         plot_group(group, output / name, styles)
         plots[key] = name
     page = output / "leaderboard.md"
-    page.write_text(markdown(frame, plots))
+    page.write_text(markdown(frame, plots, damaged))
     frame.drop(columns=["budget_order"], errors="ignore").to_csv(output / "leaderboard.csv", index=False)
     return page, frame

@@ -20,12 +20,95 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pydantic
+
 from pruning_zoo.budget import Budget
 from pruning_zoo.errors import PruningZooError
 
 #: Per-document records are gzipped JSON lines: a full testbed cell is 420 kB as text, 60 kB compressed.
 CONFIG, METRICS, SAMPLES, ERROR = "config.json", "metrics.json", "samples.jsonl.gz", "error.json"
 TEMPORARY_PREFIX = ".partial-"
+#: The suffix of a damaged cell folder set aside (renamed, never deleted) so that its cell is evaluated again.
+SET_ASIDE_SUFFIX = ".corrupt"
+#: The version of metrics.json's layout, written into every one (results before it have none: version 1 too).
+SCHEMA_VERSION = 1
+
+Number = float | int | None
+
+
+class _Stored(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="allow", strict=True)
+
+
+class StoredLatency(_Stored):
+    time_to_first_token_ms: Number
+    selection_ms: Number
+    decode_ms_per_token: Number
+    peak_memory_bytes: int | None
+    device: str
+    clock: str
+    mode: str
+    batch_size: int
+
+
+class StoredMetrics(_Stored):
+    """What a finished cell's metrics.json must hold for a resume to trust it and the leaderboard to read it."""
+
+    schema_: int = pydantic.Field(default=SCHEMA_VERSION, alias="schema", le=SCHEMA_VERSION)
+    documents: int
+    primary_metric: str | None
+    scores: dict[str, Number]
+    visual_tokens: dict[str, Number | str]
+    flops: dict[str, Number | str]
+    evidence_recall: Number
+    latency: StoredLatency
+
+
+class StoredCell(_Stored):
+    model: str
+    task: str
+    strategy: str
+    params: dict
+    budget: Number
+    limit: int | None
+
+
+class StoredConfig(_Stored):
+    cell: StoredCell
+    git_sha: str
+    versions: dict[str, str]
+    command: str
+    started: str
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with a finished cell folder's config.json or metrics.json, or None when both are sound."""
+    for name, model in ((CONFIG, StoredConfig), (METRICS, StoredMetrics)):
+        try:
+            data = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            return f"{name} cannot be read as JSON ({type(error).__name__}: {str(error)[:120]})"
+        try:
+            model.model_validate(data)
+        except pydantic.ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+            return f"{name} is not a result's: {where}: {first['msg']} ({error.error_count()} problem(s))"
+    return None
+
+
+def set_aside(folder: Path) -> Path:
+    """Rename a damaged cell folder to FOLDER.corrupt (FOLDER.corrupt-2, ... if taken); returns the new path."""
+    target, number = folder.with_name(folder.name + SET_ASIDE_SUFFIX), 1
+    while target.exists():
+        number += 1
+        target = folder.with_name(f"{folder.name}{SET_ASIDE_SUFFIX}-{number}")
+    os.rename(folder, target)
+    return target
+
+
+def is_set_aside(folder: Path) -> bool:
+    return SET_ASIDE_SUFFIX in folder.name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +185,7 @@ def write_cell(output: Path, cell: Cell, config: dict, metrics: dict | None = No
                     file.write(json.dumps(clean_json(sample), default=str) + "\n")
             if files is not None and files.is_dir():
                 shutil.move(files, temporary / files.name)
-            (temporary / METRICS).write_text(json.dumps(clean_json(metrics), indent=1) + "\n")
+            (temporary / METRICS).write_text(json.dumps(clean_json({"schema": SCHEMA_VERSION, **metrics}), indent=1) + "\n")
         if final.exists():
             if status(final) == "finished":
                 raise PruningZooError(f"{final} already holds a finished result; it is never overwritten")
@@ -127,7 +210,7 @@ def superseded_cells(output: Path, cells: list[Cell]) -> list[Path]:
     found = []
     for config_file in sorted(output.glob(f"*/{CONFIG}")):
         folder = config_file.parent
-        if folder.name.startswith(TEMPORARY_PREFIX) or status(folder) != "finished":
+        if folder.name.startswith(TEMPORARY_PREFIX) or is_set_aside(folder) or status(folder) != "finished":
             continue
         try:
             stored = json.loads(config_file.read_text())["cell"]
@@ -147,21 +230,24 @@ def remove_temporaries(output: Path) -> list[Path]:
     return removed
 
 
-def finished_cells(paths: list[Path]) -> list[dict]:
-    """The config and metrics of every finished cell under `paths` (folders searched recursively), sorted
-    by folder name so that the order never depends on the file system."""
+def finished_cells(paths: list[Path], damaged: list[tuple[Path, str]] | None = None) -> list[dict]:
+    """The config and metrics of every sound finished cell under `paths` (folders searched recursively), sorted
+    by folder name so that the order never depends on the file system. Damaged ones are left out and, with
+    `damaged`, listed there as (folder, what is wrong); set-aside folders are skipped."""
     found = []
     for path in paths:
         if not path.is_dir():
             raise PruningZooError(f"results folder {path} does not exist; pass folders written by `pruning-zoo run --output`")
-        for metrics_file in path.rglob(METRICS):
+        for metrics_file in sorted(path.rglob(METRICS)):
             folder = metrics_file.parent
-            if folder.name.startswith(TEMPORARY_PREFIX):
+            if folder.name.startswith(TEMPORARY_PREFIX) or is_set_aside(folder):
                 continue
-            try:
-                config = json.loads((folder / CONFIG).read_text())
-                metrics = json.loads(metrics_file.read_text())
-            except (OSError, json.JSONDecodeError) as error:
-                raise PruningZooError(f"result folder {folder} is unreadable ({error}); delete it and rerun its cell") from None
+            problem = damage(folder)
+            if problem is not None:
+                if damaged is not None:
+                    damaged.append((folder, problem))
+                continue
+            config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+            metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
             found.append({"folder": folder, "config": config, "metrics": metrics})
     return sorted(found, key=lambda item: (item["folder"].name, str(item["folder"])))

@@ -28,7 +28,8 @@ from pruning_zoo.distributed import ProcessGroupAccelerator, Ranks
 from pruning_zoo.datasources import TaskData, check_sources, task_data
 from pruning_zoo.errors import PruningZooError, SetupError, closest, describe
 from pruning_zoo.provenance import code_identity, device_description, git_sha, versions
-from pruning_zoo.results import TEMPORARY_PREFIX, Cell, remove_temporaries, status, superseded_cells, write_cell
+from pruning_zoo.results import (TEMPORARY_PREFIX, Cell, damage, remove_temporaries, set_aside, status, superseded_cells,
+                                 write_cell)
 from pruning_zoo.strategy import params_as_dict
 from pruning_zoo.suite import Suite, builtin_suite_folder
 
@@ -190,6 +191,8 @@ class Sweep:
                               for name in suite.strategies if name in registry}
         #: Finished folders of this sweep's cells made by other strategy code, found when the sweep starts.
         self.superseded: list[Path] = []
+        #: Damaged cell folders renamed aside during this run (new path, what was wrong); their cells run again.
+        self.set_aside: list[tuple[Path, str]] = []
         self._models: dict[str, Any] = {}
         #: The cells of the current `run` so far, and the one being evaluated: what an interrupted sweep reports.
         self.outcomes: list[CellOutcome] = []
@@ -226,7 +229,12 @@ class Sweep:
         self.outcomes = outcomes = []
         for cell in self.cells():
             folder = self.output / cell.folder_name
-            if self.ranks.broadcast(status(folder)) == "finished":  # rank 0's view: every rank skips alike
+            state = status(folder)
+            if self.ranks.main and state == "finished" and (problem := damage(folder)) is not None:
+                # A damaged result is never trusted nor deleted: renamed aside, its cell evaluated again.
+                self.set_aside.append((set_aside(folder), problem))
+                state = "missing"
+            if self.ranks.broadcast(state) == "finished":  # rank 0's view: every rank skips alike
                 outcomes.append(CellOutcome(cell, folder, "skipped"))
                 self.on_cell(cell, "skipped")
                 continue
