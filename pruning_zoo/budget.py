@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import enum
+import re
 
 from pruning_zoo.errors import InvalidParameterError
 
 #: A budget is a token count per image (int >= 1) or a share of the image's visual tokens (float in (0, 1]).
 Budget = int | float
+#: More visual tokens than any image of any supported model has (Qwen2-VL's largest image: 16,384): a larger
+#: count is a typo, refused before any model is looked at.
+MAX_BUDGET = 1_000_000
 
 
 class BudgetMeaning(str, enum.Enum):
@@ -23,18 +27,19 @@ class BudgetMeaning(str, enum.Enum):
 
 
 def parse_budget(text: str) -> Budget:
-    """'64' -> 64 tokens per image; '0.25' -> a quarter of each image's visual tokens."""
+    """'64' -> 64 tokens per image; '0.25' -> a quarter of each image's visual tokens. Plain decimal digits only:
+    Python's int() and float() would also take '1_000', '1e3', 'nan' and ' 64 '."""
     value: Budget
-    try:
+    text = text.strip()
+    if re.fullmatch(r"-?[0-9]{1,12}", text):  # a sign, to say why -1 is refused
         value = int(text)
-    except ValueError:
-        try:
-            value = float(text)
-        except ValueError:
-            raise InvalidParameterError(
-                f"budget {text!r} is not a number; give a token count per image (e.g. 64) "
-                "or a ratio in (0, 1] (e.g. 0.25)"
-            ) from None
+    elif re.fullmatch(r"[0-9]*\.[0-9]+|[0-9]+\.", text):
+        value = float(text)
+    else:
+        raise InvalidParameterError(
+            f"budget {text[:40]!r} is not a number; give a token count per image (e.g. 64) "
+            "or a ratio in (0, 1] (e.g. 0.25)"
+        )
     check_budget(value)
     return value
 
@@ -49,6 +54,11 @@ def check_budget(budget: Budget) -> None:
         raise InvalidParameterError(
             f"budget {budget} must keep at least 1 visual token per image; use a count >= 1 "
             "or a ratio in (0, 1]"
+        )
+    if isinstance(budget, int) and budget > MAX_BUDGET:
+        raise InvalidParameterError(
+            f"budget {budget:,} is more visual tokens than any image has (at most {MAX_BUDGET:,}); give a token "
+            "count per image such as 64, or a ratio in (0, 1]"
         )
     if isinstance(budget, float) and not 0.0 < budget <= 1.0:
         raise InvalidParameterError(

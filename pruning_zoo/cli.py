@@ -7,18 +7,21 @@ Only typer, rich and pruning-zoo's pure-Python modules are imported here; each c
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from pruning_zoo import get_strategy
-from pruning_zoo.budget import parse_budget
-from pruning_zoo.errors import InvalidParameterError, PruningZooError
+from pruning_zoo.budget import MAX_BUDGET, parse_budget
+from pruning_zoo import inputs
+from pruning_zoo.errors import InvalidParameterError, Problems, PruningZooError, describe
 
 if TYPE_CHECKING:
     from pruning_zoo.suite import Suite
@@ -33,18 +36,74 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+#: What `run --dtype` takes ('auto': bfloat16 on a GPU, float32 on a CPU).
+RUN_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
 #: Shown in `list` to make each strategy's plan concrete: LLaVA-1.5-7B's 576 visual tokens and 32 layers.
 REFERENCE_BUDGET, REFERENCE_TOKENS, REFERENCE_LAYERS = 64, 576, 32
 
 
+DEBUG_ENV = "PRUNING_ZOO_DEBUG"
+_debug = False
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[bool, typer.Option("--debug", help=f"Show the traceback of any error (or set {DEBUG_ENV}=1).")] = False,
+) -> None:
+    global _debug
+    _debug = debug
+
+
+def debugging() -> bool:
+    return _debug or os.environ.get(DEBUG_ENV, "") not in {"", "0"}
+
+
+def print_error(text: str) -> None:
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+
 @contextlib.contextmanager
-def user_errors():
-    """Print pruning-zoo's input errors as one clear line and exit 2, without a traceback."""
+def interruptible():
+    """SIGINT and SIGTERM raise KeyboardInterrupt while a long command runs, so that it says what it finished and
+    how to go on; also where the shell started it with SIGINT ignored (a background job of a script)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(number, frame):
+        raise KeyboardInterrupt(signal.Signals(number).name)
+
+    previous = {number: signal.signal(number, interrupt) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Every error as one clear message, without a traceback (unless debugging): pruning-zoo's own errors with
+    their exit code (2: the input is wrong, 1: something it needs failed), any other as a fault of ours (1)."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort, click.ClickException, KeyboardInterrupt):
+        raise
     except PruningZooError as error:
-        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=2) from None
+        if debugging():
+            raise
+        print_error(str(error))
+        raise typer.Exit(code=error.exit_code) from None
+    except Exception as error:  # noqa: BLE001 - the last net: a message, never a bare traceback
+        if debugging():
+            raise
+        print_error(f"{describe(error)}\nThis is a fault of pruning-zoo, not of your input: rerun with --debug "
+                    f"(or {DEBUG_ENV}=1) for the traceback, and report it. Finished results are kept.")
+        raise typer.Exit(code=1) from None
 
 
 def fitted(title: str, headers: list[str], rows: list[list[str]], console: Console):
@@ -178,9 +237,8 @@ def apply_overrides(
     if task_paths is not None:
         data["task_paths"] = [str(Path(path).resolve()) for path in task_paths] + data["task_paths"]
     if data_folder is not None:
-        if not data_folder.is_dir():
-            raise InvalidParameterError(f"--data {data_folder} is not a folder; give a folder of local dataset copies, "
-                                        "each as DIR/OWNER/NAME (see docs/real-datasets.md)")
+        inputs.input_folder(data_folder, "--data", "a folder of local dataset copies, each as DIR/OWNER/NAME (see "
+                                                   "docs/real-datasets.md)")
         data["data"] = str(data_folder.resolve())
     return validate_suite(data, origin=f"{suite.name} (with command-line options)")
 
@@ -224,12 +282,20 @@ def run(
 
     with user_errors():
         console = Console()
-        resolved = apply_overrides(
-            load_suite(suite, check_strategies=False), model, _split(tasks), _split(strategies), _split(budgets),
-            param or [], limit, batch_size, task_path, data,
-        )
-        if output.exists() and not output.is_dir():
-            raise PruningZooError(f"--output {output} exists and is not a folder; choose a folder path")
+        problems = Problems()  # every option checked, every problem named at once
+        chosen_device = problems.check(inputs.device, device)
+        problems.check(inputs.dtype, dtype, RUN_DTYPES)
+        problems.check(inputs.output_folder, output, "--output")
+        resolved = problems.check(lambda: apply_overrides(
+            load_suite(suite, check_strategies=False), model, inputs.name_list(tasks, "--tasks"),
+            inputs.name_list(strategies, "--strategies"), inputs.name_list(budgets, "--budgets"), param or [], limit,
+            batch_size, task_path, data))
+        problems.raise_if_any("the options are invalid")
+        from pruning_zoo.runner import Sweep
+        from pruning_zoo.suite import suite_file
+
+        sweep = Sweep(resolved, output, suite_folder=suite_file(suite).parent.resolve(), device=chosen_device,
+                      dtype=dtype, command="pruning-zoo " + " ".join(sys.argv[1:]), compiled_latency=compiled_latency)
         if dry_run:
             source = f"; datasets from local copies in {resolved.data}" if resolved.data else ""
             table = Table(title=f"Suite {resolved.name}: {len(resolved.cells())} cells -> {output}{source}")
@@ -239,17 +305,16 @@ def run(
                 params = ", ".join(f"{k}={v}" for k, v in resolved.strategies[strategy].items())
                 table.add_row(model_name, task, strategy, "all" if strategy == "none" else str(budget), params or "defaults")
             console.print(table)
+            sweep.prepare()  # after the table: a suite that cannot run here still shows what it would evaluate
+            console.print(f"checked: the output folder, {len(resolved.tasks)} tasks and their data, "
+                          f"{len(resolved.models)} models and every strategy's plan on them; ready to run.")
             return
-        from pruning_zoo.runner import Sweep, import_lmms_eval
-        from pruning_zoo.suite import suite_file
-
-        import_lmms_eval()
-        sweep = Sweep(resolved, output, suite_folder=suite_file(suite).parent.resolve(), device=device, dtype=dtype,
-                      command="pruning-zoo " + " ".join(sys.argv[1:]), compiled_latency=compiled_latency)
+        sweep.prepare()
         if not sweep.ranks.main:  # other processes of a multi-process run work silently; rank 0 reports
             console = Console(quiet=True)
         try:
-            outcomes = run_with_progress(sweep, console)
+            with interruptible():
+                outcomes = run_with_progress(sweep, console)
         except KeyboardInterrupt:
             Console(stderr=True, quiet=not sweep.ranks.main).print(interrupted_message(sweep), highlight=False,
                                                                     soft_wrap=True)
@@ -352,8 +417,7 @@ def leaderboard(
     with user_errors():
         from pruning_zoo.leaderboard import build
 
-        if output.exists() and not output.is_dir():
-            raise PruningZooError(f"-o {output} exists and is not a folder; choose a folder path")
+        inputs.output_folder(output, "-o")
         damaged: list = []
         page, frame = build(results, output, damaged)
         console = Console()
@@ -408,6 +472,13 @@ def train_learnpruner_command(
             STATE, FileExamples, LearnPrunerTrainingConfig, SceneExamples, train_learnpruner, validation_examples,
         )
 
+        problems = Problems()
+        device = problems.check(inputs.device, device)
+        problems.check(inputs.dtype, dtype, ("auto", "float32", "bfloat16"))
+        problems.check(inputs.output_folder, out, "--out")
+        if image_folder is not None:
+            problems.check(inputs.input_folder, image_folder, "--image-folder", "a folder of images")
+        problems.raise_if_any("the options are invalid")
         if resume and not (out / STATE).is_file():
             raise PruningZooError(f"--resume but {out / STATE} does not exist; start without --resume")
         if not resume and out.exists() and any(out.iterdir()):
@@ -480,27 +551,32 @@ def bench_latency(
     with user_errors():
         import torch
 
-        from pruning_zoo.latency import MODES, LatencyPlan, architecture, run_benchmark
+        from pruning_zoo.latency import LatencyPlan, architecture, check_plan, run_benchmark
         from pruning_zoo.loading import resolve_dtype
 
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if not device.startswith("cuda"):
-            raise PruningZooError("the latency benchmark builds 7B models and times them with CUDA events: run it on a "
-                                  "GPU (--device cuda); no CUDA device is visible here")
+        problems = Problems()
+        arch_name = problems.check(lambda: architecture(arch).name)
+        chosen_modes = problems.check(inputs.name_list, modes, "--modes") or []
+        batches = [problems.check(inputs.whole_number, v, "--batch", high=4096)
+                   for v in problems.check(inputs.name_list, batch, "--batch") or []]
+        budget_values = [problems.check(inputs.whole_number, v, "--budgets", high=MAX_BUDGET)
+                         for v in problems.check(inputs.name_list, budgets, "--budgets") or []]
+        overrides = problems.check(parse_param_overrides, param or []) or {}
+        built = {}
+        for name in problems.check(inputs.name_list, strategies, "--strategies") or []:
+            strategy = problems.check(get_strategy, name, **overrides.get(name, {}))
+            if strategy is not None:
+                built[name] = strategy
+        problems.check(inputs.dtype, dtype, ("bfloat16", "float16", "float32"))
+        problems.check(inputs.output_folder, out, "--out")
+        plan = LatencyPlan(arch=arch_name or arch, batches=[b for b in batches if b], strategies=built,
+                           budgets=[b for b in budget_values if b], modes=chosen_modes, repeats=repeats,
+                           decode_tokens=decode_tokens, fusion=None if fusion == "none" else fusion)
+        if arch_name is not None:
+            problems.check(check_plan, plan)
+        device = problems.check(inputs.device, device, gpu_only=True)
+        problems.raise_if_any("the options are invalid")
         chosen_dtype = resolve_dtype(dtype, torch.device(device))
-        chosen_modes = _split(modes) or []
-        for mode in chosen_modes:
-            if mode not in MODES:
-                raise PruningZooError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
-        overrides = parse_param_overrides(param or [])
-        plan = LatencyPlan(
-            arch=architecture(arch).name,
-            batches=[_positive_int(v, "--batch") for v in _split(batch) or []],
-            budgets=[_positive_int(v, "--budgets") for v in _split(budgets) or []],
-            strategies={name: get_strategy(name, **overrides.get(name, {})) for name in _split(strategies) or []},
-            modes=chosen_modes, repeats=repeats, decode_tokens=decode_tokens,
-            fusion=None if fusion == "none" else fusion,
-        )
         console = Console()
 
         def report(cell, measured):
@@ -511,12 +587,6 @@ def bench_latency(
 
         run_benchmark(plan, out, device, "pruning-zoo " + " ".join(sys.argv[1:]), on_cell=report, dtype=chosen_dtype)
         console.print(f"wrote {out / (plan.arch + '.json')} and {out / (plan.arch + '.md')}")
-
-
-def _positive_int(text: str, option: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise PruningZooError(f"{option}: {text!r} is not a positive whole number")
-    return int(text)
 
 
 testbed_app = typer.Typer(help="The offline testbed: generated scenes and its trained reference VLM.", no_args_is_help=True)
@@ -545,8 +615,12 @@ def testbed_train(
 
         from pruning_zoo.testbed.train import TrainingConfig, train
 
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise PruningZooError("--device cuda but no CUDA device is visible; pass --device cpu (slow) or run on a GPU")
+        problems = Problems()
+        device = problems.check(inputs.device, device)
+        problems.check(inputs.output_folder, out, "--out")
+        if init_from is not None:
+            problems.check(inputs.input_folder, init_from, "--init-from", "a model folder saved by `pruning-zoo testbed train`")
+        problems.raise_if_any("the options are invalid")
         from pruning_zoo.testbed.train import CHECKPOINT
 
         if resume and not (out / CHECKPOINT).is_file():
@@ -573,17 +647,20 @@ def testbed_splits(
     out: Annotated[Path, typer.Option(help="Folder for images/ and the split files.")] = Path("suites/testbed"),
 ) -> None:
     """Write the fixed validation and test splits (PNG images and JSON lines with answers and evidence)."""
-    from pruning_zoo.testbed.splits import SPLITS, write_split
+    with user_errors():
+        from pruning_zoo.testbed.splits import SPLITS, write_split
 
-    for name in SPLITS:
-        Console().print(f"wrote {write_split(out, name)}")
+        inputs.output_folder(out, "--out")
+        for name in SPLITS:
+            Console().print(f"wrote {write_split(out, name)}")
 
 
 @testbed_app.command("hub-copies")
 def testbed_hub_copies(
     out: Annotated[Path, typer.Option(help="Folder for the copies, one OWNER/NAME folder per dataset.")] = Path(
         "suites/hub-copies"),
-    testbed: Annotated[Path, typer.Option(help="Folder with the testbed's test split and images.")] = Path("suites/testbed"),
+    testbed: Annotated[Path | None, typer.Option(help="Folder with the testbed's test split and images (default: the "
+                                                      "installed one).")] = None,
     documents: Annotated[int, typer.Option(min=8, help="Documents per task (about; MME and MMBench keep whole groups).")] = 40,
 ) -> None:
     """Write local copies of the image-VQA suite's hub datasets (the same columns, types, configs and splits) made
@@ -591,10 +668,13 @@ def testbed_hub_copies(
     from pruning_zoo.testbed.hub_copies import write_copies
 
     with user_errors():
+        from pruning_zoo.suite import builtin_suite_folder
+
+        testbed = testbed or builtin_suite_folder() / "testbed"
+        inputs.input_folder(testbed, "--testbed", "a folder with the testbed's splits")
         if not (testbed / "test.jsonl").is_file():
             raise PruningZooError(f"--testbed {testbed} has no test.jsonl; write the splits with `pruning-zoo testbed splits`")
-        if out.exists() and not out.is_dir():
-            raise PruningZooError(f"--out {out} exists and is not a folder; choose a folder path")
+        inputs.output_folder(out, "--out")
         for (repository, config, split), rows in write_copies(testbed, out, documents).items():
             Console().print(f"{out / repository}: {config}/{split}, {rows} rows", highlight=False)
 
@@ -605,8 +685,8 @@ def testbed_evaluate(
         "none,random,oracle,pool,fastv,visionzip,transprune,learnpruner"
     ),
     budget: Annotated[str, typer.Option(help="Visual tokens per image (or a ratio).")] = "64",
-    model: Annotated[Path, typer.Option(help="The reference model folder.")] = Path("suites/testbed/model"),
-    data: Annotated[Path, typer.Option(help="Folder with the split files.")] = Path("suites/testbed"),
+    model: Annotated[Path | None, typer.Option(help="The reference model folder (default: the installed one).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Folder with the split files (default: the installed ones).")] = None,
     split: Annotated[str, typer.Option(help="validation or test.")] = "test",
     limit: Annotated[int | None, typer.Option(min=1, help="Evaluate a fixed random subset of this many questions.")] = None,
     param: Annotated[list[str] | None, typer.Option(help="Strategy parameter, STRATEGY.NAME=VALUE; repeatable.")] = None,
@@ -620,19 +700,37 @@ def testbed_evaluate(
     from pruning_zoo.testbed import evaluate as testbed
 
     with user_errors():
-        chosen = _split(strategies) or []
-        overrides = parse_param_overrides(param or [])
-        parsed = parse_budget(budget)
-        if not (model / "config.json").is_file():
-            raise PruningZooError(f"--model {model} holds no saved model; train one with `pruning-zoo testbed train`")
-        try:
-            records = testbed.sample(read_split_or_fail(data, split), limit)
-        except FileNotFoundError as error:
-            raise PruningZooError(str(error)) from None
+        from pruning_zoo.suite import builtin_suite_folder
+
+        model = model or builtin_suite_folder() / "testbed" / "model"
+        data = data or builtin_suite_folder() / "testbed"
+        problems = Problems()
+        chosen = problems.check(inputs.name_list, strategies, "--strategies") or []
+        overrides = problems.check(parse_param_overrides, param or []) or {}
+        for name in overrides:
+            if name not in chosen:
+                problems.add(InvalidParameterError(f"--param names strategy {name!r}, which --strategies does not "
+                                                   f"include ({', '.join(chosen)})"))
+        parsed = problems.check(parse_budget, budget)
+        if problems.check(inputs.input_folder, model, "--model", "a model folder") and not (model / "config.json").is_file():
+            problems.add(PruningZooError(f"--model {model} holds no saved model; train one with `pruning-zoo testbed train`"))
+        records = None
+        if problems.check(inputs.input_folder, data, "--data", "a folder with the testbed's splits"):
+            try:
+                records = problems.check(lambda: testbed.sample(read_split_or_fail(data, split), limit))
+            except FileNotFoundError as error:
+                problems.add(PruningZooError(str(error)))
+        if output is not None:
+            problems.check(inputs.output_file, output, "--output")
         built = {}
         for name in chosen:
-            built[name] = testbed.EvidenceOracle() if name == "oracle" else get_strategy(name, **overrides.get(name, {}))
-        vlm, processor = testbed.load_reference(model)
+            strategy = testbed.EvidenceOracle() if name == "oracle" else problems.check(
+                get_strategy, name, **overrides.get(name, {}))
+            if strategy is not None:
+                built[name] = strategy
+        problems.raise_if_any("the options are invalid")
+        vlm, processor = problems.check(testbed.load_reference, model) or (None, None)
+        problems.raise_if_any("the model cannot be loaded")
         from pruning_zoo.provenance import git_sha, versions
 
         report = {"command": "pruning-zoo " + " ".join(sys.argv[1:]), "git_sha": git_sha(), "model": str(model), "split": split,
@@ -643,7 +741,18 @@ def testbed_evaluate(
         for column in ("strategy", "accuracy", "evidence recall", "entering LLM", "avg / layer", "by family"):
             table.add_column(column)
         for name, strategy in built.items():
-            rows = testbed.evaluate(vlm, processor, records, data, strategy, 1.0 if name == "none" else parsed)
+            try:
+                with interruptible():
+                    rows = testbed.evaluate(vlm, processor, records, data, strategy, 1.0 if name == "none" else parsed)
+            except KeyboardInterrupt:
+                Console().print(table)
+                done = list(report["results"])
+                rest = [other for other in built if other not in done]
+                print_error(f"interrupted while evaluating {name}: {len(done)} of {len(built)} strategies finished "
+                            f"({', '.join(done) or 'none'}), shown above" + (f"; nothing was written to {output}"
+                                                                              if output is not None else "")
+                            + f". Rerun to evaluate them all, or only the rest with --strategies {','.join(rest)}")
+                raise typer.Exit(code=130) from None
             summary = testbed.summarise(rows)
             report["results"][name] = {"params": str(strategy.params), "summary": summary, "questions": rows}
             recall = summary["evidence_recall"]

@@ -123,17 +123,27 @@ def cached_offline(data: TaskData) -> bool:
 def model_cached(model: str) -> bool:
     import huggingface_hub
 
-    return isinstance(huggingface_hub.try_to_load_from_cache(model, "config.json"), str)
+    try:
+        return isinstance(huggingface_hub.try_to_load_from_cache(model, "config.json"), str)
+    except ValueError:  # not a hub id at all (huggingface_hub's HFValidationError)
+        return False
 
 
 def check_sources(tasks: list[TaskData], models: list[str], data_folder: Path | None) -> None:
     """Every model and task dataset of a sweep can be had, else one SetupError that lists every problem and says
     how to use local copies. Runs before any model is loaded."""
+    problems = source_problems(tasks, models, data_folder)
+    if problems:
+        raise SetupError("the sweep cannot start:\n- " + "\n- ".join(problems))
+
+
+def source_problems(tasks: list[TaskData], models: list[str], data_folder: Path | None) -> list[str]:
+    """What keeps a sweep's models and task datasets from being had here, one line each."""
     problems = []
     if data_folder is not None:
         if not data_folder.is_dir():
-            raise SetupError(f"the data folder {data_folder} does not exist; give a folder of local dataset copies "
-                             "laid out as OWNER/NAME (see docs/real-datasets.md)")
+            return [f"the data folder {data_folder} does not exist; give a folder of local dataset copies "
+                    "laid out as OWNER/NAME (see docs/real-datasets.md)"]
         problems += [p for p in (local_copy_problem(t) for t in tasks if t.local is not None) if p]
     for data in tasks:
         if data.task in JUDGED_TASKS and not os.environ.get("OPENAI_API_KEY"):
@@ -161,5 +171,4 @@ def check_sources(tasks: list[TaskData], models: list[str], data_folder: Path | 
             elif not reason.startswith("HF_HUB_OFFLINE"):
                 log.warning("the hub cannot be reached (%s); set HF_HUB_OFFLINE=1 so that cached files are used "
                             "without retrying the hub for each", reason)
-    if problems:
-        raise SetupError("the sweep cannot start:\n- " + "\n- ".join(problems))
+    return problems

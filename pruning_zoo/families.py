@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 from pruning_zoo.adapters.base import ModelAdapter
 from pruning_zoo.adapters.llava import LlavaAdapter
@@ -24,6 +26,16 @@ class ModelFamily:
     description: str
     #: Builds the family's adapter around a loaded model.
     adapter: type[ModelAdapter] = ModelAdapter
+    #: Visual tokens of every image, from the model's config, where its resolution is fixed; None where each image
+    #: has its own count (any-resolution crops, native resolution). A dry run checks budgets against it.
+    visual_tokens: Callable[[Any], int | None] = lambda config: None
+
+
+def clip_grid_tokens(config) -> int:
+    """LLaVA-1.5: one token per patch of the CLIP grid, plus CLS where the features keep it ('full')."""
+    vision = config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    return patches + (getattr(config, "vision_feature_select_strategy", "default") == "full")
 
 
 LLAVA = ModelFamily(
@@ -32,6 +44,7 @@ LLAVA = ModelFamily(
     model_class="LlavaForConditionalGeneration",
     description="LLaVA-1.5: CLIP ViT-L/14-336 (576 patches + CLS), MLP projector, Llama/Vicuna decoder",
     adapter=LlavaAdapter,
+    visual_tokens=clip_grid_tokens,
 )
 LLAVA_NEXT = ModelFamily(
     name="llava_next",

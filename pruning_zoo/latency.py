@@ -488,10 +488,8 @@ def write_results(path: Path, results: dict) -> None:
     temporary.replace(path)
 
 
-def run_benchmark(plan: LatencyPlan, out: Path, device: str, command: str, arch: Architecture | None = None,
-                  dtype: torch.dtype = torch.bfloat16, on_cell: Callable | None = None) -> dict:
-    """Measure every cell of `plan` not yet in `out`/<arch>.json, writing the file after each cell (a crash
-    or a time limit loses nothing finished; rerunning continues)."""
+def check_plan(plan: LatencyPlan, arch: Architecture | None = None) -> None:
+    """The plan's modes, fusion backend and budgets exist for its architecture (checked before anything is built)."""
     arch = arch or architecture(plan.arch)
     for mode in plan.modes:
         if mode not in MODES:
@@ -504,6 +502,14 @@ def run_benchmark(plan: LatencyPlan, out: Path, device: str, command: str, arch:
     if too_large:
         raise PruningZooError(f"budgets {too_large} exceed the {arch.num_visual} visual tokens of {arch.name}'s prompt; "
                               f"give budgets below {arch.num_visual} (the unpruned model is measured as strategy none)")
+
+
+def run_benchmark(plan: LatencyPlan, out: Path, device: str, command: str, arch: Architecture | None = None,
+                  dtype: torch.dtype = torch.bfloat16, on_cell: Callable | None = None) -> dict:
+    """Measure every cell of `plan` not yet in `out`/<arch>.json, writing the file after each cell (a crash
+    or a time limit loses nothing finished; rerunning continues)."""
+    arch = arch or architecture(plan.arch)
+    check_plan(plan, arch)
     path = out / f"{arch.name}.json"
     results = read_results(path)
     description = device_description(device)

@@ -42,20 +42,64 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return choices[dtype]
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelOutline:
+    """What a model's config alone tells, without its weights: enough to check a sweep's plans before it runs."""
+
+    name: str
+    family: str
+    num_layers: int
+    #: Visual tokens of every image where the config fixes them, else None.
+    visual_tokens: int | None
+    #: Blocks of the vision tower, where the config says.
+    vision_layers: int | None = None
+
+
+def model_outline(pretrained: str, given: str | None = None) -> ModelOutline:
+    """A model's family, depth and visual tokens per image from its config.json (a local folder, the hub or its
+    cache); `given` is the name the user wrote, for messages."""
+    from pruning_zoo import plugins
+
+    given = given or pretrained
+    try:
+        config = transformers.AutoConfig.from_pretrained(pretrained)
+    except Exception as error:  # noqa: BLE001 - a broken or unreachable config is reported, whatever raised
+        raise InvalidParameterError(f"model {given!r}" + (f" ({pretrained})" if given != pretrained else "")
+                                    + ": its config cannot be read "
+                                    f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+                                    "; give a folder saved by `save_pretrained` or a hub id") from None
+    for entry in plugins.model_families():
+        if config.model_type in entry.value.model_types:
+            family = entry.value
+            break
+    else:
+        known = [t for entry in plugins.model_families() for t in entry.value.model_types]
+        raise InvalidParameterError(f"model {given!r} is a {config.model_type!r} model, which no installed model "
+                                    f"family adapts; known model types: {', '.join(known)}")
+    text = getattr(config, "text_config", config)
+    try:
+        tokens = family.visual_tokens(config)
+    except (AttributeError, TypeError, ZeroDivisionError):
+        tokens = None  # a config the family's rule does not fit: the engine finds each image's count at run time
+    vision = getattr(config, "vision_config", None)
+    depth = getattr(vision, "num_hidden_layers", None) or getattr(vision, "depth", None)
+    return ModelOutline(given, family.name, int(text.num_hidden_layers), tokens, depth)
+
+
 def load_vlm(pretrained: str, device: str | None = None, dtype: str = "auto", attn_implementation: str | None = None) -> LoadedVLM:
     """A VLM and its processor from a hub id or a local folder, in eval mode on `device`."""
     from pruning_zoo.adapters import adapter_for
 
-    target = torch.device(device or default_device())
-    if target.type == "cuda" and not torch.cuda.is_available():
-        raise PruningZooError(f"device {target} was asked for but no CUDA device is visible; use --device cpu")
+    from pruning_zoo.inputs import device as checked_device
+
+    target = torch.device(checked_device(device))
     options = {"dtype": resolve_dtype(dtype, target)}
     if attn_implementation:
         options["attn_implementation"] = attn_implementation
     try:
         model = transformers.AutoModelForImageTextToText.from_pretrained(pretrained, **options)
         processor = transformers.AutoProcessor.from_pretrained(pretrained)
-    except (OSError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - a damaged config raises many kinds; each is the same message
         where = "folder" if Path(pretrained).exists() else "hub id"
         raise PruningZooError(
             f"cannot load model {pretrained!r} ({where}): {str(error).splitlines()[0].rstrip('.')}. A hub id needs the "

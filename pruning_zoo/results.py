@@ -32,6 +32,8 @@ TEMPORARY_PREFIX = ".partial-"
 SET_ASIDE_SUFFIX = ".corrupt"
 #: The version of metrics.json's layout, written into every one (results before it have none: version 1 too).
 SCHEMA_VERSION = 1
+#: The output folder's lock (held by the one process writing it) and who holds it (read to say so).
+LOCK_FILE, RUNNING_FILE = ".pruning-zoo.lock", ".pruning-zoo.running.json"
 
 Number = float | int | None
 
@@ -163,6 +165,34 @@ def clean_json(value: Any) -> Any:
     return value
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's entries to disk: after a crash a renamed folder then holds whole files."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def durable_write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `path` whole or not at all (temporary file, fsync, rename), for files outside cell folders."""
+    temporary = path.with_name(f"{TEMPORARY_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        durable_write_text(temporary, text)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+
+
 def write_cell(output: Path, cell: Cell, config: dict, metrics: dict | None = None, samples: list[dict] | None = None,
                error: dict | None = None, files: Path | None = None) -> Path:
     """Write a finished (metrics and samples) or failed (error) cell atomically; returns its folder. A failed
@@ -175,22 +205,29 @@ def write_cell(output: Path, cell: Cell, config: dict, metrics: dict | None = No
     temporary = output / f"{TEMPORARY_PREFIX}{cell.folder_name}-{uuid.uuid4().hex[:8]}"
     temporary.mkdir()
     try:
-        (temporary / CONFIG).write_text(json.dumps(clean_json(config), indent=1) + "\n")
+        durable_write_text(temporary / CONFIG, json.dumps(clean_json(config), indent=1) + "\n")
         if error is not None:
-            (temporary / ERROR).write_text(json.dumps(clean_json(error), indent=1) + "\n")
+            durable_write_text(temporary / ERROR, json.dumps(clean_json(error), indent=1) + "\n")
         else:
             # mtime=0: the same samples give the same bytes.
-            with gzip.GzipFile(temporary / SAMPLES, "wb", mtime=0) as raw, io.TextIOWrapper(raw, encoding="utf-8") as file:
-                for sample in samples or []:
-                    file.write(json.dumps(clean_json(sample), default=str) + "\n")
+            with open(temporary / SAMPLES, "wb") as target:
+                with gzip.GzipFile(fileobj=target, mode="wb", mtime=0) as raw, \
+                        io.TextIOWrapper(raw, encoding="utf-8") as file:
+                    for sample in samples or []:
+                        file.write(json.dumps(clean_json(sample), default=str) + "\n")
+                target.flush()
+                os.fsync(target.fileno())
             if files is not None and files.is_dir():
                 shutil.move(files, temporary / files.name)
-            (temporary / METRICS).write_text(json.dumps(clean_json({"schema": SCHEMA_VERSION, **metrics}), indent=1) + "\n")
+            durable_write_text(temporary / METRICS,
+                               json.dumps(clean_json({"schema": SCHEMA_VERSION, **metrics}), indent=1) + "\n")
+        fsync_path(temporary)
         if final.exists():
             if status(final) == "finished":
                 raise PruningZooError(f"{final} already holds a finished result; it is never overwritten")
             shutil.rmtree(final)
         os.rename(temporary, final)
+        fsync_path(output)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
@@ -224,9 +261,12 @@ def superseded_cells(output: Path, cells: list[Cell]) -> list[Path]:
 
 def remove_temporaries(output: Path) -> list[Path]:
     """Delete what interrupted runs left half-written; returns what was removed."""
-    removed = [path for path in output.glob(f"{TEMPORARY_PREFIX}*") if path.is_dir()]
+    removed = list(output.glob(f"{TEMPORARY_PREFIX}*"))
     for path in removed:
-        shutil.rmtree(path, ignore_errors=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     return removed
 
 

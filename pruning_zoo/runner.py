@@ -12,7 +12,9 @@ import contextlib
 import dataclasses
 import datetime
 import importlib
+import json
 import os
+import socket
 import shutil
 import statistics
 import sys
@@ -25,11 +27,15 @@ from typing import Any
 
 from pruning_zoo import get_strategy, plugins
 from pruning_zoo.distributed import ProcessGroupAccelerator, Ranks
-from pruning_zoo.datasources import TaskData, check_sources, task_data
-from pruning_zoo.errors import PruningZooError, SetupError, closest, describe
+from pruning_zoo import inputs
+from pruning_zoo.budget import resolve_budget
+from pruning_zoo.datasources import TaskData, model_cached, source_problems, task_data
+from pruning_zoo.errors import (InvalidParameterError, OutputBusyError, Problems, PruningZooError, SetupError, closest,
+                                describe)
+from pruning_zoo.loading import ModelOutline, model_outline
 from pruning_zoo.provenance import code_identity, device_description, git_sha, versions
-from pruning_zoo.results import (TEMPORARY_PREFIX, Cell, damage, remove_temporaries, set_aside, status, superseded_cells,
-                                 write_cell)
+from pruning_zoo.results import (LOCK_FILE, RUNNING_FILE, TEMPORARY_PREFIX, Cell, atomic_write_text, damage,
+                                 remove_temporaries, set_aside, status, superseded_cells, write_cell)
 from pruning_zoo.strategy import params_as_dict
 from pruning_zoo.suite import Suite, builtin_suite_folder
 
@@ -97,6 +103,66 @@ def resolve_paths(params: dict[str, Any], suite_folder: Path | None) -> dict[str
             value = str((suite_folder / value).resolve())
         resolved[name] = value
     return resolved
+
+
+def task_data_or_fail(task_manager, task: str, data_folder: Path | None) -> TaskData:
+    try:
+        return task_data(task_manager, task, data_folder)
+    except Exception as error:  # noqa: BLE001 - a task YAML that lmms-eval cannot read is the user's to fix
+        raise PruningZooError(f"task {task!r}: its YAML cannot be read ({describe(error)}); fix the task file or "
+                              "choose another task") from None
+
+
+def plan_problems(strategies: dict, budgets: list, outline: ModelOutline) -> Problems:
+    """What keeps each strategy's stages from existing on this model: budgets its images cannot give, layers beyond
+    its depth (the decoder's for `plan`, the vision tower's for `vision_layer_params`)."""
+    problems = Problems()
+    tokens = outline.visual_tokens
+    where = f"on {outline.name} ({outline.family}, {outline.num_layers} decoder layers"
+    where += f", {tokens} visual tokens per image)" if tokens else ")"
+    for budget in budgets:
+        if tokens is not None and isinstance(budget, int) and budget > tokens:
+            problems.add(InvalidParameterError(
+                f"budget {budget} {where}: larger than the {tokens} visual tokens each image has; use at most "
+                f"{tokens} (keep-all is the 'none' strategy) or a ratio in (0, 1]"))
+    for strategy in strategies.values():
+        for name in strategy.vision_layer_params:
+            layer, depth = getattr(strategy.params, name), outline.vision_layers
+            if depth is not None and not -depth <= layer < depth:
+                problems.add(InvalidParameterError(f"{strategy.name}.{name}={layer} {where}: its vision tower has "
+                                                   f"{depth} blocks, so give {-depth} to {depth - 1}"))
+        for budget in [1.0] if strategy.name == "none" else budgets:
+            # Where each image has its own count, the plan is checked on an image with the budget's tokens and more.
+            count = tokens if tokens is not None else (budget * 4 if isinstance(budget, int) else 576)
+            if isinstance(budget, int):
+                budget = min(budget, count)  # a budget too large is reported above, once
+            try:
+                strategy.plan(resolve_budget(budget, count), count, outline.num_layers)
+            except PruningZooError as error:
+                problems.add(InvalidParameterError(f"strategy {strategy.name} {where}: {error}"))
+    return problems
+
+
+def output_lock(output: Path, command: str):
+    """An exclusive lock on `output` for this process (released when it exits, however it exits); another
+    process holding it is an error that says which."""
+    import filelock
+
+    lock = filelock.FileLock(output / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        try:
+            holder = json.loads((output / RUNNING_FILE).read_text(encoding="utf-8"))
+            who = f" (process {holder['pid']} on {holder['host']}, started {holder['started']}: {holder['command']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            who = ""
+        raise OutputBusyError(f"another pruning-zoo run is writing to {output}{who}; wait for it to finish, or give "
+                              "this run another --output") from None
+    atomic_write_text(output / RUNNING_FILE, json.dumps({
+        "pid": os.getpid(), "host": socket.gethostname(), "command": command,
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}) + "\n")
+    return lock
 
 
 def check_tasks(task_manager, tasks: list[str]) -> None:
@@ -197,6 +263,7 @@ class Sweep:
         #: The cells of the current `run` so far, and the one being evaluated: what an interrupted sweep reports.
         self.outcomes: list[CellOutcome] = []
         self.current: Cell | None = None
+        self.prepared = False
 
     def cells(self) -> list[Cell]:
         return [
@@ -207,25 +274,61 @@ class Sweep:
             for model, task, strategy, budget in self.suite.cells()
         ]
 
-    def run(self) -> list[CellOutcome]:
+    def prepare(self) -> None:
+        """Every check the sweep makes before it writes or loads anything, with one error naming every problem:
+        the output folder, task folders and names, the tasks' data and the models (where they can be had offline),
+        each model's config, and each strategy built and planned on each model's depth and visual tokens. A dry
+        run stops here; `run` starts with it."""
         import_lmms_eval()
         from lmms_eval.tasks import TaskManager
 
-        self.ranks.start(self.device)
-        self.task_manager = task_manager(TaskManager, local_task_folders(self.suite_folder, self.suite.task_paths),
+        problems = Problems()
+        problems.check(inputs.output_folder, self.output, "--output")
+        folders = problems.check(local_task_folders, self.suite_folder, self.suite.task_paths)
+        self.task_manager = task_manager(TaskManager, folders or local_task_folders(self.suite_folder, []),
                                          self.suite.tasks)
-        check_tasks(self.task_manager, self.suite.tasks)
-        # Every dataset and model checked before anything is made or loaded: an offline machine fails here, at once.
-        self.task_data = {task: task_data(self.task_manager, task, self.data_folder) for task in self.suite.tasks}
-        check_sources(list(self.task_data.values()), [resolve_model(m, self.suite_folder) for m in self.suite.models],
-                      self.data_folder)
+        known = [task for task in self.suite.tasks if problems.check(check_tasks, self.task_manager, [task]) is None]
+        self.task_data = {}
+        for task in known:
+            data = problems.check(task_data_or_fail, self.task_manager, task, self.data_folder)
+            if data is not None:
+                self.task_data[task] = data
+        models = [resolve_model(m, self.suite_folder) for m in self.suite.models]
+        for problem in source_problems(list(self.task_data.values()), models, self.data_folder):
+            problems.add(SetupError(problem))
+        built = {}
+        for name, params in self.suite.strategies.items():
+            strategy = problems.check(get_strategy, name, **resolve_paths(params, self.suite_folder))
+            if strategy is not None:
+                built[name] = strategy
+        for given, model in zip(self.suite.models, models):
+            if not (Path(model).is_dir() or model_cached(model)):
+                continue  # unreachable: reported with the sources above
+            outline = problems.check(model_outline, model, given)
+            if outline is not None:
+                problems.found += plan_problems(built, self.suite.budgets, outline).found
+        problems.raise_if_any("the sweep cannot start")
+        self.prepared = True
+
+    def run(self) -> list[CellOutcome]:
+        if not self.prepared:
+            self.prepare()
+        self.ranks.start(self.device)
         if self.ranks.main:
             self.output.mkdir(parents=True, exist_ok=True)
+            self.lock = output_lock(self.output, self.command)
+        try:
+            return self._run_cells()
+        finally:
+            if self.ranks.main:  # who-holds-it goes first: once released, the file may be another run's
+                (self.output / RUNNING_FILE).unlink(missing_ok=True)
+                self.lock.release()
+
+    def _run_cells(self) -> list[CellOutcome]:
+        if self.ranks.main:
             remove_temporaries(self.output)
             self.superseded = superseded_cells(self.output, self.cells())
         self.ranks.barrier()
-        for name in self.suite.strategies:  # parameters were validated with the suite; build once to be sure
-            get_strategy(name, **resolve_paths(self.suite.strategies[name], self.suite_folder))
         self.outcomes = outcomes = []
         for cell in self.cells():
             folder = self.output / cell.folder_name

@@ -17,11 +17,11 @@ from typing import Any, ClassVar, Literal
 
 import pydantic
 import torch
-import yaml
 from pydantic.dataclasses import dataclass as params_dataclass
 
 from pruning_zoo.budget import BudgetMeaning
 from pruning_zoo.errors import InvalidParameterError, PruningZooError, closest
+from pruning_zoo.inputs import parse_yaml, shown
 
 __all__ = [
     "BudgetMeaning",
@@ -302,6 +302,9 @@ class PruningStrategy(ABC):
     #: True when `select_images` computes its picks on the host at every call (a seeded draw, say): the
     #: segmented prefill then runs it eagerly, never in a CUDA graph, which would replay one call's picks.
     selects_on_host: ClassVar[bool] = False
+    #: Parameters that name a block of the vision tower (negative: from its end): a dry run checks them against
+    #: each model's vision depth, where `plan` sees only the decoder's.
+    vision_layer_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: StrategyParams | Mapping[str, Any] | None = None):
         if isinstance(params, StrategyParams):
@@ -365,14 +368,20 @@ def build_params(strategy: str, params_class: type[StrategyParams], values: Mapp
                 f"strategy {strategy!r} has no parameter {key!r}{hint} its parameters: {', '.join(known)}"
             )
     # From the CLI a list comes as text, e.g. --param transprune.prune_layers=[7,9,12].
-    values = {k: yaml.safe_load(v) if isinstance(v, str) and v.strip().startswith("[") else v for k, v in values.items()}
+    values = {k: parse_yaml(v, f"parameter {strategy}.{k}") if isinstance(v, str) and v.strip().startswith("[") else v
+              for k, v in values.items()}
+    schema = param_schema(params_class)
+    for key, value in values.items():  # pydantic's lax mode would take YAML's `true` as the number 1
+        if isinstance(value, bool) and "boolean" not in str(schema.get(key)):
+            raise InvalidParameterError(f"invalid value {value!r} for parameter {strategy}.{key}: a boolean is not "
+                                        f"a number; allowed: {describe_field(params_class, key)}")
     try:
         return params_class(**values)
     except pydantic.ValidationError as error:
         first = error.errors()[0]
         field = str(first["loc"][0]) if first["loc"] else "?"
         raise InvalidParameterError(
-            f"invalid value {first.get('input')!r} for parameter {strategy}.{field}: {first['msg']}; "
+            f"invalid value {shown(first.get('input'))} for parameter {strategy}.{field}: {first['msg']}; "
             f"allowed: {describe_field(params_class, field)}"
         ) from None
 

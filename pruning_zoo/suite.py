@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pydantic
-import yaml
 
 from pruning_zoo import plugins
 from pruning_zoo.budget import Budget, check_budget
-from pruning_zoo.errors import InvalidParameterError, PruningZooError, UnknownNameError
+from pruning_zoo.errors import InvalidParameterError, Problems, PruningZooError, UnknownNameError
+from pruning_zoo.inputs import check_name, shown, yaml_mapping
 from pruning_zoo.strategy import build_params
 
 
@@ -35,10 +35,26 @@ class Suite(pydantic.BaseModel):
     models: list[str] = pydantic.Field(min_length=1)
     #: Strategy name -> parameter overrides ({} for the defaults).
     strategies: dict[str, dict[str, Any]] = pydantic.Field(min_length=1)
-    budgets: list[Budget] = pydantic.Field(min_length=1)
+    # Strict numbers: YAML's `true` is not the count 1.
+    budgets: list[pydantic.StrictInt | pydantic.StrictFloat] = pydantic.Field(min_length=1)
     #: At most this many documents per task (None: all).
-    limit: int | None = pydantic.Field(default=None, ge=1)
-    batch_size: int = pydantic.Field(default=1, ge=1)
+    limit: pydantic.StrictInt | None = pydantic.Field(default=None, ge=1, le=10**9)
+    batch_size: pydantic.StrictInt = pydantic.Field(default=1, ge=1, le=4096)
+
+    @pydantic.field_validator("name", "tasks", "strategies")
+    @classmethod
+    def _names_are_names(cls, value):
+        for name in [value] if isinstance(value, str) else value:
+            check_name(name, "name")
+        return value
+
+    @pydantic.field_validator("models", "task_paths")
+    @classmethod
+    def _paths_are_given(cls, value: list[str]) -> list[str]:
+        for path in value:
+            if not path.strip() or len(path) > 4096 or not path.isprintable():
+                raise ValueError(f"{shown(path)} is not a hub id or a path")
+        return value
 
     @pydantic.field_validator("budgets")
     @classmethod
@@ -48,14 +64,19 @@ class Suite(pydantic.BaseModel):
         return budgets
 
     def check_strategies(self) -> None:
-        """Every strategy is registered and its parameters validate (raises a PruningZooError)."""
+        """Every strategy is registered and its parameters validate; one PruningZooError names every problem."""
         registry = plugins.strategies()
+        problems = Problems()
         for name, params in self.strategies.items():
             if name not in registry and os.environ.get(plugins.PLUGINS_ENV) is not None:
-                raise UnknownNameError("strategy", name, registry.names()).with_hint(
+                problems.add(UnknownNameError("strategy", name, registry.names()).with_hint(
                     f"{plugins.PLUGINS_ENV}={os.environ[plugins.PLUGINS_ENV]!r} loads only those plugins: choose "
-                    "strategies from them with --strategies, or unset it")
-            build_params(name, registry.get(name).Params, params)
+                    "strategies from them with --strategies, or unset it"))
+                continue
+            strategy = problems.check(registry.get, name)
+            if strategy is not None:
+                problems.check(build_params, name, strategy.Params, params)
+        problems.raise_if_any(f"the strategies of suite {self.name} are invalid")
 
     def cells(self) -> list[tuple[str, str, str, Budget]]:
         """(model, task, strategy, budget) for every cell of the sweep; 'none' runs once per model and task,
@@ -77,8 +98,9 @@ def builtin_suite_files() -> dict[str, Path]:
 
 def suite_file(name_or_path: str) -> Path:
     """The file of a built-in suite by name, or a suite file by path."""
+    check_name(name_or_path, "suite")
     path = Path(name_or_path)
-    if not (path.suffix in {".yaml", ".yml"} and path.exists()):
+    if not (path.suffix in {".yaml", ".yml"} and os.path.lexists(path)):
         files = builtin_suite_files()
         if name_or_path not in files:
             if path.suffix in {".yaml", ".yml"}:
@@ -92,12 +114,7 @@ def load_suite(name_or_path: str, check_strategies: bool = True) -> Suite:
     """A built-in suite by name, or a suite file by path. `check_strategies=False` leaves the strategies to be
     checked after the command line replaced them (a strategy the user leaves out need not be installed)."""
     path = suite_file(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise PruningZooError(f"suite file {path} is not valid YAML: {error}") from None
-    if not isinstance(data, dict):
-        raise PruningZooError(f"suite file {path} must hold a mapping of fields (tasks, models, ...)")
+    data = yaml_mapping(path, "suite file")
     data.setdefault("name", path.stem)
     return validate_suite(data, origin=str(path), check_strategies=check_strategies)
 
@@ -108,7 +125,7 @@ def validate_suite(data: dict[str, Any], origin: str, check_strategies: bool = T
     except pydantic.ValidationError as error:
         problems = "; ".join(
             f"{'.'.join(str(part) for part in problem['loc']) or '(top level)'}: {problem['msg']}"
-            f" (got {problem.get('input')!r})"
+            f" (got {shown(problem.get('input'))})"
             for problem in error.errors()
         )
         allowed = ", ".join(Suite.model_fields)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from PIL import Image
 
 from pruning_zoo.adapters import adapter_for
 from pruning_zoo.errors import InvalidParameterError, PruningZooError
+from pruning_zoo.inputs import read_text
 from pruning_zoo.loading import chat_prompt
 from pruning_zoo.provenance import device_description, git_sha, versions
 from pruning_zoo.strategies.learnpruner import LearnablePruningModule, LearnPruner, kept_with_diverse
@@ -117,12 +119,12 @@ class FileExamples:
     `question`, `answer`). Images are relative to `image_folder` (default: the file's folder)."""
 
     def __init__(self, path: Path, image_folder: Path | None, seed: int):
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise PruningZooError(f"--data {path} does not exist; give 'testbed' or a JSON / JSON-lines file of records")
-        text = path.read_text()
+        text = read_text(path, "--data")
         try:
             records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, RecursionError) as error:
             raise PruningZooError(f"--data {path} is not JSON or JSON lines: {error}") from None
         self.folder = image_folder or path.parent
         self.records = [self._parse(record, number, path) for number, record in enumerate(records, 1)]

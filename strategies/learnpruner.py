@@ -114,6 +114,12 @@ class LearnPrunerParams(InLLMParams):
         "after it, for a `reference_depth`-layer model (the paper: the middle layer, 12 of 32)",
     )
     reference_depth: int = pydantic.Field(default=32, ge=1, description="depth `layer` is given for; other depths scale it")
+
+    @pydantic.model_validator(mode="after")
+    def _layer_within_reference(self):
+        if self.layer >= self.reference_depth:
+            raise ValueError(f"layer {self.layer} must be below reference_depth {self.reference_depth} (0-indexed)")
+        return self
     positions: Literal["keep", "renumber"] = pydantic.Field(
         default="renumber",
         description="the paper does not say; the kept tokens enter the LLM as a contiguous sequence, as "

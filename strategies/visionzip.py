@@ -76,6 +76,7 @@ class VisionZip(PruningStrategy):
     name = "visionzip"
     Params = VisionZipParams
     budget_meaning = BudgetMeaning.ENTERING_LLM
+    vision_layer_params = ("layer",)
     observes = frozenset({"vision_attention", "vision_keys", "vision_features", "vision_project", "vision_cls_features"})
 
     def split(self, budget: int, with_cls: bool) -> tuple[int, int]:

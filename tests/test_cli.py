@@ -12,6 +12,11 @@ from pruning_zoo.cli import app
 WIDE = {"COLUMNS": "250"}
 
 
+def cell_folders(output: Path) -> list[Path]:
+    """The cell folders of a results folder (not its lock files)."""
+    return [path for path in output.iterdir() if path.is_dir()]
+
+
 def invoke(*args):
     return CliRunner().invoke(app, list(args), env=WIDE)
 
@@ -32,12 +37,34 @@ def test_list_shows_strategies_families_and_suites():
     assert "after pruning" in fastv and "after layer 1: keep 64" in fastv and "pruning-zoo 0.1.0" in fastv
 
 
-def test_run_dry_run_prints_the_cells():
-    result = invoke("run", "--suite", "image-vqa", "--strategies", "none,fastv", "--budgets", "64,0.5",
-                    "--tasks", "pope", "--param", "fastv.k=3", "--dry-run")
+def test_run_dry_run_prints_the_cells_and_checks_them(tiny_testbed_model, tmp_path):
+    result = invoke("run", "--suite", "testbed", "--model", tiny_testbed_model, "--strategies", "none,fastv",
+                    "--budgets", "64,0.5", "--param", "fastv.k=3", "--output", str(tmp_path / "out"), "--dry-run")
     assert result.exit_code == 0, result.output
     assert "3 cells" in result.output  # none once, fastv at two budgets
-    assert "k=3" in result.output
+    assert "k=3" in result.output and "ready to run" in result.output
+    assert not (tmp_path / "out").exists()  # a dry run makes nothing
+
+
+def test_a_dry_run_of_a_suite_that_cannot_run_here_shows_its_cells_and_says_why(offline_hub):
+    result = invoke("run", "--suite", "image-vqa", "--strategies", "none,fastv", "--budgets", "64,0.5",
+                    "--tasks", "pope", "--param", "fastv.k=3", "--dry-run")
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output  # the options are right; what they need is not here
+    assert "3 cells" in text and "k=3" in text
+    assert "these are not in this machine's cache: model llava-hf/llava-1.5-7b-hf; dataset lmms-lab-encoder/POPE" in text
+
+
+def test_a_dry_run_checks_plans_against_the_model(tiny_testbed_model, tmp_path):
+    result = invoke("run", "--suite", "testbed", "--model", tiny_testbed_model, "--strategies", "none,fastv,visionzip",
+                    "--budgets", "577", "--param", "fastv.k=9", "--param", "visionzip.layer=5", "--dry-run",
+                    "--output", str(tmp_path))
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert "the sweep cannot start (3 problems)" in text
+    assert "budget 577 on " in text and "larger than the 576 visual tokens each image has" in text
+    assert "fastv.k=9 must be below the model's 4 decoder layers" in text
+    assert "visionzip.layer=5 on " in text and "its vision tower has 2 blocks, so give -2 to 1" in text
 
 
 def test_run_evaluates_a_suite_and_resumes(tmp_path):
@@ -49,7 +76,7 @@ def test_run_evaluates_a_suite_and_resumes(tmp_path):
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     assert "2 cells evaluated, 0 already finished (skipped), 0 failed" in result.output
-    assert len(list((tmp_path / "results").iterdir())) == 2
+    assert len(cell_folders(tmp_path / "results")) == 2
     again = invoke(*args)
     assert again.exit_code == 0 and "0 cells evaluated, 2 already finished (skipped)" in again.output
 
@@ -134,7 +161,7 @@ def test_list_breaks_no_word_on_a_narrow_terminal():
 def test_a_model_that_cannot_be_loaded_is_one_message_and_writes_nothing(tmp_path, offline_hub):
     result = CliRunner().invoke(app, ["run", "--suite", "image-vqa", "--model", "some-org/not-downloaded", "--tasks",
                                       "gqa,pope", "--device", "cpu", "--output", str(tmp_path / "results")], env=WIDE)
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 1, result.output  # the options are right; what they name is not here
     text = " ".join(result.output.split())
     # One message, before any cell: every missing model and dataset, and how to use local copies instead.
     assert text.count("error: the sweep cannot start") == 1 and "cells evaluated" not in text
@@ -167,7 +194,7 @@ def test_ctrl_c_says_what_finished_and_how_to_resume(tmp_path, monkeypatch):
     assert "2 of 3 cells are not done" in text
     assert "The cell in progress (testbed fastv 64) was discarded: nothing of it was written" in text
     assert "Rerun the same command to resume" in text
-    assert [folder.name.split("__")[2] for folder in (tmp_path / "results").iterdir()] == ["none"]
+    assert [folder.name.split("__")[2] for folder in cell_folders(tmp_path / "results")] == ["none"]
     monkeypatch.setattr(Sweep, "run_cell", real_run_cell)
     again = invoke(*args)
     assert again.exit_code == 0 and "2 cells evaluated, 1 already finished (skipped)" in again.output

@@ -126,7 +126,7 @@ def test_a_rank_that_fails_leaves_the_other_cells_intact_and_resumable(tiny_test
     # The sweep goes on past the failed cell and exits 1 to say a cell failed.
     assert first.returncode == 1 and "2 cells evaluated, 0 already finished (skipped), 1 failed" in " ".join(
         first.stdout.split()), first.stderr[-3000:] + first.stdout[-3000:]
-    statuses = {folder.name.split("__")[2]: sorted(p.name for p in folder.iterdir()) for folder in output.iterdir()}
+    statuses = {folder.name.split("__")[2]: sorted(p.name for p in folder.iterdir()) for folder in output.iterdir() if folder.is_dir()}
     assert statuses["fails-on-rank-one"] == [results.CONFIG, results.ERROR]
     assert "rank 1 fails here" in (next(output.glob("*fails-on-rank-one*")) / results.ERROR).read_text()
     finished = read_cells(output)

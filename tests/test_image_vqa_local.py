@@ -167,7 +167,7 @@ def test_a_missing_or_partial_local_copy_is_reported_before_anything_runs(tmp_pa
     result = CliRunner().invoke(app, ["run", "--suite", "image-vqa-local", "--data", str(data), "--tasks", "gqa,pope",
                                       "--output", str(tmp_path / "out"), "--device", "cpu"], env=WIDE)
     text = " ".join(result.output.split())
-    assert result.exit_code == 2 and "the sweep cannot start" in text
+    assert result.exit_code == 1 and "the sweep cannot start" in text
     assert "task 'gqa' reads lmms-lab-encoder/GQA (config testdev_balanced_instructions, split testdev): the copy in" in text
     assert (f"task 'pope' reads lmms-lab-encoder/POPE (split test): there is no folder {data}/lmms-lab-encoder/POPE; "
             f"on a machine with network run `hf download lmms-lab-encoder/POPE --repo-type dataset --local-dir "
@@ -179,7 +179,7 @@ def test_the_hub_suite_offline_says_at_once_how_to_use_local_copies(tmp_path, of
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")  # the judge check aside: this is about the hub
     result = CliRunner().invoke(app, ["run", "--suite", "image-vqa", "--output", str(tmp_path / "out")], env=WIDE)
     text = " ".join(result.output.split())
-    assert result.exit_code == 2 and text.count("the Hugging Face hub cannot be used") == 1
+    assert result.exit_code == 1 and text.count("the Hugging Face hub cannot be used") == 1
     for dataset in ("GQA", "MME", "POPE", "textvqa", "ScienceQA", "MMBench"):
         assert f"dataset lmms-lab-encoder/{dataset} (task" in text
     assert "model llava-hf/llava-1.5-7b-hf" in text and "--data DIR" in text and "image-vqa-local" in text

@@ -225,7 +225,7 @@ def test_a_damaged_results_file_is_a_clear_error(tmp_path):
     (["--arch", "llava7b", "--device", "cuda"], "did you mean 'llava-1.5-7b'"),
     (["--device", "cpu"], "run it on a GPU"),
     (["--device", "cuda", "--modes", "graphs"], "unknown mode 'graphs'"),
-    (["--device", "cuda", "--batch", "0"], "not a positive whole number"),
+    (["--device", "cuda", "--batch", "0"], "--batch: '0' is not a whole number from 1 to 4,096"),
     (["--device", "cuda", "--strategies", "fastvv"], "fastv"),
     (["--device", "cuda", "--fusion", "inductr"], "unknown fusion 'inductr'"),
     (["--device", "cuda", "--dtype", "fp8"], "dtype 'fp8' is not one of"),

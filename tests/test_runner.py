@@ -3,6 +3,7 @@ model, resuming after an interruption, failing cells, offline errors, and the lm
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -96,7 +97,7 @@ def test_rerunning_skips_finished_cells_and_an_interrupted_run_resumes(tiny_test
     with pytest.raises(KeyboardInterrupt):
         sweep(suite, tmp_path).run()
     monkeypatch.setattr(results.os, "rename", real_rename)
-    first = sorted(p.name for p in tmp_path.iterdir())
+    first = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
     assert len(first) == 2 and not any(name.startswith(results.TEMPORARY_PREFIX) for name in first)
     stamps = {name: (tmp_path / name / results.METRICS).read_bytes() for name in first}
 
@@ -106,7 +107,7 @@ def test_rerunning_skips_finished_cells_and_an_interrupted_run_resumes(tiny_test
     assert [o.status for o in outcomes] == ["skipped", "skipped", "finished", "finished"]
     assert states.count("running") == 2  # no finished cell was recomputed
     assert {name: (tmp_path / name / results.METRICS).read_bytes() for name in first} == stamps
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(o.folder.name for o in outcomes)  # none lost
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == sorted(o.folder.name for o in outcomes)  # none lost
     assert all(results.status(o.folder) == "finished" for o in outcomes)
 
     again = sweep(suite, tmp_path).run()
@@ -174,15 +175,15 @@ def test_a_model_that_cannot_be_loaded_stops_the_sweep_at_once_and_writes_nothin
 
 
 def test_a_sweep_stopped_by_a_model_keeps_the_cells_finished_before(tiny_testbed_model, tmp_path, offline_hub):
-    broken = tmp_path / "broken-model"  # a local folder passes the check before the sweep, then fails to load
+    broken = tmp_path / "broken-model"  # its config passes the check before the sweep; it has no weights to load
     broken.mkdir()
-    (broken / "config.json").write_text("{not json")
+    shutil.copy(Path(tiny_testbed_model) / "config.json", broken / "config.json")
     data = make_suite(tiny_testbed_model, ["none"], limit=2).model_dump()
     suite = validate_suite({**data, "models": [tiny_testbed_model, str(broken)]}, origin="test")
     output = tmp_path / "results"
     with pytest.raises(SetupError, match=r"(?s)cannot load model .*cell 2 of 2\); nothing was written for it .* the 1 finished cells"):
         sweep(suite, output).run()
-    (folder,) = output.iterdir()
+    (folder,) = [path for path in output.iterdir() if path.is_dir()]
     assert results.status(folder) == "finished" and tiny_testbed_model.strip("/").split("/")[-1] in folder.name
 
 
@@ -364,7 +365,7 @@ def test_a_result_made_by_other_strategy_code_is_never_reused(tiny_testbed_model
     (first, _), (second, superseded) = runs
     assert [o.status for o in first] == ["finished"] and [o.status for o in second] == ["finished"]
     assert first[0].folder != second[0].folder and superseded == [first[0].folder]
-    assert sorted(results_folder.iterdir()) == sorted([first[0].folder, second[0].folder])
+    assert sorted(p for p in results_folder.iterdir() if p.is_dir()) == sorted([first[0].folder, second[0].folder])
     codes = [read(o[0].folder, results.CONFIG)["strategy_code"] for o in (first, second)]
     assert codes[0]["file"] == codes[1]["file"] == str(source) and codes[0]["source_sha256"] != codes[1]["source_sha256"]
     assert codes[0]["distribution"] is None  # a plugin registered by hand, from no installed distribution

@@ -14,6 +14,7 @@ from PIL import Image
 
 from pruning_zoo.budget import Budget
 from pruning_zoo.engine import prune
+from pruning_zoo.errors import InvalidParameterError
 from pruning_zoo.strategy import BudgetMeaning, PruningStrategy, ScoreContext, Stage
 from pruning_zoo.testbed.model import prompt
 
@@ -52,8 +53,13 @@ def evidence_recall(evidence: list[int], kept: list[int]) -> float | None:
 
 
 def load_reference(folder: Path):
-    model = transformers.LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
-    processor = transformers.AutoProcessor.from_pretrained(folder)
+    try:
+        model = transformers.LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+        processor = transformers.AutoProcessor.from_pretrained(folder)
+    except Exception as error:  # noqa: BLE001 - a damaged folder, whatever transformers raises for it
+        raise InvalidParameterError(f"--model {folder} cannot be loaded ({type(error).__name__}: "
+                                    f"{str(error).splitlines()[0] if str(error) else ''}); give a folder saved by "
+                                    "`pruning-zoo testbed train`") from None
     return model, processor
 
 

@@ -38,7 +38,14 @@ def read_split(folder: Path, name: str) -> list[dict]:
     path = folder / f"{name}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no {name} split at {path}; write it with `pruning-zoo testbed splits --out {folder}`")
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    from pruning_zoo.errors import PruningZooError
+    from pruning_zoo.inputs import read_text
+
+    try:
+        return [json.loads(line) for line in read_text(path, f"the {name} split").splitlines() if line.strip()]
+    except ValueError as error:
+        raise PruningZooError(f"the {name} split {path} is not JSON lines ({error}); write it again with "
+                              f"`pruning-zoo testbed splits --out {folder}`") from None
 
 
 def as_question(record: dict) -> Question:
