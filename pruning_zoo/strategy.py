@@ -379,7 +379,10 @@ def build_params(strategy: str, params_class: type[StrategyParams], values: Mapp
         return params_class(**values)
     except pydantic.ValidationError as error:
         first = error.errors()[0]
-        field = str(first["loc"][0]) if first["loc"] else "?"
+        if not first["loc"]:  # a rule across fields (a validator of the whole dataclass)
+            raise InvalidParameterError(f"invalid parameters for strategy {strategy}: "
+                                        f"{first['msg'].removeprefix('Value error, ')}") from None
+        field = str(first["loc"][0])
         raise InvalidParameterError(
             f"invalid value {shown(first.get('input'))} for parameter {strategy}.{field}: {first['msg']}; "
             f"allowed: {describe_field(params_class, field)}"

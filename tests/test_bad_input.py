@@ -27,7 +27,8 @@ BAD_NAMES = ["", ",", " , ", "x" * 5000]
 BAD_PARAMS = ["fastv.k=0", "fastv.k=-3", "fastv.k=zero", "fastv.k=[1,2", "fastv.k={a: 1", "fastv=3", "fastv.=3",
               ".k=3", "fastv.nope=1", "fastv.k=true", "fastv.k=1.5", "fastv.score=middle", "nosuch.k=1",
               "learnpruner.module=/nonexistent/module", "learnpruner.module={file}",
-              "learnpruner.module=../../../../../../etc", "transprune.prune_layers=[1,", "random.seed=abc"]
+              "learnpruner.module=../../../../../../etc", "transprune.prune_layers=[1,", "transprune.prune_layers=[3,2]", "random.seed=abc",
+              "learnpruner.layer=40"]
 
 #: Files whose content is wrong, by name -> bytes (made once per test module).
 BAD_FILES = {
@@ -62,7 +63,7 @@ def named_in_message(param: str) -> str:
     strategy, _, name = target.partition(".")
     if strategy == "nosuch" or not (strategy and name and value):
         return strategy if strategy == "nosuch" else param
-    return name if name == "nope" else value
+    return name if name == "nope" or value == "[3,2]" else value  # a list is quoted as Python writes it
 
 
 def run_cases():
@@ -251,3 +252,57 @@ def test_bad_input_is_one_clear_message(args, expected, places, offline_hub, mon
 
 def test_the_fuzz_is_a_few_hundred_cases():
     assert len(CASES) >= 300
+
+
+def random_texts(seed: int, count: int) -> list[str]:
+    """Seeded random strings over the characters that break parsers: digits, signs, dots, brackets, quotes,
+    YAML's markers, whitespace, non-ASCII digits and control bytes."""
+    import random
+
+    pick = random.Random(seed)
+    alphabet = "0123456789" * 3 + "-+._eE,;:=[]{}()'\"!&*|>%@`#?\\ \t\n\r\x00\x7f" + "٣६６ñé\u2028\ufeff" + "abkxyz"
+    return [''.join(pick.choice(alphabet) for _ in range(pick.randint(0, 12))) for _ in range(count)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_any_text_is_a_budget_or_a_clear_error(seed):
+    from pruning_zoo.budget import MAX_BUDGET, parse_budget
+    from pruning_zoo.errors import InvalidParameterError
+
+    for text in random_texts(seed, 3000):
+        try:
+            budget = parse_budget(text)
+        except InvalidParameterError:
+            continue
+        assert (isinstance(budget, int) and 1 <= budget <= MAX_BUDGET) or (
+            isinstance(budget, float) and 0 < budget <= 1), (text, budget)
+        assert str(budget) == text.strip() or float(text) == budget  # what was written, read as written
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_any_parameter_text_is_a_parameter_or_a_clear_error(seed):
+    from pruning_zoo import get_strategy
+    from pruning_zoo.cli import parse_param_overrides
+    from pruning_zoo.errors import PruningZooError
+
+    for value in random_texts(seed, 1500):
+        for name in ("fastv.k", "transprune.prune_layers", "fastv.score", "visionzip.contextual_ratio"):
+            try:
+                overrides = parse_param_overrides([f"{name}={value}"])
+                strategy = get_strategy(name.split(".")[0], **overrides[name.split(".")[0]])
+            except PruningZooError:
+                continue
+            assert getattr(strategy.params, name.split(".")[1]) is not None
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_any_yaml_text_is_data_or_a_clear_error(seed):
+    from pruning_zoo.errors import InvalidParameterError
+    from pruning_zoo.inputs import parse_yaml
+
+    for text in random_texts(seed, 3000) + [t + ": " + u for t, u in zip(random_texts(seed + 10, 500),
+                                                                        random_texts(seed + 20, 500))]:
+        try:
+            parse_yaml(text, "test text")
+        except InvalidParameterError as error:
+            assert "test text" in str(error)
