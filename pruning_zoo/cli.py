@@ -7,6 +7,7 @@ Only typer, rich and pruning-zoo's pure-Python modules are imported here; each c
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 from pathlib import Path
@@ -35,6 +36,23 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+#: More data-loader processes than any machine runs usefully: a larger count is a typo that would fork thousands.
+MAX_WORKERS = 256
+
+
+def not_nan(value: float, option: str) -> float:
+    """typer's range check lets NaN through (every comparison with it is false)."""
+    if value != value:
+        raise typer.BadParameter(f"{value} is not a number", param_hint=option)
+    return value
+
+
+def finite(value: float, option: str) -> float:
+    if not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number", param_hint=option)
+    return value
+
 
 #: What `run --dtype` takes ('auto': bfloat16 on a GPU, float32 on a CPU).
 RUN_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -446,11 +464,11 @@ def train_learnpruner_command(
     steps: Annotated[int, typer.Option(min=1)] = 600,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     micro_batch: Annotated[int | None, typer.Option(min=1, help="Examples per forward (gradients accumulate).")] = None,
-    learning_rate: Annotated[float, typer.Option(min=0.0)] = 2e-3,
+    learning_rate: Annotated[float, typer.Option(min=0.0, callback=lambda v: finite(v, "--learning-rate"))] = 2e-3,
     hidden: Annotated[int, typer.Option(min=1, help="Hidden width of the module's MLP.")] = 512,
     seed: Annotated[int, typer.Option()] = 0,
     validate_every: Annotated[int, typer.Option(min=1)] = 100,
-    workers: Annotated[int, typer.Option(min=0, help="Data-loader processes drawing and encoding batches.")] = 0,
+    workers: Annotated[int, typer.Option(min=0, max=MAX_WORKERS, help="Data-loader processes drawing and encoding batches.")] = 0,
     train_keep: Annotated[str, typer.Option(help="What the hard mask keeps in training: stage1 (3x the budget, as stage 1 "
                                                  "at inference) or budget.")] = "stage1",
     positions: Annotated[str | None, typer.Option(help="Positions of kept tokens in validation: keep or renumber "
@@ -458,7 +476,8 @@ def train_learnpruner_command(
     device: Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda when there is one).")] = None,
     dtype: Annotated[str, typer.Option(help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16.")] = "auto",
     gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in backward (large models).")] = False,
-    max_seconds: Annotated[float, typer.Option(help="Stop and save after this long; continue with --resume.")] = float("inf"),
+    max_seconds: Annotated[float, typer.Option(min=0.0, callback=lambda v: not_nan(v, "--max-seconds"),
+                                               help="Stop and save after this long; continue with --resume.")] = float("inf"),
     stop_at: Annotated[int | None, typer.Option(min=1, help="Stop after this step, leaving a resumable state.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out.")] = False,
 ) -> None:
@@ -599,12 +618,13 @@ def testbed_train(
     seed: Annotated[int, typer.Option(help="Seed of the weights, the scenes and the masks.")] = 0,
     steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 3000,
     scenes_per_step: Annotated[int, typer.Option(min=1, help="Scenes per step (each asks every question family it allows).")] = 32,
-    learning_rate: Annotated[float, typer.Option(min=0.0)] = 5e-4,
-    workers: Annotated[int, typer.Option(min=0, help="Data-loader processes drawing scenes.")] = 8,
+    learning_rate: Annotated[float, typer.Option(min=0.0, callback=lambda v: finite(v, "--learning-rate"))] = 5e-4,
+    workers: Annotated[int, typer.Option(min=0, max=MAX_WORKERS, help="Data-loader processes drawing scenes.")] = 8,
     validate_every: Annotated[int, typer.Option(min=1)] = 250,
     device: Annotated[str, typer.Option(help="cuda or cpu.")] = "cuda",
     init_from: Annotated[Path | None, typer.Option(help="Continue from a model this command saved.")] = None,
-    max_seconds: Annotated[float, typer.Option(help="Stop and save after this long, whatever --steps says.")] = float("inf"),
+    max_seconds: Annotated[float, typer.Option(min=0.0, callback=lambda v: not_nan(v, "--max-seconds"),
+                                               help="Stop and save after this long, whatever --steps says.")] = float("inf"),
     extra_spatial: Annotated[int, typer.Option(min=0, help="Extra spatial questions per scene.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the checkpoint an earlier call left in --out.")] = False,
     stop_at: Annotated[int | None, typer.Option(min=1, help="Stop this call after this step, leaving a checkpoint.")] = None,

@@ -24,6 +24,8 @@ MAX_NAME_LENGTH = 200
 MAX_TEXT_BYTES = 64 * 1024 * 1024
 #: Nesting deeper than this in a YAML file is not a suite (and would exhaust the parser's recursion).
 MAX_YAML_DEPTH = 64
+#: Values a YAML file may expand to, its aliases expanded (a "billion laughs" file expands to billions).
+MAX_YAML_VALUES = 1_000_000
 DEVICE_FORM = re.compile(r"cpu|cuda(:\d{1,3})?")
 
 
@@ -173,18 +175,24 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _depth(node, limit: int) -> int:
-    stack, deepest = [(node, 1)], 0
+def _shape(node) -> tuple[int, int]:
+    """(nesting depth, size with every alias expanded) of a YAML node graph, each node visited once: aliases share
+    nodes, so a walk of the expanded tree would take exponential time on a 'billion laughs' file."""
+    shapes: dict[int, tuple[int, int]] = {}
+    stack = [(node, False)]
     while stack:
-        current, level = stack.pop()
-        deepest = max(deepest, level)
-        if deepest > limit:
-            return deepest
-        if isinstance(current, yaml.SequenceNode):
-            stack.extend((child, level + 1) for child in current.value)
-        elif isinstance(current, yaml.MappingNode):
-            stack.extend((child, level + 1) for pair in current.value for child in pair)
-    return deepest
+        current, children_done = stack.pop()
+        if id(current) in shapes:
+            continue
+        children = ([] if isinstance(current, yaml.ScalarNode) else current.value if isinstance(current, yaml.SequenceNode)
+                    else [child for pair in current.value for child in pair])
+        if children_done:
+            below = [shapes[id(child)] for child in children]
+            shapes[id(current)] = (1 + max((d for d, _ in below), default=0), 1 + sum(n for _, n in below))
+        else:
+            stack.append((current, True))
+            stack.extend((child, False) for child in children if id(child) not in shapes)
+    return shapes[id(node)]
 
 
 def parse_yaml(text: str, origin: str) -> Any:
@@ -193,9 +201,13 @@ def parse_yaml(text: str, origin: str) -> Any:
         loader = _UniqueKeyLoader(text)
         try:
             node = loader.get_single_node()
-            if node is not None and _depth(node, MAX_YAML_DEPTH) > MAX_YAML_DEPTH:
+            depth, size = _shape(node) if node is not None else (0, 0)
+            if depth > MAX_YAML_DEPTH:
                 raise InvalidParameterError(f"{origin} nests deeper than {MAX_YAML_DEPTH} levels; it is not a suite "
                                             "or task file")
+            if size > MAX_YAML_VALUES:
+                raise InvalidParameterError(f"{origin} expands to {size:,} values (its aliases repeat others), more "
+                                            f"than any suite ({MAX_YAML_VALUES:,}); write the values out")
             return None if node is None else loader.construct_document(node)
         finally:
             loader.dispose()

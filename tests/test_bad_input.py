@@ -54,6 +54,9 @@ BAD_FILES = {
     "records-utf16.json": '{"image": "a.png", "question": "q", "answer": "a"}\n'.encode("utf-16"),
     "records-garbage.json": b"this is not json\n",
     "records-deep.json": b"[" * 100000 + b"]" * 100000,
+    # A "billion laughs": nine aliases of nine aliases ... expand to 490 million values.
+    "laughs.yaml": ('a: &a ["x","x","x","x","x","x","x","x","x"]\n' + "".join(
+        f"l{i}: &l{i} [" + ",".join([f"*{'a' if i == 0 else f'l{i - 1}'}"] * 9) + "]\n" for i in range(8))).encode(),
 }
 
 
@@ -167,6 +170,13 @@ def other_cases():
         strategy = value.split(".")[0] if value.startswith(("learnpruner", "transprune", "random")) else "fastv"
         cases.append((["testbed", "evaluate", "--strategies", f"none,{strategy}", "--param", value, "--limit", "1"],
                       named_in_message(value)))
+    for command in (["testbed", "train", "--out", "{tmp}/m", "--device", "cpu"],
+                    ["train", "learnpruner", "--model", "{model}", "--out", "{tmp}/lp", "--device", "cpu"]):
+        for option, value in [("--learning-rate", "nan"), ("--learning-rate", "inf"), ("--learning-rate", "-1"),
+                              ("--max-seconds", "nan"), ("--max-seconds", "-5"), ("--workers", "100000"),
+                              ("--workers", "-1")]:
+            cases.append(([*command, option, value], option))
+    cases.append((["run", "--suite", "{bad}/laughs.yaml"], "laughs.yaml"))
     cases += [
         (["testbed", "evaluate", "--strategies", "fastV"], "fastV"),
         (["testbed", "evaluate", "--split", "nope"], "nope"),
