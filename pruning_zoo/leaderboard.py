@@ -177,8 +177,9 @@ def markdown(frame: pd.DataFrame, plots: dict[tuple, str] | None = None,
         table = table.rename(columns=headers)
         # Every metric the task reports, under its own name, after the first one and its share of the unpruned.
         others = task_metrics(group)[1:]
+        parsed = [json.loads(scores) for scores in group["scores"]]  # once per cell, not once per metric
         for offset, name in enumerate(others):
-            table.insert(5 + offset, name, [json.loads(scores).get(name) for scores in group["scores"]])
+            table.insert(5 + offset, name, [scores.get(name) for scores in parsed])
         text = table.astype(object).apply(lambda column: column.map(cell_text))
         numeric = ["left"] * 3 + ["right"] * (len(table.columns) - 3)
         documents = int(group["documents"].iloc[0])

@@ -83,12 +83,13 @@ class StoredConfig(_Stored):
     started: str
 
 
-def damage(folder: Path) -> str | None:
-    """What is wrong with a finished cell folder's config.json or metrics.json, or None when both are sound."""
+def read_finished(folder: Path) -> tuple[dict, dict] | str:
+    """A finished cell folder's (config, metrics), each read once and validated; or what is wrong with them."""
+    read = []
     for name, model in ((CONFIG, StoredConfig), (METRICS, StoredMetrics)):
         try:
             data = json.loads((folder / name).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as error:
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
             return f"{name} cannot be read as JSON ({type(error).__name__}: {str(error)[:120]})"
         try:
             model.model_validate(data)
@@ -96,7 +97,14 @@ def damage(folder: Path) -> str | None:
             first = error.errors()[0]
             where = ".".join(str(part) for part in first["loc"]) or "(top level)"
             return f"{name} is not a result's: {where}: {first['msg']} ({error.error_count()} problem(s))"
-    return None
+        read.append(data)
+    return read[0], read[1]
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with a finished cell folder's config.json or metrics.json, or None when both are sound."""
+    found = read_finished(folder)
+    return found if isinstance(found, str) else None
 
 
 def set_aside(folder: Path) -> Path:
@@ -282,12 +290,11 @@ def finished_cells(paths: list[Path], damaged: list[tuple[Path, str]] | None = N
             folder = metrics_file.parent
             if folder.name.startswith(TEMPORARY_PREFIX) or is_set_aside(folder):
                 continue
-            problem = damage(folder)
-            if problem is not None:
+            read = read_finished(folder)
+            if isinstance(read, str):
                 if damaged is not None:
-                    damaged.append((folder, problem))
+                    damaged.append((folder, read))
                 continue
-            config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
-            metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+            config, metrics = read
             found.append({"folder": folder, "config": config, "metrics": metrics})
     return sorted(found, key=lambda item: (item["folder"].name, str(item["folder"])))
