@@ -428,3 +428,32 @@ def test_strategy_parameters_come_from_cli_text():
     with pytest.raises(pruning_zoo.InvalidParameterError, match="must pair up"):
         pruning_zoo.get_strategy("transprune", prune_layers="[2, 4]")
     assert math.isclose(pruning_zoo.get_strategy("visionzip").params.contextual_ratio, 10 / 64)
+
+
+def test_divprune_picks_by_max_min_cosine_distance():
+    """Six 2-D tokens at known angles, each with its own norm (cosine ignores it): A 0°, B 6°, C 90°, D 178°,
+    E 183°, F 270°. Nearest-other distances: A, B 6°; C 84°; D, E 5°; F 87°, so F comes first; then C (180° from F);
+    then A (90° from both) over D (88°), E (87°), B (84°); then D, then B (6° from A) over E (5° from D); then E."""
+    import math
+
+    from pruning_zoo.strategies.divprune import max_min_order
+
+    angles = [0, 6, 90, 178, 183, 270]
+    norms = [1.0, 3.0, 0.5, 2.0, 7.0, 0.2]
+    tokens = torch.tensor([[r * math.cos(math.radians(a)), r * math.sin(math.radians(a))]
+                           for a, r in zip(angles, norms)])
+    assert max_min_order(tokens[None], 6)[0].tolist() == [5, 2, 0, 3, 1, 4]
+    divprune = pruning_zoo.get_strategy("divprune")
+    ctx = ScoreContext(stage=Stage(after_layer=None, keep=3), tokens=tokens, num_layers=4)
+    assert divprune.select_images([ctx])[0].keep.tolist() == [0, 2, 5]  # A, C, F in original order
+    assert torch.topk(divprune.score(ctx), 3).indices.sort().values.tolist() == [0, 2, 5]  # score agrees
+    twice = divprune.select_images([ctx, ScoreContext(stage=ctx.stage, tokens=tokens.flip(0), num_layers=4)])
+    assert [s.keep.tolist() for s in twice] == [[0, 2, 5], [0, 3, 5]]  # batched: each image its own picks
+
+
+def test_divprune_never_picks_a_token_twice_among_duplicates():
+    from pruning_zoo.strategies.divprune import max_min_order
+
+    tokens = torch.tensor([[1.0, 0.0], [1.0, 0.0], [2.0, 0.0], [0.0, 1.0]])
+    order = max_min_order(tokens[None], 4)[0].tolist()
+    assert sorted(order) == [0, 1, 2, 3] and order[0] == 3

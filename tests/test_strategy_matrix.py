@@ -25,6 +25,7 @@ STRATEGIES = {
     "transprune": ("transprune", {}),
     "transprune-average": ("transprune", {"budget_counts": "per_layer_average"}),
     "learnpruner": ("learnpruner", {}),
+    "divprune": ("divprune", {}),
 }
 BUDGETS = {"unpruned": 1.0, "one": 1, "half": 0.5}
 
