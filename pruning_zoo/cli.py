@@ -199,10 +199,6 @@ def list_command() -> None:
                              suites, console))
 
 
-def _split(text: str | None) -> list[str] | None:
-    return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
-
-
 def parse_param_overrides(items: list[str]) -> dict[str, dict[str, str]]:
     """['fastv.k=3', 'random.seed=1'] -> {'fastv': {'k': '3'}, 'random': {'seed': '1'}}."""
     overrides: dict[str, dict[str, str]] = {}

@@ -17,7 +17,6 @@ import socket
 import urllib.parse
 from pathlib import Path
 
-from pruning_zoo.errors import SetupError
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +126,6 @@ def model_cached(model: str) -> bool:
         return isinstance(huggingface_hub.try_to_load_from_cache(model, "config.json"), str)
     except ValueError:  # not a hub id at all (huggingface_hub's HFValidationError)
         return False
-
-
-def check_sources(tasks: list[TaskData], models: list[str], data_folder: Path | None) -> None:
-    """Every model and task dataset of a sweep can be had, else one SetupError that lists every problem and says
-    how to use local copies. Runs before any model is loaded."""
-    problems = source_problems(tasks, models, data_folder)
-    if problems:
-        raise SetupError("the sweep cannot start:\n- " + "\n- ".join(problems))
 
 
 def source_problems(tasks: list[TaskData], models: list[str], data_folder: Path | None) -> list[str]:
