@@ -7,18 +7,17 @@ strategy interface is imported on first use too (it needs torch, which takes sec
 
 import importlib
 
-from pruning_zoo.budget import Budget, BudgetMeaning
 from pruning_zoo.errors import InvalidParameterError, PluginError, PruningZooError, UnknownNameError
-from pruning_zoo.hookspecs import hookimpl
-
-#: The version of the plugin interface (docs/plugins.md): the hooks, the strategy class's members, ScoreContext,
-#: Selection, Stage and the observation names. A minor step only adds; a major step changes or removes, after a
-#: release that warns. Plugins may rely on everything documented for the major version they were written for.
-INTERFACE_VERSION = "1.0"
+from pruning_zoo.plugins.hookspecs import INTERFACE_VERSION, hookimpl
+from pruning_zoo.strategy.budget import Budget, BudgetMeaning
 
 #: Names this package exports from pruning_zoo.strategy, imported when first read.
 STRATEGY_INTERFACE = ("PruningStrategy", "ScoreContext", "Selection", "Stage", "StrategyParams", "params_dataclass",
                       "top_k_in_order")
+#: Names imported from elsewhere when first read: the engine's `prune`, the registry's `get_strategy`, and the
+#: type a model-family plugin registers.
+LAZY = {"prune": "pruning_zoo.engine", "get_strategy": "pruning_zoo.plugins",
+        "ModelFamily": "pruning_zoo.plugins.families"}
 
 __all__ = [
     "Budget",
@@ -28,8 +27,10 @@ __all__ = [
     "PluginError",
     "PruningZooError",
     "UnknownNameError",
+    "ModelFamily",
     "get_strategy",
     "hookimpl",
+    "prune",
     *STRATEGY_INTERFACE,
 ]
 
@@ -37,15 +38,11 @@ __all__ = [
 def __getattr__(name: str):
     if name in STRATEGY_INTERFACE:
         return getattr(importlib.import_module("pruning_zoo.strategy"), name)
+    if name in LAZY:
+        return getattr(importlib.import_module(LAZY[name]), name)
     raise AttributeError(f"module 'pruning_zoo' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
-
-def get_strategy(name: str, **params):
-    """An installed strategy by name, with parameters validated: `get_strategy("fastv", k=3)`."""
-    from pruning_zoo import plugins
-
-    return plugins.strategies().get(name)(params)

@@ -1,75 +1,12 @@
-"""Model families: the transformers VLM classes pruning-zoo knows how to hook, one adapter each."""
+"""Deprecated path, kept so that plugins written for 0.1 keep working: `ModelFamily` lives in
+pruning_zoo.plugins.families (also `pruning_zoo.ModelFamily`), the built-in families in pruning_zoo.engine.families.
+This module goes away with 0.2 (interface 2), not before.
+"""
 
-from __future__ import annotations
+import warnings
 
-import dataclasses
-from collections.abc import Callable
-from typing import Any
+from pruning_zoo.engine.families import LLAVA, LLAVA_NEXT, QWEN2_5_VL, QWEN2_VL, clip_grid_tokens  # noqa: F401
+from pruning_zoo.plugins.families import ModelFamily  # noqa: F401
 
-from pruning_zoo.adapters.base import ModelAdapter
-from pruning_zoo.adapters.llava import LlavaAdapter
-from pruning_zoo.adapters.llava_next import LlavaNextAdapter
-from pruning_zoo.adapters.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
-from pruning_zoo.hookspecs import hookimpl
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelFamily:
-    """A family of VLMs sharing one transformers model class and so one adapter."""
-
-    #: Registry name used by suites and `--family`.
-    name: str
-    #: `config.model_type` values of checkpoints in this family.
-    model_types: tuple[str, ...]
-    #: The transformers class users load with `from_pretrained`.
-    model_class: str
-    description: str
-    #: Builds the family's adapter around a loaded model.
-    adapter: type[ModelAdapter] = ModelAdapter
-    #: Visual tokens of every image, from the model's config, where its resolution is fixed; None where each image
-    #: has its own count (any-resolution crops, native resolution). A dry run checks budgets against it.
-    visual_tokens: Callable[[Any], int | None] = lambda config: None
-
-
-def clip_grid_tokens(config) -> int:
-    """LLaVA-1.5: one token per patch of the CLIP grid, plus CLS where the features keep it ('full')."""
-    vision = config.vision_config
-    patches = (vision.image_size // vision.patch_size) ** 2
-    return patches + (getattr(config, "vision_feature_select_strategy", "default") == "full")
-
-
-LLAVA = ModelFamily(
-    name="llava",
-    model_types=("llava",),
-    model_class="LlavaForConditionalGeneration",
-    description="LLaVA-1.5: CLIP ViT-L/14-336 (576 patches + CLS), MLP projector, Llama/Vicuna decoder",
-    adapter=LlavaAdapter,
-    visual_tokens=clip_grid_tokens,
-)
-LLAVA_NEXT = ModelFamily(
-    name="llava_next",
-    model_types=("llava_next",),
-    model_class="LlavaNextForConditionalGeneration",
-    description="LLaVA-NeXT: any-resolution crops of a CLIP tower, with image-newline tokens",
-    adapter=LlavaNextAdapter,
-)
-QWEN2_VL = ModelFamily(
-    name="qwen2_vl",
-    model_types=("qwen2_vl",),
-    model_class="Qwen2VLForConditionalGeneration",
-    description="Qwen2-VL: native-resolution ViT, 2x2 merged patches, no CLS, 3-D M-RoPE positions",
-    adapter=Qwen2VLAdapter,
-)
-QWEN2_5_VL = ModelFamily(
-    name="qwen2_5_vl",
-    model_types=("qwen2_5_vl",),
-    model_class="Qwen2_5_VLForConditionalGeneration",
-    description="Qwen2.5-VL: windowed-attention ViT, 2x2 merged patches, no CLS, 3-D M-RoPE positions",
-    adapter=Qwen2_5_VLAdapter,
-)
-
-
-@hookimpl
-def register_model_families(register):
-    for family in (LLAVA, LLAVA_NEXT, QWEN2_VL, QWEN2_5_VL):
-        register(family)
+warnings.warn("pruning_zoo.families moved: use pruning_zoo.ModelFamily (pruning_zoo.plugins.families) to register "
+              "a family; the built-in ones are in pruning_zoo.engine.families", DeprecationWarning, stacklevel=2)

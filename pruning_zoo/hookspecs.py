@@ -1,21 +1,12 @@
-"""The plugin hooks. Each hook hands the plugin a `register` callback: the host owns names and collisions.
+"""Deprecated path, kept so that plugins written for 0.1 keep working: the hooks live in pruning_zoo.plugins.hookspecs.
 
-A plugin is any module or object with functions marked `@pruning_zoo.hookimpl` whose names match these;
-an installed distribution exposes it through the `pruning_zoo` entry-point group. docs/plugins.md documents
-every hook with its exact signature (a test checks it).
+Use `pruning_zoo.hookimpl` (or `pruning_zoo.plugins.hookspecs`); this module goes away with 0.2 (interface 2), not before.
 """
 
-import pluggy
+import warnings
 
-hookspec = pluggy.HookspecMarker("pruning_zoo")
-hookimpl = pluggy.HookimplMarker("pruning_zoo")
+from pruning_zoo.plugins.hookspecs import *  # noqa: F403 - the whole deprecated namespace
+from pruning_zoo.plugins.hookspecs import INTERFACE_VERSION, hookimpl, hookspec  # noqa: F401
 
-
-@hookspec
-def register_strategies(register):
-    """Register pruning strategies: call `register(strategy_class)` once per PruningStrategy subclass."""
-
-
-@hookspec
-def register_model_families(register):
-    """Register model families: call `register(family)` once per ModelFamily."""
+warnings.warn("pruning_zoo.hookspecs moved to pruning_zoo.plugins.hookspecs; use pruning_zoo.hookimpl",
+              DeprecationWarning, stacklevel=2)

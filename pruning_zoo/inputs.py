@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from pruning_zoo.errors import InvalidParameterError
+from pruning_zoo.errors import InvalidParameterError, PruningZooError
 
 #: Longer names are not names (a pasted file, a runaway shell variable): refused before any lookup.
 MAX_NAME_LENGTH = 200
@@ -115,6 +115,17 @@ def output_folder(path: Path, option: str) -> Path:
     except OSError as error:
         raise InvalidParameterError(f"{option} {path} cannot be written ({error.strerror or error}); choose a folder "
                                     "you can write to") from None
+    return path
+
+
+def training_folder(path: Path, resume: bool, state: str, what: str, option: str = "--out") -> Path:
+    """The folder a training run writes: new or empty, or, with `resume`, one holding the `state` file an
+    interrupted run left there. A finished model is never overwritten."""
+    if resume and not (path / state).is_file():
+        raise PruningZooError(f"--resume but {path / state} does not exist; start without --resume")
+    if not resume and path.exists() and any(path.iterdir()):
+        raise PruningZooError(f"{option} {path} is not empty; choose a new folder so no {what} is overwritten "
+                              "(or --resume an interrupted run there)")
     return path
 
 

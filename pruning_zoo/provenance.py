@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
-import inspect
 import os
 import platform
 import subprocess
@@ -16,12 +14,12 @@ import torch
 RECORDED_PACKAGES = ("pruning-zoo", "torch", "transformers", "lmms-eval", "accelerate")
 
 
-def git_sha() -> str:
+def git_sha(checkout: Path | None = None) -> str:
     """The commit of the code that ran. PRUNING_ZOO_GIT_SHA overrides it (for copies without a current .git);
-    read from this package's own checkout, not the working directory."""
+    read from this package's own checkout (or the given folder's), not the working directory."""
     if os.environ.get("PRUNING_ZOO_GIT_SHA"):
         return os.environ["PRUNING_ZOO_GIT_SHA"]
-    checkout = Path(__file__).resolve().parent.parent
+    checkout = checkout or Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(checkout), "status", "--porcelain", "--untracked-files=no"],
@@ -29,29 +27,6 @@ def git_sha() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{sha}-dirty" if dirty else sha
-
-
-def code_identity(strategy_class: type, source) -> dict:
-    """Which code a strategy is: the distribution (and version) that registered it, its module, a hash of the
-    module's source, and the git commit of the checkout it lies in (an editable or local install). A result records
-    it, and its cell's identity includes the hash: a changed strategy makes new cells, never reuses old ones."""
-    try:
-        path = inspect.getsourcefile(strategy_class)
-    except (TypeError, OSError):  # a class defined in no file (built at run time)
-        path = None
-    digest, commit = None, None
-    if path and Path(path).is_file():
-        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-        try:
-            commit = subprocess.run(["git", "-C", str(Path(path).parent), "rev-parse", "HEAD"], capture_output=True,
-                                    text=True, check=True).stdout.strip() or None
-        except (OSError, subprocess.CalledProcessError):
-            commit = None
-    from pruning_zoo import INTERFACE_VERSION
-
-    return {"distribution": source.distribution, "version": source.version, "plugin": source.plugin,
-            "interface": INTERFACE_VERSION,
-            "module": strategy_class.__module__, "file": path, "source_sha256": digest, "git_sha": commit}
 
 
 def versions() -> dict[str, str]:

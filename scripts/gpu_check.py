@@ -24,11 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import tiny_models  # noqa: E402
 
 import pruning_zoo  # noqa: E402
-from pruning_zoo.budget import BudgetMeaning, resolve_budget  # noqa: E402
-from pruning_zoo.engine import prune  # noqa: E402
-from pruning_zoo.patch_matmul import patch_matmul_forward  # noqa: E402
+from pruning_zoo.engine.patch_matmul import patch_matmul_forward  # noqa: E402
+from pruning_zoo.engine.run import prune  # noqa: E402
 from pruning_zoo.provenance import git_sha  # noqa: E402
 from pruning_zoo.strategy import fp32_products, top_k_mask  # noqa: E402
+from pruning_zoo.strategy.budget import BudgetMeaning, resolve_budget  # noqa: E402
 
 STRATEGIES = ["none", "random", "pool", "fastv", "visionzip", "transprune", "learnpruner"]
 

@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 
 import pruning_zoo
-from pruning_zoo.adapters import adapter_for
-from pruning_zoo.latency import architecture, build_random
+from pruning_zoo.bench.architectures import architecture, build_random
+from pruning_zoo.bench.capture import CapturedRun
+from pruning_zoo.bench.segmented import SegmentedPrefill
+from pruning_zoo.engine.adapters import adapter_for
 from pruning_zoo.provenance import device_description, git_sha, versions
-from pruning_zoo.segmented import CapturedRun, SegmentedPrefill
 
 CELLS = "none:576:1,pool:64:1,none:576:8,pool:64:8"
 

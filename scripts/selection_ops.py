@@ -2,7 +2,7 @@
 mode, where a CUDA graph replays one kernel per operation however small.
 
 LLaVA-1.5-7B's layout (32 decoder layers, 576 visual tokens of 640) at width 256 with random weights; the
-segmented prefill (`pruning_zoo.segmented`) runs eagerly, and the profiler counts the top-level aten operations
+segmented prefill (`pruning_zoo.bench.segmented`) runs eagerly, and the profiler counts the top-level aten operations
 of its selection segments, views left out. It is a count, not a timing.
 
     python scripts/selection_ops.py --batch 1,8 --budget 64 [--strategies fastv,transprune]
@@ -18,9 +18,9 @@ import transformers
 from torch.profiler import ProfilerActivity, profile
 
 import pruning_zoo
-from pruning_zoo.latency import llava_prompt
+from pruning_zoo.bench.architectures import llava_prompt
+from pruning_zoo.bench.segmented import SegmentedPrefill
 from pruning_zoo.provenance import git_sha, versions
-from pruning_zoo.segmented import SegmentedPrefill
 
 #: Operations that make views or empty tensors: no kernel runs for them.
 VIEWS = {"aten::view", "aten::slice", "aten::select", "aten::narrow", "aten::as_strided", "aten::reshape",

@@ -4,7 +4,7 @@ benchmark.
     python scripts/summary_placement.py --out DIR [--arch llava-1.5-7b] [--budget 64] [--batch 1]
 
 For each watched layer of the fused segmented prefill (on the inputs its prefill left), CUDA graphs replayed
-alone, medians of CUDA events (`pruning_zoo.timing.median_ms`):
+alone, medians of CUDA events (`pruning_zoo.engine.timing.median_ms`):
 - own: the layer's compiled forward, no summary;
 - in layer: `sublayer_forward` and the whole summary compiled together (the summary fused into the layer);
 - tensors out: `sublayer_forward` compiled, returning the four sub-block tensors (as the prefill runs it), and the
@@ -26,12 +26,12 @@ import torch
 import torch.nn.functional as F
 
 import pruning_zoo
-from pruning_zoo.latency import architecture, build_random
-from pruning_zoo.observe import sublayer_forward
+from pruning_zoo.bench.architectures import architecture, build_random
+from pruning_zoo.bench.segmented import SegmentedPrefill
+from pruning_zoo.engine.observe import sublayer_forward
+from pruning_zoo.engine.timing import median_ms
 from pruning_zoo.provenance import device_description, git_sha, versions
-from pruning_zoo.segmented import SegmentedPrefill
 from pruning_zoo.strategy import SublayerIO
-from pruning_zoo.timing import median_ms
 
 
 def token_values(io: SublayerIO) -> torch.Tensor:

@@ -10,7 +10,7 @@ import pydantic
 import torch
 import torch.nn.functional as F
 
-from pruning_zoo.hookspecs import hookimpl
+from pruning_zoo.plugins.hookspecs import hookimpl
 from pruning_zoo.strategy import (
     BudgetMeaning,
     PruningStrategy,

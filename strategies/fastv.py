@@ -10,7 +10,7 @@ import pydantic
 import torch
 
 from pruning_zoo.errors import InvalidParameterError
-from pruning_zoo.hookspecs import hookimpl
+from pruning_zoo.plugins.hookspecs import hookimpl
 from pruning_zoo.strategy import (
     BudgetMeaning,
     InLLMParams,

@@ -12,23 +12,22 @@ from typing import Literal
 
 import pydantic
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pruning_zoo.errors import InvalidParameterError, PruningZooError
-from pruning_zoo.hookspecs import hookimpl
+from pruning_zoo.plugins.hookspecs import hookimpl
 from pruning_zoo.strategy import (
     BudgetMeaning,
+    InLLMParams,
     PruningStrategy,
     ScoreContext,
     Selection,
     Stage,
-    InLLMParams,
-    one_size,
-    stages_that_prune,
-    params_dataclass,
     fp32_products,
+    one_size,
+    params_dataclass,
+    stages_that_prune,
     top_k_in_order,
     top_k_mask,
     true_indices,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from pruning_zoo.errors import InvalidParameterError
-from pruning_zoo.hookspecs import hookimpl
+from pruning_zoo.plugins.hookspecs import hookimpl
 from pruning_zoo.strategy import (
     BudgetMeaning,
     InLLMParams,
@@ -23,8 +23,8 @@ from pruning_zoo.strategy import (
     Stage,
     SublayerIO,
     one_size,
-    stages_that_prune,
     params_dataclass,
+    stages_that_prune,
     top_k_in_order,
 )
 

@@ -276,8 +276,8 @@ def random_texts(seed: int, count: int) -> list[str]:
 
 @pytest.mark.parametrize("seed", range(4))
 def test_any_text_is_a_budget_or_a_clear_error(seed):
-    from pruning_zoo.budget import MAX_BUDGET, parse_budget
     from pruning_zoo.errors import InvalidParameterError
+    from pruning_zoo.strategy.budget import MAX_BUDGET, parse_budget
 
     for text in random_texts(seed, 3000):
         try:

@@ -173,7 +173,7 @@ def test_a_model_that_cannot_be_loaded_is_one_message_and_writes_nothing(tmp_pat
 def test_ctrl_c_says_what_finished_and_how_to_resume(tmp_path, monkeypatch):
     import tiny_models
 
-    from pruning_zoo.runner import Sweep
+    from pruning_zoo.eval.runner import Sweep
 
     model = tiny_models.testbed_like(tmp_path / "model")
     real_run_cell, calls = Sweep.run_cell, []

@@ -8,7 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pruning_zoo import results
+from pruning_zoo.eval import results
 
 
 def free_port() -> int:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import pruning_zoo
-from pruning_zoo.engine import prune
+from pruning_zoo.engine.run import prune
 from pruning_zoo.strategy import BudgetMeaning, PruningStrategy, Selection, Stage
 
 STEPS = 4

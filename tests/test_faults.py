@@ -14,15 +14,15 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pruning_zoo import results
 from pruning_zoo.cli import app
+from pruning_zoo.eval import results
 
 #: Runs `pruning-zoo ARGS...` with one fault placed: FAULT WHERE ARGS... (see `faults` below).
 DRIVER = r'''
 import os, signal, sys
-from pruning_zoo import results
+from pruning_zoo.eval import results
 from pruning_zoo.cli import app
-from pruning_zoo.runner import Sweep
+from pruning_zoo.eval.runner import Sweep
 
 fault, where, args = sys.argv[1], sys.argv[2], sys.argv[3:]
 evaluate, write = Sweep.evaluate, results.durable_write_text

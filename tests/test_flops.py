@@ -6,8 +6,8 @@ import transformers
 from torch.utils.flop_counter import FlopCounterMode
 
 import pruning_zoo
-from pruning_zoo.engine import prune
-from pruning_zoo.flops import DecoderShape, clip_vision_flops, llm_flops, projector_flops
+from pruning_zoo.engine.flops import DecoderShape, clip_vision_flops, llm_flops, projector_flops
+from pruning_zoo.engine.run import prune
 
 LLAVA_7B = DecoderShape(hidden=4096, intermediate=11008, layers=32)
 

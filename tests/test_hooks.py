@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 import pruning_zoo
-from pruning_zoo import hookspecs, plugins
+from pruning_zoo import plugins
+from pruning_zoo.engine.families import ModelFamily
 from pruning_zoo.errors import PluginError
-from pruning_zoo.families import ModelFamily
-from pruning_zoo.plugins import collect_model_families, collect_strategies, make_plugin_manager
+from pruning_zoo.plugins import collect_model_families, collect_strategies, hookspecs, make_plugin_manager
 from pruning_zoo.strategy import BudgetMeaning, PruningStrategy, Stage
 
 DOCS = Path(__file__).parents[1] / "docs" / "plugins.md"

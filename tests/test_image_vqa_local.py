@@ -15,12 +15,12 @@ import PIL.Image
 import pytest
 from typer.testing import CliRunner
 
-from pruning_zoo import lmms_model
 from pruning_zoo.cli import app
 from pruning_zoo.errors import SetupError
-from pruning_zoo.leaderboard import build
-from pruning_zoo.runner import Sweep
-from pruning_zoo.suite import builtin_suite_folder, load_suite, validate_suite
+from pruning_zoo.eval import lmms_model
+from pruning_zoo.eval.runner import Sweep
+from pruning_zoo.eval.suite import builtin_suite_folder, load_suite, validate_suite
+from pruning_zoo.leaderboard.build import build
 from pruning_zoo.testbed.hub_copies import FEATURES, FILES, write_copies
 
 COPIES = builtin_suite_folder() / "hub-copies"

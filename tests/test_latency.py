@@ -10,19 +10,21 @@ import pytest
 import tiny_models
 import torch
 import transformers
+from pruning_zoo.strategies.baselines import RandomSubset
 from typer.testing import CliRunner
 
 import pruning_zoo
-from pruning_zoo import latency
+from pruning_zoo.bench import architectures, latency, report
+from pruning_zoo.bench.segmented import SegmentedPrefill
 from pruning_zoo.cli import app
-from pruning_zoo.engine import prune
+from pruning_zoo.engine.run import prune
+from pruning_zoo.engine.timing import median_ms
 from pruning_zoo.errors import PruningZooError
-from pruning_zoo.segmented import SegmentedPrefill
-from pruning_zoo.strategies.baselines import RandomSubset
+from pruning_zoo.provenance import device_description
 from pruning_zoo.strategy import Selection
-from pruning_zoo.timing import median_ms
 
-TINY = latency.Architecture("tiny-llava", "a tiny LLaVA", tiny_models.llava_config, latency.llava_prompt(3, 4), 16)
+TINY = architectures.Architecture("tiny-llava", "a tiny LLaVA", tiny_models.llava_config,
+                                  architectures.llava_prompt(3, 4), 16)
 STRATEGIES = ["none", "random", "pool", "visionzip", "fastv", "transprune", "learnpruner"]
 
 
@@ -109,11 +111,11 @@ def test_the_page_lists_each_run_with_its_command_commit_and_cells(tmp_path):
                                     "cpu", "bench second", arch=TINY, dtype=torch.float32)
     assert [entry["command"] for entry in results["cells"]] == ["bench first", "bench second"]
     sha = results["git_sha"]
-    page = latency.markdown(results)
+    page = report.markdown(results)
     assert f"  - `bench first` at git `{sha}`: 1 cell\n" in page and f"  - `bench second` at git `{sha}`: 1 cell\n" in page
     assert f"- last run: `bench second` at git `{sha}`" in page
     del results["cells"][0]["command"]  # as cells made before they recorded their command
-    assert f"  - git `{sha}`: 1 cell, command not recorded in the cells" in latency.markdown(results)
+    assert f"  - git `{sha}`: 1 cell, command not recorded in the cells" in report.markdown(results)
 
 
 def test_the_batch_8_target_reads_the_llm_prefill_and_shows_ttft_beside_it():
@@ -121,14 +123,14 @@ def test_the_batch_8_target_reads_the_llm_prefill_and_shows_ttft_beside_it():
         return {"cell": {"batch": 8, "strategy": strategy, "budget": budget, "mode": "compiled"}, "ttft_ms": ttft,
                 "llm_ms": llm, "vision_ms": 10.0, "selection_ms": 0.1, "selection_share": 0.1 / ttft}
 
-    checks = latency.targets({"cells": [cell("none", 576, 120.0, 100.0), cell("pool", 64, 40.0, 24.0),
-                                        cell("fastv", 64, 50.0, 35.0)]})
+    checks = report.targets({"cells": [cell("none", 576, 120.0, 100.0), cell("pool", 64, 40.0, 24.0),
+                                       cell("fastv", 64, 50.0, 35.0)]})
     rows = {target.split(" at ")[0]: (measured, met) for target, measured, met in checks if "batch 8" in target}
     assert rows == {"pool": ("4.17x (TTFT 3.00x)", True), "fastv": ("2.86x (TTFT 2.40x)", False)}
     # Where the cells count FLOPs, the LLM's FLOPs cut is shown beside: what bounds a compute-bound prefill.
     with_flops = [{**cell("none", 576, 120.0, 100.0), "flops": {"vision": 1, "llm": 900}},
                   {**cell("transprune", 64, 60.0, 45.0), "flops": {"vision": 1, "llm": 400}}]
-    measured = [m for target, m, _ in latency.targets({"cells": with_flops}) if "batch 8" in target]
+    measured = [m for target, m, _ in report.targets({"cells": with_flops}) if "batch 8" in target]
     assert measured == ["2.22x (TTFT 2.00x; LLM FLOPs cut 2.25x)"]
 
 
@@ -203,7 +205,7 @@ def test_results_of_another_device_are_never_mixed(tmp_path):
 
 
 def test_results_of_another_dtype_are_never_mixed(tmp_path):
-    (tmp_path / "tiny-llava.json").write_text(json.dumps({"device": latency.device_description("cpu"), "dtype": "bfloat16",
+    (tmp_path / "tiny-llava.json").write_text(json.dumps({"device": device_description("cpu"), "dtype": "bfloat16",
                                                           "cells": [{"cell": {}}]}))
     with pytest.raises(PruningZooError, match="in bfloat16, not float32; choose another --out"):
         latency.run_benchmark(plan(), tmp_path, "cpu", "x", arch=TINY, dtype=torch.float32)
@@ -236,24 +238,38 @@ def test_bad_options_are_refused_before_anything_is_built(args, message):
     assert message in result.output
 
 
+def test_the_options_are_checked_into_a_plan_with_every_problem_at_once(tmp_path):
+    options = dict(arch="llava-1.5-7b", batch="1,8", budgets="64", strategies="none,fastv", params=["fastv.k=3"],
+                   modes="eager,compiled", fusion="none", repeats=2, decode_tokens=0, dtype="bfloat16", out=tmp_path)
+    with pytest.raises(PruningZooError) as refused:
+        latency.plan_from_options(**{**options, "batch": "0", "strategies": "none,fastvv", "modes": "graphs"},
+                                  device="cpu")
+    for problem in ("--batch: '0' is not a whole number", "fastvv", "unknown mode 'graphs'", "run it on a GPU"):
+        assert problem in str(refused.value)
+    if torch.cuda.is_available():
+        plan, device, dtype = latency.plan_from_options(**options, device=None)
+        assert (plan.batches, list(plan.strategies), plan.fusion, dtype) == ([1, 8], ["none", "fastv"], None, torch.bfloat16)
+        assert plan.strategies["fastv"].params.k == 3 and device.startswith("cuda")
+
+
 def test_the_7b_architectures_are_the_published_shapes():
-    llava = latency.llava_1_5_7b_config()
+    llava = architectures.llava_1_5_7b_config()
     assert (llava.text_config.hidden_size, llava.text_config.num_hidden_layers, llava.vision_config.image_size) == (4096, 32, 336)
-    qwen = latency.qwen2_vl_7b_config()
+    qwen = architectures.qwen2_vl_7b_config()
     assert (qwen.text_config.hidden_size, qwen.text_config.num_key_value_heads, qwen.vision_config.depth) == (3584, 4, 32)
 
 
 def test_the_llava_next_prompt_holds_the_packed_tokens_and_runs_segmented():
     """LLaVA-NeXT-7B's geometry (336 px crops, its pinpoints) at tiny widths: the 672 x 672 prompt holds the
     2928 packed tokens the architecture declares, and the segmented prefill gives the engine's logits."""
-    config = latency.llava_next_7b_config()
+    config = architectures.llava_next_7b_config()
     assert (config.text_config.hidden_size, config.text_config.num_hidden_layers) == (4096, 32)
     config.vision_config.update(dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2))
     config.text_config.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
                                    num_key_value_heads=2))
     torch.manual_seed(0)
     model = transformers.LlavaNextForConditionalGeneration(config).eval()
-    architecture = latency.architecture("llava-next-7b")
+    architecture = architectures.architecture("llava-next-7b")
     inputs = architecture.prompt(model, 2, torch.Generator().manual_seed(0))
     assert int((inputs["input_ids"][0] == 32000).sum()) == architecture.num_visual == 2928
     with torch.no_grad(), prune(model, pruning_zoo.get_strategy("fastv"), 64):

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from pruning_zoo.cli import app
 from pruning_zoo.errors import PruningZooError
-from pruning_zoo.leaderboard import build
+from pruning_zoo.leaderboard.build import build
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RESULTS = [FIXTURES / "results", FIXTURES / "results-rerun"]
@@ -74,7 +74,7 @@ def test_fused_and_unfused_compiled_latencies_never_share_a_table(tmp_path):
 def test_plots_use_the_tables_flops_convention_and_tell_strategies_apart(tmp_path, monkeypatch):
     import matplotlib.axes
 
-    from pruning_zoo import leaderboard
+    from pruning_zoo.leaderboard import build as leaderboard
 
     labels, lines = [], []
     monkeypatch.setattr(matplotlib.axes.Axes, "set_xlabel", lambda axis, text, *a, **k: labels.append(text))

@@ -7,13 +7,8 @@ import dataclasses
 import math
 
 import pytest
-import torch
-
-import pruning_zoo
 import tiny_models
-from pruning_zoo.adapters import adapter_for
-from pruning_zoo.engine import prune
-from pruning_zoo.observe import attention_probabilities, rotated_keys
+import torch
 from pruning_zoo.strategies.learnpruner import (
     LearnablePruningModule,
     cosine_distances,
@@ -22,6 +17,11 @@ from pruning_zoo.strategies.learnpruner import (
 )
 from pruning_zoo.strategies.transprune import token_transition_variation
 from pruning_zoo.strategies.visionzip import merge_contextual
+
+import pruning_zoo
+from pruning_zoo.engine.adapters import adapter_for
+from pruning_zoo.engine.observe import attention_probabilities, rotated_keys
+from pruning_zoo.engine.run import prune
 from pruning_zoo.strategy import ScoreContext, Stage, SublayerIO
 
 

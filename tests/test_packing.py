@@ -8,10 +8,10 @@ import tiny_models
 import torch
 from torch import nn
 
-from pruning_zoo.adapters import adapter_for
+from pruning_zoo.bench.forwards import shadowed_forwards
+from pruning_zoo.engine.adapters import adapter_for
+from pruning_zoo.engine.packing import PackedProjections, own_linear
 from pruning_zoo.errors import PruningZooError
-from pruning_zoo.packing import PackedProjections, own_linear
-from pruning_zoo.segmented import shadowed_forwards
 
 
 @pytest.fixture(scope="module")

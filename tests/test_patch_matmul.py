@@ -1,10 +1,10 @@
 import pytest
+import tiny_models
 import torch
 from torch import nn
 
-import tiny_models
-from pruning_zoo.adapters import adapter_for
-from pruning_zoo.patch_matmul import is_patch_convolution, patch_matmul_forward
+from pruning_zoo.engine.adapters import adapter_for
+from pruning_zoo.engine.patch_matmul import is_patch_convolution, patch_matmul_forward
 
 
 @pytest.mark.parametrize("conv, size", [

@@ -3,10 +3,10 @@ a plugin that registers, lists, validates its parameters, selects and runs a swe
 states hold."""
 
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 from typer.testing import CliRunner
 
@@ -14,11 +14,11 @@ import pruning_zoo
 from pruning_zoo import plugins
 from pruning_zoo.cli import app
 from pruning_zoo.errors import InvalidParameterError, PluginError
-from pruning_zoo.hookspecs import hookimpl
-from pruning_zoo.registry import Source
-from pruning_zoo.runner import Sweep
+from pruning_zoo.eval.runner import Sweep
+from pruning_zoo.eval.suite import validate_suite
+from pruning_zoo.plugins.hookspecs import hookimpl
+from pruning_zoo.plugins.registry import Source
 from pruning_zoo.strategy import OBSERVATIONS, ScoreContext, Stage
-from pruning_zoo.suite import validate_suite
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "plugins.md"
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pruning_zoo import results
 from pruning_zoo.cli import app
-from pruning_zoo.leaderboard import build
-from pruning_zoo.runner import Sweep
-from pruning_zoo.suite import validate_suite
+from pruning_zoo.eval import results
+from pruning_zoo.eval.runner import Sweep
+from pruning_zoo.eval.suite import validate_suite
+from pruning_zoo.leaderboard.build import build
 
 
 def suite_for(model: str):

@@ -10,13 +10,14 @@ import pytest
 import torch
 
 import pruning_zoo
-from pruning_zoo import plugins, results
+from pruning_zoo import plugins
+from pruning_zoo.engine.loading import load_vlm
 from pruning_zoo.errors import PruningZooError, SetupError
-from pruning_zoo.lmms_model import PrunedVLM
-from pruning_zoo.loading import load_vlm
-from pruning_zoo.runner import Sweep
+from pruning_zoo.eval import results
+from pruning_zoo.eval.lmms_model import PrunedVLM
+from pruning_zoo.eval.runner import Sweep
+from pruning_zoo.eval.suite import validate_suite
 from pruning_zoo.strategy import BudgetMeaning, PruningStrategy, Stage
-from pruning_zoo.suite import validate_suite
 
 BUILTIN = ["none", "random", "pool", "fastv", "visionzip", "transprune", "learnpruner"]
 
@@ -290,7 +291,7 @@ def test_the_compiled_latency_times_copies_of_the_first_document(tiny_testbed_mo
     answered, run as the segmented prefill. Here (CPU) the same segments run eagerly."""
     from PIL import Image
 
-    from pruning_zoo.runner import with_compiled_latency
+    from pruning_zoo.eval.metrics import with_compiled_latency
 
     lm = PrunedVLM(pretrained=tiny_testbed_model, device="cpu", batch_size=3, strategy="fastv", budget="64")
     assert "error" in lm.compiled_latency()  # nothing answered yet
@@ -311,7 +312,7 @@ def test_the_compiled_latency_times_copies_of_the_first_document(tiny_testbed_mo
 
 STRATEGY_SOURCE = '''
 import pruning_zoo
-from pruning_zoo.budget import BudgetMeaning
+from pruning_zoo.strategy.budget import BudgetMeaning
 from pruning_zoo.strategy import PruningStrategy, Stage
 
 

@@ -8,10 +8,11 @@ import tiny_models
 import torch
 
 import pruning_zoo
-from pruning_zoo.engine import prune
+from pruning_zoo.bench.forwards import PrefillCache, attached
+from pruning_zoo.bench.segmented import SegmentedPrefill
+from pruning_zoo.engine.observe import sublayer_forward, sublayer_hooks
+from pruning_zoo.engine.run import prune
 from pruning_zoo.errors import PruningZooError
-from pruning_zoo.observe import sublayer_forward, sublayer_hooks
-from pruning_zoo.segmented import PrefillCache, SegmentedPrefill, attached
 
 
 def uniform_llava_inputs(batch_size: int) -> dict:
@@ -305,7 +306,7 @@ def test_qwen_towers_wait_for_no_gpu_value_on_the_host(family, tmp_path):
     and windows from the grids with `.tolist()`; `capturable_vision_inputs` precomputes them. Checked with the
     meta device standing in for the GPU: reading a meta tensor's values on the host raises, as a wait would."""
     model = tiny_models.FAMILIES[family].build(tmp_path)
-    adapter = pruning_zoo.adapters.adapter_for(model)
+    adapter = pruning_zoo.engine.adapters.adapter_for(model)
     vision_inputs = {k: v for k, v in uniform_qwen_inputs(2).items() if k in ("pixel_values", "image_grid_thw")}
     capturable = adapter.capturable_vision_inputs(vision_inputs)
     with torch.no_grad():
@@ -343,7 +344,7 @@ def test_the_llava_next_tower_and_crop_counts_wait_for_no_gpu_value_on_the_host(
     model's device. Checked as for Qwen, the meta device standing in for the GPU, with the model's own packing
     made to fail once the inputs are prepared."""
     model = tiny_models.FAMILIES["llava_next"].build(tmp_path)
-    adapter = pruning_zoo.adapters.adapter_for(model)
+    adapter = pruning_zoo.engine.adapters.adapter_for(model)
     vision_inputs = {k: v for k, v in uniform_llava_next_inputs(2).items() if k in ("pixel_values", "image_sizes")}
     capturable = adapter.capturable_vision_inputs(vision_inputs)
     assert capturable.keys() == vision_inputs.keys() | {"packed_rows"}
@@ -381,7 +382,7 @@ def test_the_llava_next_tower_and_crop_counts_wait_for_no_gpu_value_on_the_host(
 def test_an_eager_segment_makes_the_readers_after_it_eager():
     """A selection reading what the segments before it kept outside the state (hooks' observations) cannot be
     captured after an eager segment or an eager selection: its graph would read what the capture saw."""
-    from pruning_zoo.segmented import Segment, eager_reasons
+    from pruning_zoo.bench.capture import Segment, eager_reasons
 
     def segment(name, **flags):
         return Segment(name, lambda: None, **flags)

@@ -6,7 +6,6 @@ import torch
 
 import pruning_zoo
 import pruning_zoo.strategy as strategy_module
-from pruning_zoo.budget import parse_budget, resolve_budget
 from pruning_zoo.strategy import (
     Stage,
     StrategyParams,
@@ -19,6 +18,7 @@ from pruning_zoo.strategy import (
     top_k_mask,
     true_indices,
 )
+from pruning_zoo.strategy.budget import parse_budget, resolve_budget
 
 
 @params_dataclass(frozen=True)

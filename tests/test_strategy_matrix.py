@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import pruning_zoo
-from pruning_zoo.budget import BudgetMeaning, resolve_budget
-from pruning_zoo.engine import prune
+from pruning_zoo.engine.run import prune
+from pruning_zoo.strategy.budget import BudgetMeaning, resolve_budget
 
 #: label -> (strategy name, parameters)
 STRATEGIES = {

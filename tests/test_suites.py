@@ -1,7 +1,7 @@
 import pytest
 
 from pruning_zoo.errors import PruningZooError
-from pruning_zoo.suite import builtin_suite_files, load_suite
+from pruning_zoo.eval.suite import builtin_suite_files, load_suite
 
 
 @pytest.mark.parametrize("name", sorted(builtin_suite_files()))
@@ -18,7 +18,7 @@ def test_image_vqa_uses_lmms_eval_task_names():
 def test_every_builtin_suite_task_is_known_to_lmms_eval(name):
     from lmms_eval.tasks import TaskManager
 
-    from pruning_zoo.runner import check_tasks, local_task_folders
+    from pruning_zoo.eval.tasks import check_tasks, local_task_folders
 
     suite = load_suite(name)
     manager = TaskManager("WARNING", include_path=[str(p) for p in local_task_folders(None, suite.task_paths)])

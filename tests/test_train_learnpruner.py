@@ -6,17 +6,22 @@ import pytest
 import torch
 import transformers
 from PIL import Image
+from pruning_zoo.strategies.learnpruner import WEIGHTS, LearnablePruningModule, LearnPruner
 from typer.testing import CliRunner
 
 from pruning_zoo import get_strategy
 from pruning_zoo.cli import app
-from pruning_zoo.engine import prune
+from pruning_zoo.engine.run import prune
 from pruning_zoo.errors import PruningZooError
-from pruning_zoo.strategies.learnpruner import WEIGHTS, LearnablePruningModule, LearnPruner
 from pruning_zoo.strategy import BudgetMeaning, PruningStrategy, Stage
-from pruning_zoo.train_learnpruner import (
-    STATE, FileExamples, LearnPrunerTrainingConfig, SoftMaskedLanguageModel, SceneExamples, answer_loss,
-    encode, train_learnpruner,
+from pruning_zoo.train.examples import FileExamples, SceneExamples
+from pruning_zoo.train.learnpruner import (
+    STATE,
+    LearnPrunerTrainingConfig,
+    SoftMaskedLanguageModel,
+    answer_loss,
+    encode,
+    train_learnpruner,
 )
 
 BUDGET = 16  # stage 1 keeps 48 of 576

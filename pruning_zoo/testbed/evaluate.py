@@ -12,10 +12,10 @@ import torch
 import transformers
 from PIL import Image
 
-from pruning_zoo.budget import Budget
-from pruning_zoo.engine import prune
+from pruning_zoo.engine.run import prune
 from pruning_zoo.errors import InvalidParameterError
 from pruning_zoo.strategy import BudgetMeaning, PruningStrategy, ScoreContext, Stage
+from pruning_zoo.strategy.budget import Budget
 from pruning_zoo.testbed.model import prompt
 
 
@@ -113,6 +113,32 @@ def sample(records: list[dict], count: int | None, seed: int = 0) -> list[dict]:
     if count is None or count >= len(records):
         return records
     return sorted(random.Random(seed).sample(records, count), key=lambda r: r["id"])
+
+
+def new_report(command: str, model: Path, split: str, budget: Budget) -> dict:
+    """An evaluation report with its provenance and no results yet (`add_result` fills them in)."""
+    from pruning_zoo.provenance import git_sha, versions
+
+    return {"command": command, "git_sha": git_sha(), "model": str(model), "split": split, "budget": budget,
+            "device": "cpu", "threads": torch.get_num_threads(), "versions": versions(), "results": {}}
+
+
+def add_result(report: dict, name: str, strategy: PruningStrategy, rows: list[dict]) -> dict:
+    """Store one strategy's per-question rows and their summary in the report; returns the summary."""
+    summary = summarise(rows)
+    report["results"][name] = {"params": str(strategy.params), "summary": summary, "questions": rows}
+    return summary
+
+
+def write_report(report: dict, output: Path) -> None:
+    """The report as JSON (whole or not at all) and its summaries as markdown beside it (OUTPUT.md)."""
+    import json
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = output.with_suffix(".tmp")
+    temporary.write_text(json.dumps(report, indent=1) + "\n")
+    temporary.replace(output)
+    output.with_suffix(".md").write_text(markdown(report))
 
 
 def markdown(report: dict) -> str:

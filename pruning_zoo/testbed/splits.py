@@ -35,6 +35,11 @@ def write_split(folder: Path, name: str) -> Path:
 
 
 def read_split(folder: Path, name: str) -> list[dict]:
+    """The records of split `name` (one of SPLITS) in `folder`."""
+    if name not in SPLITS:
+        from pruning_zoo.errors import PruningZooError
+
+        raise PruningZooError(f"unknown split {name!r}; known: {', '.join(SPLITS)}")
     path = folder / f"{name}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no {name} split at {path}; write it with `pruning-zoo testbed splits --out {folder}`")

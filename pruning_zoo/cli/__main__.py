@@ -1,0 +1,3 @@
+from pruning_zoo.cli import main
+
+main()

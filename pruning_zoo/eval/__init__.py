@@ -1,0 +1,1 @@
+"""Evaluation: suites, the sweep over strategies x budgets x tasks through lmms-eval, and the result store."""

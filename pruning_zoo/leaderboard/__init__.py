@@ -1,0 +1,1 @@
+"""The leaderboard: markdown tables and plots built from a folder of stored results."""
