@@ -14,12 +14,12 @@ import torch
 RECORDED_PACKAGES = ("pruning-zoo", "torch", "transformers", "lmms-eval", "accelerate")
 
 
-def git_sha(checkout: Path | None = None) -> str:
+def git_sha() -> str:
     """The commit of the code that ran. PRUNING_ZOO_GIT_SHA overrides it (for copies without a current .git);
-    read from this package's own checkout (or the given folder's), not the working directory."""
+    read from this package's own checkout, not the working directory."""
     if os.environ.get("PRUNING_ZOO_GIT_SHA"):
         return os.environ["PRUNING_ZOO_GIT_SHA"]
-    checkout = checkout or Path(__file__).resolve().parent.parent
+    checkout = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(checkout), "status", "--porcelain", "--untracked-files=no"],

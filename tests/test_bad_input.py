@@ -292,8 +292,8 @@ def test_any_text_is_a_budget_or_a_clear_error(seed):
 @pytest.mark.parametrize("seed", range(4))
 def test_any_parameter_text_is_a_parameter_or_a_clear_error(seed):
     from pruning_zoo import get_strategy
-    from pruning_zoo.cli import parse_param_overrides
     from pruning_zoo.errors import PruningZooError
+    from pruning_zoo.strategy.params import parse_param_overrides
 
     for value in random_texts(seed, 1500):
         for name in ("fastv.k", "transprune.prune_layers", "fastv.score", "visionzip.contextual_ratio"):

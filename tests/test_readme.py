@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pruning_zoo
-from pruning_zoo.cli import REFERENCE_BUDGET, REFERENCE_LAYERS, REFERENCE_TOKENS
+from pruning_zoo.cli.run import REFERENCE_BUDGET, REFERENCE_LAYERS, REFERENCE_TOKENS
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 

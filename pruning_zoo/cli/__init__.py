@@ -12,12 +12,7 @@ from typing import Annotated
 import typer
 
 from pruning_zoo.cli import bench, run, testbed, train
-from pruning_zoo.cli.common import (
-    DEBUG_ENV,
-    parse_param_overrides,  # noqa: F401 - part of what the CLI module offers
-    set_debug,
-)
-from pruning_zoo.cli.run import REFERENCE_BUDGET, REFERENCE_LAYERS, REFERENCE_TOKENS  # noqa: F401 - tests read them
+from pruning_zoo.cli.common import DEBUG_ENV, set_debug
 
 app = typer.Typer(
     name="pruning-zoo",
