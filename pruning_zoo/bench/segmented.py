@@ -48,8 +48,9 @@ from pruning_zoo.engine.patch_matmul import patch_matmul_forward
 from pruning_zoo.engine.run import positions_after
 from pruning_zoo.engine.sequence import Survivors
 from pruning_zoo.engine.timing import Clock
+from pruning_zoo.engine.vision_stages import VisionStages
 from pruning_zoo.errors import PruningZooError
-from pruning_zoo.strategy import PruningStrategy, ScoreContext, Selection, Stage, SublayerIO
+from pruning_zoo.strategy import PruningStrategy, ScoreContext, Selection, Stage, SublayerIO, plan_stages
 from pruning_zoo.strategy.budget import Budget, check_budget, resolve_budget
 
 
@@ -81,13 +82,16 @@ class SegmentedPrefill(SegmentChain):
         self.input_ids = inputs["input_ids"]
         self.start, self.num_visual = uniform_layout(self.adapter, self.input_ids, inputs.get("attention_mask"))
         self.batch, self.length = self.input_ids.shape
+        #: The strategy's stages inside the vision tower (run by the adapter's hooks in the vision segment).
+        depth = self.adapter.vision_stage_depth
+        self.tower = VisionStages(strategy, budget, self.adapter.num_layers, depth, self.adapter.identity)
         self.entry_positions, self.expected_embeds = self._model_entry(inputs)
         self.vision_inputs = self.adapter.capturable_vision_inputs(
             {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")})
         self.grid = self.adapter.image_grids([self.num_visual] * self.batch)[0]
         num_layers = self.adapter.num_layers
-        self.stages = strategy.plan(resolve_budget(budget, self.num_visual), self.num_visual, num_layers)
-        check_plan(strategy.name, self.stages, self.num_visual, num_layers)
+        self.stages = plan_stages(strategy, resolve_budget(budget, self.num_visual), self.num_visual, num_layers, depth)
+        check_plan(strategy.name, self.stages, self.num_visual, num_layers, vision_blocks=depth)
         #: Vision blocks the model runs but never reads (LLaVA's last CLIP block): skipped, as serving engines do.
         self.skipped_vision_blocks = self.adapter.unused_vision_blocks
         self.vision_flops = [self.adapter.vision_flops(i, self.num_visual, skip_unused=True) for i in range(self.batch)]
@@ -141,6 +145,7 @@ class SegmentedPrefill(SegmentChain):
             seen.update(positions=kwargs.get("position_ids"), embeds=kwargs["inputs_embeds"])
 
         handles = [self.adapter.language_model.register_forward_pre_hook(read, with_kwargs=True)]
+        handles += self._tower_hooks()  # the embeddings of a tower that merges, which the vision segment must give
         handles += self.adapter.vision_hooks(frozenset())  # the family learns the image grids
         with attached(handles), torch.no_grad():
             self.model(**inputs, use_cache=False, logits_to_keep=1)
@@ -152,13 +157,16 @@ class SegmentedPrefill(SegmentChain):
     def _build(self) -> list[Segment]:
         segments = [Segment("vision", self._vision)]
         current = self.num_visual
-        entry = next((s for s in self.stages if not s.in_llm), None)
+        entry = next((s for s in self.stages if s.before_llm), None)
+        merged = [s for s in self.stages if s.in_vision]
+        if merged:  # the engine's own stage before the LLM: one token per merge group
+            entry = Stage(None, keep=merged[-1].keep)
         if entry is not None:
             # Scoring and selecting, then gathering the survivors: a selection that must run eagerly (it reads
             # the host) leaves the gather to a graph.
             observes_vision = bool(self.strategy.observes & VISION_OBSERVATIONS)  # what the tower's hooks keep
             segments.append(Segment("selection before the LLM", functools.partial(self._select_entry, entry, current),
-                                    selection=True, reads_previous=observes_vision))
+                                    selection=True, reads_previous=observes_vision or bool(merged)))
             segments.append(Segment("gather before the LLM", functools.partial(self._shrink, current), selection=True,
                                     gather=True))
             current = entry.keep
@@ -181,9 +189,15 @@ class SegmentedPrefill(SegmentChain):
         return segments
 
     # -- segments ------------------------------------------------------------------------------------------
+    def _tower_hooks(self) -> list:
+        if not self.strategy.plans_vision:
+            return []
+        self.tower.validate = self._validate if hasattr(self, "_validate") else True
+        return self.adapter.vision_stage_hooks(self.tower)
+
     def _vision(self) -> None:
         observed = self.strategy.observes
-        with attached(self.adapter.vision_hooks(observed) if observed else []):
+        with attached(self._tower_hooks() + (self.adapter.vision_hooks(observed) if observed else [])):
             features = self.adapter.image_features(self.vision_inputs)
         embeds = self.model.get_input_embeddings()(self.input_ids)
         s, n = self.start, self.num_visual
@@ -220,6 +234,9 @@ class SegmentedPrefill(SegmentChain):
             self.state.update(logits=logits, first_token=logits.argmax(dim=-1))
 
     def _select_entry(self, stage: Stage, current: int) -> None:
+        if any(s.in_vision for s in self.stages):  # one token per merge group, as the tower's hooks left them
+            self._keep([self.tower.entry_selection(sample) for sample in range(self.batch)], stage, current)
+            return
         hidden = self.state["hidden"]
         s = self.start
         observed = self.strategy.observes & VISION_OBSERVATIONS  # built only when asked for
@@ -227,6 +244,10 @@ class SegmentedPrefill(SegmentChain):
         contexts = [self._context(stage, hidden[sample, s : s + current], self.grid,
                                   self.adapter.vision_observations(sample, self.num_visual, shared) if observed else {})
                     for sample in range(self.batch)]
+        if "instruction_embeddings" in self.strategy.observes:  # the pad-free prompt's rows after the image
+            for sample, ctx in enumerate(contexts):
+                ctx.observations = {**ctx.observations,
+                                    "instruction_embeddings": lambda rows=hidden[sample, s + current:]: rows}
         self._keep(self._select(contexts), stage, current)
 
     def _select_in_llm(self, stage: Stage, current: int, summarized: list[int], earlier: list[int]) -> None:

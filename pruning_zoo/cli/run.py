@@ -26,7 +26,7 @@ def list_command() -> None:
     families the engine supports, and the suites that `run` accepts."""
     from pruning_zoo import plugins
     from pruning_zoo.eval.suite import builtin_suite_files, load_suite
-    from pruning_zoo.strategy import describe_field, param_schema
+    from pruning_zoo.strategy import describe_field, describe_stages, param_schema
 
     with user_errors():
         console = Console()
@@ -35,7 +35,7 @@ def list_command() -> None:
             strategy_class = entry.value
             try:
                 stages = strategy_class().plan(REFERENCE_BUDGET, REFERENCE_TOKENS, REFERENCE_LAYERS)
-                stage_text = "; ".join(str(stage) for stage in stages) or "(keeps every token)"
+                stage_text = describe_stages(stages) or "(keeps every token)"
             except PruningZooError as error:
                 stage_text = f"(cannot plan: {error})"
             strategies.append([entry.name, strategy_class.budget_meaning.value.replace("_", " "), stage_text,

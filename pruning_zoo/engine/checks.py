@@ -8,14 +8,33 @@ import torch
 from pruning_zoo.errors import InvalidParameterError, PruningZooError, StrategyOutputError
 from pruning_zoo.strategy import ScoreContext, Selection, Stage
 
-__all__ = ["check_indices", "check_plan", "check_selection", "check_selections"]
+__all__ = ["check_indices", "check_merge", "check_plan", "check_selection", "check_selections"]
 
 
-def check_plan(name: str, stages: tuple[Stage, ...], num_visual: int, num_layers: int) -> None:
-    """A plan is stages in forward order, each keeping between 1 and the tokens left, inside the model."""
-    left, last = num_visual, -2
+def check_plan(name: str, stages: tuple[Stage, ...], num_visual: int, num_layers: int,
+               vision_blocks: int | None = None) -> None:
+    """A plan is stages in forward order, each keeping between 1 and the tokens left, inside the model. Stages
+    inside the vision tower come first, after blocks 0..vision_blocks-2 (a merge after the last block the model
+    reads makes nothing cheaper), and leave the stage before the LLM to the engine (one token per merge group)."""
+    left, last = num_visual, -2 - (vision_blocks or 0)
+    in_vision = [stage for stage in stages if stage.in_vision]
+    if in_vision and vision_blocks is None:
+        raise InvalidParameterError(f"strategy {name!r} plans stages inside the vision tower ({in_vision[0]}), but "
+                                    "this model family has no stage inside its vision tower")
+    if in_vision and any(stage.before_llm for stage in stages):
+        raise InvalidParameterError(f"strategy {name!r} plans a stage before the LLM after stages inside the vision "
+                                    "tower: the engine's own stage there keeps one token per merge group")
     for stage in stages:
-        layer = -1 if stage.after_layer is None else stage.after_layer
+        if stage.in_vision:
+            if stage.after_layer is not None or not 0 <= stage.vision_block <= vision_blocks - 2:
+                raise InvalidParameterError(
+                    f"strategy {name!r} plans a stage after vision block {stage.vision_block}, outside this model's "
+                    f"blocks 0..{vision_blocks - 2} (the model reads {vision_blocks} blocks; a merge after the last "
+                    "of them makes none cheaper)"
+                )
+            layer = stage.vision_block - 1 - vision_blocks
+        else:
+            layer = -1 if stage.after_layer is None else stage.after_layer
         if stage.after_layer is not None and not 0 <= stage.after_layer <= num_layers - 2:
             raise InvalidParameterError(
                 f"strategy {name!r} plans a stage after layer {stage.after_layer}, outside this model's decoder "
@@ -37,6 +56,11 @@ def check_selection(name: str, selection: Selection, stage: Stage, tokens: torch
             f"strategy {name!r} selected {tuple(keep.shape)} tokens {stage}; expected exactly {stage.keep}"
         )
     check_indices(name, keep, stage, tokens.shape[0])
+    if stage.in_vision:
+        check_merge(name, selection, stage, tokens.shape[0])
+    elif selection.into is not None:
+        raise StrategyOutputError(f"strategy {name!r} gave merge targets (`into`) {stage}; only a stage inside the "
+                                  "vision tower merges through them")
     if selection.features is not None and selection.features.shape != (stage.keep, tokens.shape[1]):
         raise StrategyOutputError(
             f"strategy {name!r} merged features of shape {tuple(selection.features.shape)} {stage}; "
@@ -46,6 +70,23 @@ def check_selection(name: str, selection: Selection, stage: Stage, tokens: torch
     if borrowed is not None and (borrowed.shape != (stage.keep,) or borrowed.dtype != torch.bool):
         raise StrategyOutputError(f"strategy {name!r} marked borrowed slots as {borrowed.dtype} {tuple(borrowed.shape)} "
                                   f"{stage}; expected a bool tensor of shape ({stage.keep},)")
+
+
+def check_merge(name: str, selection: Selection, stage: Stage, count: int) -> None:
+    """At a stage inside the vision tower: no replacement features, and `into` [count] naming a kept token for
+    every token, each kept token its own (read on the host)."""
+    into = selection.into
+    if selection.features is not None or into is None or into.shape != (count,) or into.dtype != torch.int64:
+        raise StrategyOutputError(
+            f"strategy {name!r} must merge {stage} through `into`, an int64 tensor of shape ({count},) naming the kept "
+            f"token each token joins, and no `features`; got into={None if into is None else (into.dtype, tuple(into.shape))}"
+        )
+    if int(into.min()) < 0 or int(into.max()) >= stage.keep:
+        raise StrategyOutputError(f"strategy {name!r} merges into tokens outside 0..{stage.keep - 1} {stage}")
+    own = into[selection.keep.to(into.device)]
+    if not torch.equal(own, torch.arange(stage.keep, device=into.device)):
+        raise StrategyOutputError(f"strategy {name!r} merges a kept token into another {stage}; a kept token's `into` "
+                                  "is its own place in `keep`")
 
 
 def check_indices(name: str, keep: torch.Tensor, stage: Stage, count: int) -> None:

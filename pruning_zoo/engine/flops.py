@@ -41,12 +41,15 @@ def llm_flops(tokens_per_layer: list[int], shape: DecoderShape, convention: Conv
     return sum(transformer_layer_flops(n, shape.hidden, shape.intermediate, mlp_matrices) for n in tokens_per_layer)
 
 
-def clip_vision_flops(crops: int, image_size: int, patch_size: int, hidden: int, intermediate: int, layers: int) -> int:
+def clip_vision_flops(crops: int, image_size: int, patch_size: int, hidden: int, intermediate: int, layers: int,
+                      patches_per_block: list[int] | None = None) -> int:
     """A CLIP tower over `crops` crops: the patch embedding plus `layers` blocks on the patches and CLS
-    (GELU MLP: two matrices). LLaVA runs every block up to the selected one; we count all it computes."""
+    (GELU MLP: two matrices). LLaVA runs every block up to the selected one; we count all it computes. A stage
+    inside the tower (ToMe) runs later blocks on fewer rows: `patches_per_block` gives each block's patches."""
     patches = (image_size // patch_size) ** 2
     embedding = patches * 3 * patch_size * patch_size * hidden
-    blocks = layers * transformer_layer_flops(patches + 1, hidden, intermediate, 2)
+    per_block = [patches] * layers if patches_per_block is None else list(patches_per_block)[:layers]
+    blocks = sum(transformer_layer_flops(n + 1, hidden, intermediate, 2) for n in per_block)
     return crops * (embedding + blocks)
 
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pruning_zoo.engine.packing import own_linear
+from pruning_zoo.errors import PruningZooError
 from pruning_zoo.strategy import SublayerIO, fp32_products
 
 if TYPE_CHECKING:
@@ -109,7 +110,14 @@ class AttentionProbe:
     - received_attention: [heads, n] attention the image's tokens receive, averaged over all query rows;
     - instruction_attention: [heads, n] averaged over the query rows after the image, at the stage layer;
     - next_layer_instruction_attention: the same rows, but the stage layer's output through the next layer's
-      norm, projections and rotary tables (TransPrune's IGA).
+      norm, projections and rotary tables (TransPrune's IGA);
+    - next_layer_last_token_attention: [heads, n] the last prompt token's row computed that way (PyramidDrop);
+    - stage_keys(rows="image"): [r, kv_heads, head_dim] the stage layer's keys with rotary applied, at the image's
+      tokens or (rows="after_image") at the rows after the image to the prompt's end (DART's pivots);
+    - stage_output_final_norm(rows="image"): [r, d] the stage layer's output through the model's final norm, at
+      those rows (DART's similarities);
+    - instruction_attention_rows: [heads, r, n] the rows `instruction_attention` averages, each on its own: every
+      query after the image to the prompt's end, onto the image, at the stage layer (SparseVLM's text raters).
 
     Where every sample asks for the same number of query rows (the last token; the rows after the image when
     `image_end` is known), the probabilities are computed once for the whole batch, on first use, and each
@@ -132,6 +140,7 @@ class AttentionProbe:
         self._keys: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._batch: dict[tuple[int, str], torch.Tensor] = {}  # (layer, rows) -> [B, heads, R, L]
         self._at_image: dict[tuple[int, str], torch.Tensor] = {}  # (layer, rows) -> [B, heads, n] at `image`
+        self._final: torch.Tensor | None = None  # the stage output through the final norm, [B, L, d]
 
     def observations(self, sample: int, positions: torch.Tensor) -> dict:
         # Query rows are chosen with tensors, never by reading the mask on the host, so that observing does
@@ -169,6 +178,28 @@ class AttentionProbe:
             valid = self.key_valid[sample]
             return one_sample(layer_index, hidden, kwargs, valid & (order > positions.max()))
 
+        def own_rows(rows: str) -> torch.Tensor | slice:
+            """This sample's rows: its image's tokens, or those after the image to the prompt's end."""
+            if rows == "image":
+                return positions
+            if rows != "after_image":
+                raise PruningZooError(f"rows={rows!r} is no choice of an in-LLM observation; choose 'image' or 'after_image'")
+            if self.image_end is not None:
+                return slice(self.image_end, None)
+            # Only the hook engine (eager) gets here; the segmented prefill knows `image_end`.
+            return torch.nonzero(self.key_valid[sample] & (order > positions.max())).squeeze(1)
+
+        def instruction_rows(layer_index: int, hidden, kwargs) -> torch.Tensor:
+            """[heads, r, n]: the query rows after the image, unaveraged (the batch's, shared with instruction_attention,
+            where `image_end` is known; else only this sample's rows are computed)."""
+            if self.image_end is None:
+                rows = own_rows("after_image")[None]
+                return self._probabilities(layer_index, hidden, kwargs, rows, sample)[0][..., positions]
+            key = layer_index, "instruction"
+            if key not in self._batch:
+                self._batch[key] = self._probabilities(layer_index, hidden, kwargs, after_image_rows())
+            return self._batch[key][sample][..., positions]
+
         stage = (self.stage_layer, self.stage_hidden, self.stage_kwargs)
         after = (self.stage_layer + 1, self.next_hidden, self.next_kwargs)
         return {
@@ -176,7 +207,24 @@ class AttentionProbe:
             "received_attention": lambda: one_sample(*stage, self.key_valid[sample]),
             "instruction_attention": functools.partial(instruction, *stage, "instruction"),
             "next_layer_instruction_attention": functools.partial(instruction, *after, "instruction"),
+            "next_layer_last_token_attention": functools.partial(batched, *after, "last", last_rows),
+            "stage_keys": lambda rows="image": self._stage_keys(sample)[:, own_rows(rows)].transpose(0, 1),
+            "stage_output_final_norm": lambda rows="image": self._final_normed()[sample, own_rows(rows)],
+            "instruction_attention_rows": functools.partial(instruction_rows, *stage),
         }
+
+    def _stage_keys(self, sample: int) -> torch.Tensor:
+        """[kv_heads, L, head_dim] the stage layer's rotated keys of one sample (computed once for the batch)."""
+        if self.stage_layer not in self._keys:
+            cos, sin = self.stage_kwargs["position_embeddings"]
+            self._keys[self.stage_layer] = rotated_keys(self.adapter.layers[self.stage_layer], self.stage_hidden, cos, sin)
+        return self._keys[self.stage_layer][1][sample]
+
+    def _final_normed(self) -> torch.Tensor:
+        """[B, L, d] the stage layer's output through the language model's final norm (computed once)."""
+        if self._final is None:
+            self._final = self.adapter.language_model.norm(self.next_hidden)
+        return self._final
 
     def _probabilities(self, layer_index: int, hidden, kwargs, rows: torch.Tensor | slice, sample: int | None = None) -> torch.Tensor:
         """attention_probabilities at a layer for query `rows` ([B or 1, R], or a slice): of every sample, or of one."""

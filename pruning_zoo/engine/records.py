@@ -24,6 +24,10 @@ class ImageRecord:
     #: token it holds, or None for a token that is no patch (VisionZip's CLS, placed in a free slot). For a merge
     #: (pool, VisionZip's contextual tokens) a slot holds merged features, not only its own.
     slots: list[int | None] = dataclasses.field(default_factory=list)
+    #: Merge units (visual tokens) of this image entering each vision block, where a stage inside the vision tower
+    #: (ToMe) merged some; empty where the tower ran on every token. After such a stage a slot holds its merge
+    #: group's features, and the group's kept unit is the token recorded in `slots`.
+    vision_units: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def kept(self) -> list[int]:

@@ -33,8 +33,9 @@ from pruning_zoo.engine.observe import AttentionProbe, sublayer_hooks
 from pruning_zoo.engine.records import ForwardRecord, ImageRecord
 from pruning_zoo.engine.sequence import Survivors, causal_mask, gather_positions, mask_invalid_keys
 from pruning_zoo.engine.timing import Clock
+from pruning_zoo.engine.vision_stages import VisionStages
 from pruning_zoo.errors import PruningZooError
-from pruning_zoo.strategy import PruningStrategy, ScoreContext, Selection, Stage, SublayerIO
+from pruning_zoo.strategy import PruningStrategy, ScoreContext, Selection, Stage, SublayerIO, plan_stages
 from pruning_zoo.strategy.budget import Budget, check_budget, resolve_budget
 
 
@@ -67,6 +68,8 @@ class _Image:
     #: in place).
     kept: list[int | None] = dataclasses.field(default_factory=list)
     key: str | None = None
+    #: Merge units of this image entering each vision block, where a stage inside the tower merged (else empty).
+    vision_units: list[int] = dataclasses.field(default_factory=list)
 
 
 class PruningRun:
@@ -83,6 +86,8 @@ class PruningRun:
         self._prefilling = False
         #: Position ids entering the language model at the current decode step.
         self._decode_positions: torch.Tensor | None = None
+        #: The strategy's stages inside the vision tower, applied by the adapter's hooks (docs/engine.md).
+        self._tower = VisionStages(strategy, budget, adapter.num_layers, adapter.vision_stage_depth, adapter.identity)
         self._reset()
 
     def _reset(self) -> None:
@@ -112,6 +117,8 @@ class PruningRun:
     # -- hooks -----------------------------------------------------------------------------------------
     def attach(self) -> list[torch.utils.hooks.RemovableHandle]:
         handles = [self.adapter.model.model.register_forward_pre_hook(self._read_input_ids, with_kwargs=True)]
+        if self.strategy.plans_vision:  # before the observing hooks, which then see the merged tower
+            handles += self.adapter.vision_stage_hooks(self._tower)
         handles += self.adapter.vision_hooks(self.strategy.observes)
         handles.append(
             self.adapter.language_model.register_forward_pre_hook(self._enter_language_model, with_kwargs=True)
@@ -180,8 +187,9 @@ class PruningRun:
         for sample, sample_positions in enumerate(positions):
             for order, image_positions in enumerate(sample_positions):
                 num_visual = int(image_positions.numel())
-                stages = self.strategy.plan(resolve_budget(self.budget, num_visual), num_visual, num_layers)
-                check_plan(self.strategy.name, stages, num_visual, num_layers)
+                depth = self.adapter.vision_stage_depth
+                stages = plan_stages(self.strategy, resolve_budget(self.budget, num_visual), num_visual, num_layers, depth)
+                check_plan(self.strategy.name, stages, num_visual, num_layers, vision_blocks=depth)
                 vision_flops = self.adapter.vision_flops(len(self._images), num_visual)
                 key = None if self.sample_keys is None else f"{self.sample_keys[sample]}#image{order}"
                 self._images.append(
@@ -191,7 +199,7 @@ class PruningRun:
         self._stage_layers = {s.after_layer for image in self._images for s in image.stages if s.in_llm}
         self._attention_mask_2d = kwargs.get("attention_mask")
 
-        if any(not s.in_llm for image in self._images for s in image.stages):
+        if any(not s.in_llm for image in self._images for s in image.stages):  # before the LLM or in the tower
             with self._timed("selection"):
                 kwargs = self._prune_before_llm(input_ids, kwargs)
         positions = kwargs.get("position_ids")
@@ -204,6 +212,8 @@ class PruningRun:
     def _select_images(self, pending: list[tuple[_Image, Stage, dict]], sequence: torch.Tensor) -> list[Selection]:
         """The strategy's selections for the images at one stage, (image, stage, observations) each, whose
         tokens are rows of `sequence` [B, L, d]: one call for them all, each selection checked."""
+        if not pending:  # e.g. before the LLM where every image's tokens were merged in the tower
+            return []
         contexts = [
             ScoreContext(stage=stage, tokens=sequence[image.sample, image.positions], num_layers=self.adapter.num_layers,
                          grid=image.grid if not stage.in_llm else None, observations=observations,
@@ -236,17 +246,26 @@ class PruningRun:
     def _prune_before_llm(self, input_ids: torch.Tensor, kwargs: dict) -> dict:
         embeds = kwargs["inputs_embeds"].clone()
         keep = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
-        pending = []
+        pending, grouped = [], []
         shared = {}  # what the images' observations derive from the tower's forward, computed once
         for image_index, image in enumerate(self._images):
-            stage = next((s for s in image.stages if not s.in_llm), None)
+            stage = next((s for s in image.stages if s.before_llm), None)
+            merged = [s for s in image.stages if s.in_vision]
+            if merged:  # the engine's own stage: one token per merge group
+                image.vision_units = self._tower_units(image_index, image)
+                grouped.append((image, Stage(None, keep=merged[-1].keep), self._tower.entry_selection(image_index)))
             if stage is not None:
                 observed = self.strategy.observes & VISION_OBSERVATIONS  # built only when asked for
                 observations = self.adapter.vision_observations(image_index, image.num_visual, shared) if observed else {}
+                if "instruction_embeddings" in self.strategy.observes:
+                    observations = {**observations, "instruction_embeddings": functools.partial(
+                        self._instruction_embeddings, input_ids, embeds, image)}
                 pending.append((image, stage, observations))
         selections = self._select_images(pending, embeds)
         changes = [self._apply_stage(image, stage, selection, embeds, keep, first_layer=0)
                    for (image, stage, _), selection in zip(pending, selections)]
+        changes += [self._apply_stage(image, stage, selection, embeds, keep, first_layer=0)
+                    for image, stage, selection in grouped]
         survivors = Survivors.from_keep_mask(keep)
         self._entry = survivors
         positions = kwargs.get("position_ids")
@@ -264,6 +283,26 @@ class PruningRun:
             kwargs["attention_mask"] = survivors.gather(mask, dim=1) * survivors.valid.to(mask.dtype)
         kwargs["position_ids"] = positions
         return kwargs
+
+    def _tower_units(self, image_index: int, image: _Image) -> list[int]:
+        """The merge units an image's vision blocks ran on; the tower must have run under this block's hooks."""
+        tower = self._tower.images
+        if image_index >= len(tower) or tower[image_index].units != image.num_visual:
+            raise PruningZooError(
+                f"strategy {self.strategy.name!r} merges inside the vision tower, but the tower did not run on this "
+                f"image ({image.num_visual} visual tokens) inside the `prune` block; run the model's forward or "
+                "generate() with its pixel inputs inside it")
+        return self._tower.units_per_block(image_index, len(self.adapter.vision_blocks))
+
+    def _instruction_embeddings(self, input_ids: torch.Tensor, embeds: torch.Tensor, image: _Image) -> torch.Tensor:
+        """The `instruction_embeddings` observation: the input embeddings [t, d] of the tokens after the image to
+        the prompt's end, leaving out image tokens (of later images) and padding."""
+        sample = image.sample
+        text = torch.arange(input_ids.shape[1], device=input_ids.device) > image.positions[-1]
+        text &= input_ids[sample] != self.adapter.image_token_id
+        if self._attention_mask_2d is not None:
+            text &= self._attention_mask_2d[sample].bool()
+        return embeds[sample, text]
 
     def _positions_after(self, positions: torch.Tensor, step: Survivors, changes: list) -> tuple[torch.Tensor, torch.Tensor]:
         """Position ids of the survivors of `step` (kept, or renumbered by the adapter's rule) and, per sample,
@@ -453,7 +492,8 @@ class PruningRun:
             ForwardRecord(
                 # kept_per_layer is shared with the image, so later in-LLM stages update the record.
                 images=[
-                    ImageRecord(image.sample, image.num_visual, image.kept_per_layer, image.vision_flops, image.kept)
+                    ImageRecord(image.sample, image.num_visual, image.kept_per_layer, image.vision_flops, image.kept,
+                                image.vision_units)
                     for image in self._images
                 ],
                 tokens_per_layer=[[int(count)] * layers for count in counts],

@@ -12,9 +12,9 @@ import importlib
 #: Where each name of this package lives.
 NAMES = {
     "budget": ("Budget", "BudgetMeaning"),
-    "interface": ("LLM_OBSERVATIONS", "OBSERVATIONS", "VISION_OBSERVATIONS", "ModelIdentity", "PruningStrategy",
-                  "ScoreContext", "Selection", "Stage", "SublayerIO", "checked_scores", "one_size",
-                  "stages_that_prune"),
+    "interface": ("LLM_OBSERVATIONS", "OBSERVATIONS", "VISION_OBSERVATIONS", "VISION_STAGE_OBSERVATIONS",
+                  "ModelIdentity", "PruningStrategy", "ScoreContext", "Selection", "Stage", "SublayerIO",
+                  "checked_scores", "describe_stages", "one_size", "plan_stages", "stages_that_prune"),
     "params": ("InLLMParams", "StrategyParams", "build_params", "describe_field", "param_schema", "params_as_dict",
                "params_dataclass"),
     "tensors": ("PAIRWISE_LIMIT", "ascending", "fp32_products", "top_k_in_order", "top_k_mask", "true_indices"),

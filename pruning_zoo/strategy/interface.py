@@ -22,8 +22,9 @@ from pruning_zoo.strategy.budget import BudgetMeaning
 from pruning_zoo.strategy.params import InLLMParams, StrategyParams, build_params
 from pruning_zoo.strategy.tensors import top_k_in_order
 
-__all__ = ["LLM_OBSERVATIONS", "OBSERVATIONS", "VISION_OBSERVATIONS", "ModelIdentity", "PruningStrategy",
-           "ScoreContext", "Selection", "Stage", "SublayerIO", "checked_scores", "one_size", "stages_that_prune"]
+__all__ = ["LLM_OBSERVATIONS", "OBSERVATIONS", "VISION_OBSERVATIONS", "VISION_STAGE_OBSERVATIONS", "ModelIdentity",
+           "PruningStrategy", "ScoreContext", "Selection", "Stage", "SublayerIO", "checked_scores", "describe_stages",
+           "one_size", "plan_stages", "stages_that_prune"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,15 +34,35 @@ class Stage:
     #: None: after the vision encoder and projector, before the LLM. k: after decoder layer k (0-indexed),
     #: so layers 0..k see the tokens and layer k+1 onwards runs without the dropped ones.
     after_layer: int | None
-    #: Visual tokens per image kept by this stage.
+    #: Visual tokens per image kept by this stage (inside the vision tower: merge units, one per visual token).
     keep: int
+    #: j: inside the vision tower, after its block j (0-indexed; `after_layer` is then None): the tower's blocks
+    #: after j run on `keep` merge units per image. Such a stage merges (`Selection.into`); at the tower's exit
+    #: each visual token gets its merge group's features and the engine keeps one token per group before the LLM.
+    vision_block: int | None = None
 
     @property
     def in_llm(self) -> bool:
         return self.after_layer is not None
 
+    @property
+    def in_vision(self) -> bool:
+        return self.vision_block is not None
+
+    @property
+    def before_llm(self) -> bool:
+        """After the vision tower and projector, before the LLM."""
+        return self.after_layer is None and self.vision_block is None
+
+    def __repr__(self) -> str:  # the field inside the vision tower only where set: plans print as they always did
+        tower = "" if self.vision_block is None else f", vision_block={self.vision_block!r}"
+        return f"Stage(after_layer={self.after_layer!r}, keep={self.keep!r}{tower})"
+
     def __str__(self) -> str:
-        where = "before the LLM" if self.after_layer is None else f"after layer {self.after_layer}"
+        if self.vision_block is not None:
+            where = f"after vision block {self.vision_block}"
+        else:
+            where = "before the LLM" if self.after_layer is None else f"after layer {self.after_layer}"
         return f"{where}: keep {self.keep}"
 
 
@@ -57,6 +78,10 @@ class Selection:
     #: [len(keep)] bool, True where a slot only lends its place to a token that is none of the stage's (VisionZip's
     #: CLS): the record then counts that slot as no kept patch. None: every slot holds its own token (or a merge of it).
     borrowed: torch.Tensor | None = None
+    #: Only at a stage inside the vision tower, where it is required: [n] int64, for each of the stage's n tokens
+    #: the position in `keep` of the kept token it merges into (a kept token: its own). The engine averages each
+    #: group's rows weighted by their sizes (the original units they hold) and carries the sizes on.
+    into: torch.Tensor | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +169,25 @@ def stages_that_prune(stages: Sequence[Stage], num_visual: int) -> tuple[Stage, 
     return tuple(kept)
 
 
+def plan_stages(strategy: PruningStrategy, budget: int, num_visual: int, num_layers: int,
+                vision_blocks: int | None = None) -> tuple[Stage, ...]:
+    """`strategy.plan(...)`, handing a strategy that plans inside the vision tower its depth (`plans_vision`)."""
+    if strategy.plans_vision:
+        return strategy.plan(budget, num_visual, num_layers, vision_blocks=vision_blocks)
+    return strategy.plan(budget, num_visual, num_layers)
+
+
+def describe_stages(stages: Sequence[Stage]) -> str:
+    """The stages as text, one per stage, a run of stages inside the vision tower as one ("after vision blocks 0-21:
+    keep 553 down to 64"); "" for none."""
+    parts, tower = [], [stage for stage in stages if stage.in_vision]
+    if len(tower) > 1:
+        parts.append(f"after vision blocks {tower[0].vision_block}-{tower[-1].vision_block}: keep {tower[0].keep} "
+                     f"down to {tower[-1].keep}")
+    parts += [str(stage) for stage in stages if len(tower) < 2 or not stage.in_vision]
+    return "; ".join(parts)
+
+
 def one_size(contexts: Sequence[ScoreContext]) -> bool:
     """Whether the images of a stage hold as many tokens and keep as many: their work can be stacked."""
     return bool(contexts) and len({(ctx.tokens.shape[0], ctx.stage.keep) for ctx in contexts}) == 1
@@ -156,10 +200,15 @@ VISION_OBSERVATIONS = frozenset(
 #: Observations at an in-LLM stage.
 LLM_OBSERVATIONS = frozenset(
     {"last_token_attention", "received_attention", "instruction_attention", "next_layer_instruction_attention",
-     "sublayer_summary"}
+     "sublayer_summary", "next_layer_last_token_attention", "stage_keys", "stage_output_final_norm",
+     "instruction_attention_rows"}
 )
+#: Observations of the language model's input sequence at the stage before the LLM (CDPruner's instruction).
+INPUT_OBSERVATIONS = frozenset({"instruction_embeddings"})
+#: Observations at a stage inside the vision tower (`Stage.vision_block`).
+VISION_STAGE_OBSERVATIONS = frozenset({"block_keys", "unit_sizes"})
 #: Every name a strategy may list in `observes`.
-OBSERVATIONS = VISION_OBSERVATIONS | LLM_OBSERVATIONS
+OBSERVATIONS = VISION_OBSERVATIONS | LLM_OBSERVATIONS | VISION_STAGE_OBSERVATIONS | INPUT_OBSERVATIONS
 
 
 class PruningStrategy(ABC):
@@ -180,6 +229,10 @@ class PruningStrategy(ABC):
     #: Parameters that name a block of the vision tower (negative: from its end): a dry run checks them against
     #: each model's vision depth, where `plan` sees only the decoder's.
     vision_layer_params: ClassVar[tuple[str, ...]] = ()
+    #: True when `plan` may place stages inside the vision tower (`Stage(None, keep, vision_block=j)`): the engine
+    #: then calls `plan(budget, num_visual, num_layers, vision_blocks=m)`, m being the tower's blocks a merge after
+    #: block j (0 <= j <= m - 2) makes cheaper for the model (LLaVA's CLIP: the blocks up to its feature layer).
+    plans_vision: ClassVar[bool] = False
 
     def __init__(self, params: StrategyParams | Mapping[str, Any] | None = None):
         if isinstance(params, StrategyParams):
@@ -215,6 +268,12 @@ class PruningStrategy(ABC):
         image scored and selected on its own. A strategy may override it to do the work once for the batch
         (in a CUDA graph every small kernel per image costs time); images of one size can be stacked."""
         return [self.select(checked_scores(self, ctx), ctx.stage.keep, ctx) for ctx in contexts]
+
+    def proportional_attention(self) -> bool:
+        """At stages inside the vision tower: whether the blocks after a merge add log(size) of each key (the original
+        units it holds) to their attention logits (ToMe's proportional attention), where the tower's attention takes a
+        mask (CLIP). Default False."""
+        return False
 
     # For strategies that observe `sublayer_summary`: what each token of a layer's sequence did in its sub-blocks.
     def sublayer_layers(self, num_layers: int) -> range:

@@ -138,6 +138,17 @@ class ModelAdapter:
         """Hooks that watch the vision tower for this forward; `observed` names what the strategy observes."""
         return []
 
+    @property
+    def vision_stage_depth(self) -> int | None:
+        """For families with stages inside the vision tower (`Stage.vision_block`): the tower's blocks a merge makes
+        cheaper for the model, those up to the last one whose output it reads. None: no such stage (the default)."""
+        return None
+
+    def vision_stage_hooks(self, stages) -> list:
+        """Hooks that apply `stages` (a `pruning_zoo.engine.vision_stages.VisionStages`) inside the vision tower:
+        plan at its entry, merge between its blocks, one row per original unit again at its exit."""
+        return []
+
     def vision_observations(self, image_index: int, num_visual: int, shared: dict | None = None) -> dict:
         """Vision-encoder observations for the `image_index`-th image of the batch, aligned with its
         `num_visual` visual tokens; none by default. The images of one selection pass one `shared` dict: what

@@ -138,3 +138,86 @@ class ClipTowerWatch:
 def split_heads(block: nn.Module, projected: torch.Tensor) -> torch.Tensor:
     attention = block.self_attn
     return projected.view(*projected.shape[:-1], attention.num_heads, attention.head_dim)
+
+
+class ClipTowerMerge:
+    """Stages inside a CLIP tower (LLaVA-1.5): the rows entering block j+1 are merged per image (CLS, row 0, never
+    is), the later blocks run on them with, where the strategy asks, ToMe's proportional attention (log of each
+    key's size added to the attention logits, through the blocks' attention mask), and at the tower's exit every
+    hidden state the model may read gets one row per original patch again. Images of one tower batch share one
+    plan (LLaVA-1.5's images all have the same patches)."""
+
+    def __init__(self, tower: nn.Module, blocks, stages, proportional: bool):
+        self.tower, self.blocks, self.stages, self.proportional = tower, blocks, stages, proportional
+        #: Per block, [crops, patches] the current row (after CLS) of each original patch, for the rows entering it.
+        self.groups: list[torch.Tensor | None] = []
+        self._inputs: dict[int, torch.Tensor] = {}
+
+    def hooks(self) -> list:
+        handles = [block.register_forward_pre_hook(self._enter(index), with_kwargs=True) for index, block in enumerate(self.blocks)]
+        handles.append(self.tower.register_forward_hook(self._exit, with_kwargs=True))
+        return handles
+
+    def _enter(self, index: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if index == 0:
+                self.stages.start([hidden.shape[1] - 1] * hidden.shape[0], hidden.device)
+                self.groups, self._inputs = [], {}
+            if not self.stages.active:
+                return None
+            if index - 1 in self._inputs:
+                hidden = self._merge(index - 1, hidden)
+            merged = self.stages.merged_before(index)
+            self.groups.append(torch.stack([image.group for image in self.stages.images]) if merged else None)
+            if index in self.stages.blocks_with_stages():
+                self._inputs[index] = hidden
+            args, kwargs = list(args), dict(kwargs)
+            if args:
+                args[0] = hidden
+            else:
+                kwargs["hidden_states"] = hidden
+            if merged and self.proportional:
+                sizes = torch.stack([image.sizes for image in self.stages.images])  # [crops, n]
+                bias = torch.cat([torch.zeros_like(sizes[:, :1]), sizes.log()], dim=1).to(hidden.dtype)[:, None, None]
+                if len(args) > 1:  # CLIPEncoder passes the mask (None for a vision tower) positionally
+                    args[1] = bias if args[1] is None else args[1] + bias
+                else:
+                    mask = kwargs.get("attention_mask")
+                    kwargs["attention_mask"] = bias if mask is None else mask + bias
+            return tuple(args), kwargs
+
+        return hook
+
+    def _merge(self, block: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The rows of block `block`'s output merged by the stages after it."""
+        stored = self._inputs.pop(block)
+        cache = {}
+
+        def keys(image: int) -> torch.Tensor:
+            if "keys" not in cache:
+                layer = self.blocks[block]
+                cache["keys"] = split_heads(layer, own_linear(layer.self_attn.k_proj, layer.layer_norm1(stored[:, 1:])))
+            return cache["keys"][image]
+
+        units = self.stages.merge(block, [row[1:, None] for row in hidden], keys)
+        if len({u.shape[0] for u in units}) != 1:
+            raise PruningZooError("the images of one CLIP batch must keep as many tokens at each vision stage")
+        return torch.cat([hidden[:, :1], torch.stack(units)[:, :, 0]], dim=1)
+
+    def _unmerge(self, block: int, hidden: torch.Tensor | None) -> torch.Tensor | None:
+        """A hidden state with the rows entering `block` (the output of block-1, same rows) back to every patch."""
+        groups = self.groups[block] if block < len(self.groups) else None
+        if hidden is None or groups is None:
+            return hidden
+        index = groups.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1])
+        return torch.cat([hidden[:, :1], hidden[:, 1:].gather(1, index)], dim=1)
+
+    def _exit(self, module, args, kwargs, output):
+        if not self.stages.active:
+            return None
+        states = getattr(output, "hidden_states", None)
+        if states is not None:
+            output.hidden_states = tuple(self._unmerge(max(k - 1, 0), state) for k, state in enumerate(states))
+        output.last_hidden_state = self._unmerge(len(self.blocks) - 1, output.last_hidden_state)
+        return output

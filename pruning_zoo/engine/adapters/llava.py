@@ -7,7 +7,7 @@ import math
 import torch
 
 from pruning_zoo.engine.adapters.base import VISION_OBSERVATIONS, ModelAdapter, stack_image_features
-from pruning_zoo.engine.adapters.clip import ClipTowerWatch, TokenSources
+from pruning_zoo.engine.adapters.clip import ClipTowerMerge, ClipTowerWatch, TokenSources
 from pruning_zoo.engine.flops import clip_vision_flops, projector_flops
 
 
@@ -26,6 +26,20 @@ class LlavaAdapter(ModelAdapter):
     @property
     def unused_vision_blocks(self):
         return self._watch.unused_blocks()
+
+    @property
+    def vision_stage_depth(self):
+        """The CLIP blocks up to the one whose output LLaVA reads (`vision_feature_layer`; -2: all but the last),
+        with the 'default' select strategy (CLS no visual token, so never merged)."""
+        if self._first_row != 1:
+            return None
+        layers = self._watch.feature_layer if isinstance(self._watch.feature_layer, (list, tuple)) else [self._watch.feature_layer]
+        return max(self._watch.block(layer) for layer in layers) + 1
+
+    def vision_stage_hooks(self, stages):
+        self._merges = ClipTowerMerge(self.model.model.vision_tower, self._watch.blocks, stages,
+                                      proportional=stages.strategy.proportional_attention())
+        return self._merges.hooks()  # `_merges` stays: vision_flops reads what the last forward ran
 
     def image_grids(self, counts):
         # CLIP's patches without CLS, row-major: a square grid.
@@ -65,14 +79,22 @@ class LlavaAdapter(ModelAdapter):
         ))
 
     def vision_flops(self, image_index: int, num_visual: int, skip_unused: bool = False) -> int:
+        """With stages inside the tower, each block counted on the rows it ran on (the merge's own work, a key
+        projection per merging block, is not counted)."""
+        merges = getattr(self, "_merges", None)
+        layers = len(self._watch.blocks) - (len(self.unused_vision_blocks) if skip_unused else 0)
+        per_block = None
+        if merges is not None and merges.stages.active and image_index < len(merges.stages.images):
+            per_block = merges.stages.units_per_block(image_index, layers)
         return clip_vision_tower_flops(self.model, crops=1, tokens=num_visual,
-                                       skipped=len(self.unused_vision_blocks) if skip_unused else 0)
+                                       skipped=len(self.unused_vision_blocks) if skip_unused else 0, patches_per_block=per_block)
 
 
-def clip_vision_tower_flops(model, crops: int, tokens: int, skipped: int = 0) -> int:
+def clip_vision_tower_flops(model, crops: int, tokens: int, skipped: int = 0, patches_per_block: list[int] | None = None) -> int:
     """A CLIP tower over `crops` crops (every block: transformers runs those after the feature layer too, unless
-    `skipped` of them are) plus the projector over the `tokens` features it receives."""
+    `skipped` of them are) plus the projector over the `tokens` features it receives. `patches_per_block`: the
+    patches (CLS aside) each block ran on, where a stage inside the tower merged some."""
     vision, text = model.config.vision_config, model.config.get_text_config()
     tower = clip_vision_flops(crops, vision.image_size, vision.patch_size, vision.hidden_size,
-                              vision.intermediate_size, vision.num_hidden_layers - skipped)
+                              vision.intermediate_size, vision.num_hidden_layers - skipped, patches_per_block)
     return tower + projector_flops(tokens, vision.hidden_size, text.hidden_size)

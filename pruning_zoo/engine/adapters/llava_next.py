@@ -36,6 +36,15 @@ class LlavaNextAdapter(LlavaAdapter):
         #: copies nothing from the host (a copy is a wait a CUDA graph cannot hold).
         self._sources: dict[tuple, TokenSources] = {}
 
+    @property
+    def vision_stage_depth(self):
+        """No stage inside the tower: a merge group's patches may be cropped away by the unpadding, so one token per
+        group before the LLM would not be an exact count."""
+        return None
+
+    def vision_stage_hooks(self, stages):
+        return []
+
     def image_grids(self, counts):
         return ModelAdapter.image_grids(self, counts)  # base crop + unpadded grid + newlines: no single grid
 

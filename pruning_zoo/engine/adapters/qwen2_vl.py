@@ -72,6 +72,14 @@ class Qwen2VLAdapter(ModelAdapter):
             handles.append(self.visual.merger.register_forward_pre_hook(record_merger_input))
         return handles
 
+    @property
+    def vision_stage_depth(self):
+        return len(self.visual.blocks)
+
+    def vision_stage_hooks(self, stages):
+        self._merges = QwenTowerMerge(self.visual, self._merge**2, stages)
+        return self._merges.hooks()  # `_merges` stays: vision_flops reads what the last forward ran
+
     def capturable_vision_inputs(self, vision_inputs):
         """The tower derives its attention segments and rotary positions from `image_grid_thw` with `.tolist()`
         and host loops: from a GPU tensor, waits for the GPU. transformers takes them precomputed (its
@@ -203,6 +211,16 @@ class Qwen2VLAdapter(ModelAdapter):
         first = sum(a * b * c for a, b, c in self._grids[:image_index])
         embed = self.visual.patch_embed.proj
         total = patches * embed.in_channels * embed.out_channels * int(torch.tensor(embed.kernel_size).prod())
+        merges = getattr(self, "_merges", None)
+        if merges is not None and merges.stages.active and image_index < len(merges.stages.images):
+            # Stages inside the tower: each block on its rows (one attention segment per image; the merges' own
+            # key projections not counted), the merger on the units left.
+            units = merges.stages.units_per_block(image_index, len(self.visual.blocks) + 1)
+            for index, (block, count) in enumerate(zip(self.visual.blocks, units)):
+                rows, area = count * self._merge**2, self._merge**2
+                attention = sum((area * n) ** 2 for n in merges.segments[index][image_index])
+                total += rows * (linear_macs(block.attn) + linear_macs(block.mlp)) + 2 * attention * block.norm1.weight.shape[0]
+            return total + units[-1] * linear_macs(self.visual.merger)
         for index, block in enumerate(self.visual.blocks):
             bounds = self._segments[index].tolist()
             lengths = [min(e, first + patches) - max(s, first) for s, e in zip(bounds[:-1], bounds[1:])]
@@ -236,6 +254,11 @@ class Qwen2VLAdapter(ModelAdapter):
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     """Qwen2.5-VL: Qwen2-VL's text decoder; its vision blocks see merge units in window order."""
 
+    def vision_stage_hooks(self, stages):
+        config = self.model.config.vision_config
+        self._merges = QwenWindowedTowerMerge(self.visual, self._merge**2, stages, config)
+        return self._merges.hooks()
+
     def capturable_vision_inputs(self, vision_inputs):
         """Qwen2-VL's, plus the window order (on the device: it indexes the patches) and window bounds (on the
         host), which the tower derives from the grids with host loops too."""
@@ -257,3 +280,196 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
         grid = torch.tensor(self._grids)
         window_index, _ = get_vision_window_index(grid, config.spatial_merge_size, config.window_size, config.patch_size)
         return window_index
+
+
+class QwenTowerMerge:
+    """Stages inside Qwen2-VL's tower (and, through `QwenWindowedTowerMerge`, Qwen2.5-VL's): whole merge units (`area` consecutive rows, a 2x2 patch unit that the
+    PatchMerger concatenates) merge, so the merger still sees groups of four rows. The blocks after a stage run on
+    the kept units' rows, each with its own rotary position (a group keeps its kept unit's), and with attention
+    segments rebuilt from the plan (one per image: counts known on the host, nothing read from the GPU); at the
+    tower's exit the merger's output (and the last hidden state) has one row per original unit again. Still images
+    only (a video's frames are attention segments of their own). No proportional attention: the blocks' attention
+    takes no mask."""
+
+    def __init__(self, visual: nn.Module, area: int, stages):
+        self.visual, self.area, self.stages = visual, area, stages
+        self._inputs: dict[int, torch.Tensor] = {}
+        self._tables = None
+        #: Per block of the last forward, per image, the units of each attention segment it ran.
+        self.segments: dict[int, list[list[int]]] = {}
+
+    def hooks(self) -> list:
+        handles = [self.visual.register_forward_pre_hook(self._start, with_kwargs=True)]
+        handles += [block.register_forward_pre_hook(self._enter(i), with_kwargs=True) for i, block in enumerate(self.visual.blocks)]
+        handles.append(self.visual.register_forward_hook(self._exit, with_kwargs=True))
+        return handles
+
+    def _start(self, module, args, kwargs):
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        grids = [tuple(int(v) for v in row) for row in grid.tolist()]
+        pixels = args[0] if args else kwargs["hidden_states"]
+        self.stages.start([t * h * w // self.area for t, h, w in grids], pixels.device)
+        if self.stages.active and any(t != 1 for t, _, _ in grids):
+            raise PruningZooError("stages inside Qwen2-VL's vision tower merge still images only; this batch has a "
+                                  f"video (grids {grids})")
+        self._inputs, self._tables = {}, None
+
+    def _counts(self) -> list[int]:
+        return [image.origin.shape[0] for image in self.stages.images]
+
+    def _segment_units(self, block: int) -> list[int]:
+        """Units of each attention segment of `block` (Qwen2-VL: one per image)."""
+        return [units for image in self._image_segments(block) for units in image]
+
+    def _image_segments(self, block: int) -> list[list[int]]:
+        """Per image, the units of each of its attention segments in `block`."""
+        return [[count] for count in self._counts()]
+
+    def _image_rows(self, counts: list[int]) -> list[slice]:
+        bounds = [0]
+        for count in counts:
+            bounds.append(bounds[-1] + count * self.area)
+        return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def _enter(self, index: int):
+        def hook(module, args, kwargs):
+            if not self.stages.active:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if self._tables is None:  # the tower's own tables and segments, for every original row
+                self._tables = kwargs["position_embeddings"], kwargs["cu_seqlens"]
+            if index - 1 in self._inputs:
+                hidden = self._merge(index - 1, hidden)
+            if index in self.stages.blocks_with_stages():
+                self._inputs[index] = hidden
+            self.segments[index] = self._image_segments(index)  # what the block runs on, for its FLOPs
+            kwargs = dict(kwargs)
+            if self.stages.merged_before(index):
+                (cos, sin), segments = self._tables
+                first, rows = 0, []
+                offsets = torch.arange(self.area, device=cos.device)
+                for image in self.stages.images:
+                    rows.append((first + image.origin.to(cos.device)[:, None] * self.area + offsets).flatten())
+                    first += image.units * self.area
+                rows = torch.cat(rows)
+                kwargs["position_embeddings"] = (cos[rows], sin[rows])
+                lengths = torch.tensor([0] + [count * self.area for count in self._segment_units(index)])
+                kwargs["cu_seqlens"] = lengths.cumsum(0).to(dtype=segments.dtype, device=segments.device)
+                if kwargs.get("max_seqlen") is not None:
+                    kwargs["max_seqlen"] = int(lengths.max())
+            if args:
+                return (hidden, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden}
+
+        return hook
+
+    def _merge(self, block: int, hidden: torch.Tensor) -> torch.Tensor:
+        stored = self._inputs.pop(block)
+        slices = self._image_rows(self._counts())
+        layer = self.visual.blocks[block]
+        width = hidden.shape[-1]
+        cache = {}
+
+        def keys(image: int) -> torch.Tensor:  # before rotary embedding, mean over the unit's rows
+            if "keys" not in cache:
+                qkv = layer.attn.qkv(layer.norm1(stored))
+                cache["keys"] = qkv.view(qkv.shape[0], 3, layer.attn.num_heads, -1)[:, 1]
+            rows = cache["keys"][slices[image]]
+            return rows.view(-1, self.area, *rows.shape[1:]).mean(dim=1)
+
+        units = self.stages.merge(block, [hidden[rows].view(-1, self.area, width) for rows in slices], keys)
+        return torch.cat([u.reshape(-1, width) for u in units])
+
+    def _unmerge_units(self, merged: torch.Tensor) -> torch.Tensor:
+        """Merger output [sum of current units, D] back to one row per original unit, image by image."""
+        bounds = [0]
+        for count in self._counts():
+            bounds.append(bounds[-1] + count)
+        return torch.cat([self.stages.unmerge(i, merged[a:b]) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))])
+
+    def _exit(self, module, args, kwargs, output):
+        if not self.stages.active:
+            return None
+        counts = self._counts()
+        output.pooler_output = self._unmerge_units(output.pooler_output)
+        last = output.last_hidden_state
+        if last is not None:
+            width = last.shape[-1]
+            output.last_hidden_state = torch.cat([
+                self.stages.unmerge(i, last[rows].view(-1, self.area, width)).reshape(-1, width)
+                for i, rows in enumerate(self._image_rows(counts))])
+        return output
+
+
+class QwenWindowedTowerMerge(QwenTowerMerge):
+    """Qwen2.5-VL's tower: its blocks see the units in window order (`window_index`), and all but
+    `fullatt_block_indexes` attend within windows. Units merge only within their window (each window keeps a
+    share of the stage's count fixed by the plan: `vision_stages.window_quotas`), so the blocks' window segments
+    (`cu_window_seqlens`) and image segments (`cu_seqlens`) are rebuilt from host counts. The merger's output is
+    unmerged in window order, before the tower's own reverse reindexing; the tokens kept before the LLM are mapped
+    from window order to the image's token order."""
+
+    def __init__(self, visual: nn.Module, area: int, stages, config):
+        super().__init__(visual, area, stages)
+        self.config = config
+        self.full_attention = set(getattr(visual, "fullatt_block_indexes", ()))
+        #: Per (grids, device): each image's units per window and each window-order position's token.
+        self._layouts: dict[tuple, tuple[list[list[int]], list[torch.Tensor]]] = {}
+
+    def hooks(self) -> list:
+        handles = super().hooks()
+        handles.append(self.visual.merger.register_forward_hook(self._merger_exit))
+        return handles
+
+    def _start(self, module, args, kwargs):
+        from transformers.vision_utils import get_vision_window_index
+
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        host_grid = grid.cpu()
+        grids = [tuple(int(v) for v in row) for row in host_grid.tolist()]
+        pixels = args[0] if args else kwargs["hidden_states"]
+        counts = [t * h * w // self.area for t, h, w in grids]
+        key = (tuple(grids), pixels.device)
+        if key not in self._layouts:  # made once per grids: a captured tower copies nothing from the host
+            window_index, bounds = get_vision_window_index(host_grid, self.config.spatial_merge_size,
+                                                            self.config.window_size, self.config.patch_size)
+            bounds = bounds.tolist()
+            window_units = [int(b - a) // self.area for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+            windows, token_of, first, taken = [], [], 0, 0
+            for count in counts:
+                image_windows, total = [], 0
+                while total < count:
+                    image_windows.append(window_units[taken])
+                    total, taken = total + window_units[taken], taken + 1
+                windows.append(image_windows)
+                token_of.append((window_index[first : first + count] - first).to(pixels.device))
+                first += count
+            self._layouts[key] = windows, token_of
+        windows, token_of = self._layouts[key]
+        depth = len(self.visual.blocks)
+        windowed = [index for index in range(depth) if index not in self.full_attention]
+        across_from = windowed[-1] if windowed else 0  # merges after the last windowed block may cross windows
+        self.stages.start(counts, pixels.device, windows=windows, token_of=token_of, across_from=across_from)
+        if self.stages.active and any(t != 1 for t, _, _ in grids):
+            raise PruningZooError("stages inside Qwen2.5-VL's vision tower merge still images only; this batch has a "
+                                  f"video (grids {grids})")
+        self._inputs, self._tables = {}, None
+
+    def _image_segments(self, block: int) -> list[list[int]]:
+        if block in self.full_attention:
+            return super()._image_segments(block)
+        return [list(image.windows) for image in self.stages.images]
+
+    def _merger_exit(self, module, args, output):
+        return self._unmerge_units(output) if self.stages.active else None
+
+    def _exit(self, module, args, kwargs, output):
+        if not self.stages.active:
+            return None
+        last = output.last_hidden_state  # in window order, as the blocks ran; the merger's output is unmerged already
+        if last is not None:
+            width = last.shape[-1]
+            output.last_hidden_state = torch.cat([
+                self.stages.unmerge(i, last[rows].view(-1, self.area, width)).reshape(-1, width)
+                for i, rows in enumerate(self._image_rows(self._counts()))])
+        return output
