@@ -4,7 +4,7 @@
 # schedule and the decreasing one, inflection=-1) on Qwen2-VL-7B and LLaVA-1.5-7B, compiled prefill, 64 tokens.
 # Usage on the device: PRUNING_ZOO_GIT_SHA=<commit> bash scripts/device_latency_methods.sh
 set -uo pipefail
-python3 -m pip install -q --no-deps .wheels/*.whl
+python3 -m pip install -q --no-deps "${WHEELS:-.wheels}"/*.whl  # WHEELS=.wheels-bench: those of scripts/device-wheels.txt less lmms-eval and datasets
 python3 -m pip install -q --no-deps --no-build-isolation -e .
 export HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
