@@ -15,7 +15,8 @@ bench() {  # ARCH SECONDS [options]: one bench run, its output kept in ARCH.log,
   timeout "$seconds" pruning-zoo bench latency --arch "$arch" --out "$out" --budgets 64 --modes compiled \
     --decode-tokens 0 --repeats 20 "$@" > >(tee -a "$out/$arch.log") 2>&1 || echo "bench $arch exited with $?"
 }
-# The device time left (about 7 minutes) fits batch 1 only; batch 8 and the other schedules wait for a later call.
-bench qwen2-vl-7b 130 --batch 1 --strategies none,tome --param tome.inflection=-1
-bench llava-1.5-7b 170 --batch 1 --strategies none,dart,pyramiddrop,sparsevlm,vispruner,prumerge_plus,cdpruner,holov,tome
+# The device time left (about 4 minutes) fits batch 1 only, the new strategies on LLaVA first, then ToMe on Qwen2-VL.
+bench llava-1.5-7b 115 --batch 1 --strategies none,dart,pyramiddrop,sparsevlm,vispruner,prumerge_plus,cdpruner,holov
+bench qwen2-vl-7b 110 --batch 1 --strategies none,tome --param tome.inflection=-1
+bench llava-1.5-7b 40 --batch 1 --strategies tome
 ls -la "$out"
