@@ -46,7 +46,8 @@ class SparseVLMParams(InLLMParams):
     raters: Literal["relevant", "all"] = pydantic.Field(
         default="relevant",
         description="'relevant': the text tokens after the image whose attention mass on the image is above the "
-        "mean rate it (our reading of the paper; the code picks them by embedding similarity); 'all': every one",
+        "mean rate it, from the stage's attention (the paper, Eqs. 5-6, and the code pick them once before the "
+        "LLM by embedding similarity, which no in-LLM observation offers); 'all': every one",
     )
     recycle: bool = pydantic.Field(default=True, description="merge part of the deleted tokens back (the code, v1.5)")
     recycle_ratio: float = pydantic.Field(
@@ -74,8 +75,8 @@ class SparseVLMParams(InLLMParams):
 class SparseVLM(PruningStrategy):
     """SparseVLM v1.5 (the code's default mode). After each prune layer (2, 6, 15 of 32; scaled by depth):
     - raters: the text tokens after the image whose attention on the image (mean over heads, summed over the
-      image) is above their mean (the code picks them once, by input-embedding similarity, which no in-LLM
-      observation offers); score_j = the raters' mean attention (mean over heads) on image token j;
+      image) is above their mean (the paper and the code pick them once, by input-embedding similarity, which
+      no in-LLM observation offers); score_j = the raters' mean attention (mean over heads) on image token j;
     - keep the top-k, deleted d = n - k; recycle the int(0.3 d)+1 best rated deleted tokens, clustered by
       DPC-KNN into int(0.1 m)+1 tokens, each the mean of its members, placed after the kept image tokens.
     A stage's `keep` counts kept plus merged tokens (the code's v_token_num); k is the largest count whose
