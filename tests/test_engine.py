@@ -42,6 +42,7 @@ class Recording(PruningStrategy):
     def __init__(self, inner: PruningStrategy):
         super().__init__()
         self.inner, self.params, self.selections = inner, inner.params, []
+        self.observes = inner.observes  # the engine builds only the observations a strategy asks for
 
     def plan(self, budget, num_visual, num_layers):
         return self.inner.plan(budget, num_visual, num_layers)
@@ -61,6 +62,7 @@ class Replay(Recording):
     def __init__(self, recording: Recording):
         PruningStrategy.__init__(self)
         self.inner, self.params, self.recorded, self.calls = recording.inner, recording.params, recording.selections, 0
+        self.observes = recording.observes
 
     def select(self, scores, keep, ctx):
         selection = self.recorded[self.calls % len(self.recorded)]
@@ -75,7 +77,17 @@ CASES = {
     "fastv-k2-renumber": lambda: (pruning_zoo.get_strategy("fastv", k=2, positions="renumber"), 0.75),
     "progressive-renumber": lambda: (Progressive(), 3),
     "progressive-keep": lambda: (Progressive({"positions": "keep"}), 3),
+    "dart": lambda: (pruning_zoo.get_strategy("dart"), 0.5),
+    "pyramiddrop": lambda: (pruning_zoo.get_strategy("pyramiddrop"), 1),
+    "vispruner": lambda: (pruning_zoo.get_strategy("vispruner"), 0.5),
+    "prumerge_plus": lambda: (pruning_zoo.get_strategy("prumerge_plus"), 0.5),
+    "cdpruner": lambda: (pruning_zoo.get_strategy("cdpruner"), 0.5),
+    "holov-sequence": lambda: (pruning_zoo.get_strategy("holov", partition="sequence"), 0.5),
+    "holov-grid": lambda: (pruning_zoo.get_strategy("holov", partition="grid"), 0.5),
 }
+#: Strategies whose keep-all (budget 1.0) must give the unpruned logits exactly, beside `none`.
+KEEP_ALL = {"dart": {}, "pyramiddrop": {}, "sparsevlm": {}, "vispruner": {}, "prumerge_plus": {}, "cdpruner": {},
+            "holov": {"partition": "grid"}}
 
 
 def greedy(model):
@@ -127,6 +139,16 @@ def test_keep_all_reproduces_the_unpruned_logits_exactly(family_model, batch_siz
     assert torch.equal(reference, pruned)
     (record,) = run.records
     assert [image.entering_llm for image in record.images] == [image.num_visual for image in record.images]
+
+
+@pytest.mark.parametrize("name", KEEP_ALL)
+def test_a_strategys_keep_all_reproduces_the_unpruned_logits_exactly(family_model, name):
+    family, model = family_model
+    inputs = family.inputs(3)
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        with prune(model, pruning_zoo.get_strategy(name, **KEEP_ALL[name]), 1.0):
+            assert torch.equal(model(**inputs).logits, reference)
 
 
 def test_keep_all_is_exact_with_eager_attention_too(family_model):

@@ -8,7 +8,6 @@ import itertools
 import pytest
 import torch
 from pruning_zoo.strategies.cdpruner import CDPruner, dpp_greedy
-from test_engine import STEPS, Recording, Replay, _steps_until_eos, greedy, recompute_without_cache
 
 import pruning_zoo
 from pruning_zoo.engine.run import prune
@@ -114,34 +113,6 @@ def test_instruction_embeddings_are_the_prompt_after_the_image(family_model):
         after = (torch.arange(ids.shape[1]) > last) & (ids[sample] != image_token) & mask[sample].bool()
         assert seen.shape[0] == int(after.sum()) > 0
         torch.testing.assert_close(seen, embeddings[sample, after])
-
-
-def test_cdpruner_keeps_all_exactly(family_model):
-    family, model = family_model
-    inputs = family.inputs(3)
-    with torch.no_grad():
-        reference = model(**inputs).logits
-        with prune(model, pruning_zoo.get_strategy("cdpruner"), 1.0):
-            assert torch.equal(model(**inputs).logits, reference)
-
-
-def test_cdpruner_cached_generation_equals_recomputing_the_pruned_sequence(family_model):
-    family, model = family_model
-    inputs = family.inputs(3)
-    recording = Recording(pruning_zoo.get_strategy("cdpruner"))
-    recording.observes = recording.inner.observes  # the wrapper asks for what CDPruner reads
-    with torch.no_grad():
-        with prune(model, recording, 0.5):
-            generated = model.generate(**inputs, generation_config=greedy(model), output_logits=True,
-                                       return_dict_in_generate=True)
-        replay = Replay(recording)
-        replay.observes = recording.observes
-        tokens, logits = recompute_without_cache(model, family, inputs, replay, 0.5, STEPS)
-    cached_tokens, cached_logits = generated.sequences[:, -STEPS:], torch.stack(generated.logits, 1)
-    for row in range(cached_tokens.shape[0]):
-        steps = _steps_until_eos(cached_tokens[row], model.generation_config.eos_token_id)
-        assert torch.equal(cached_tokens[row, :steps], tokens[row, :steps])
-        torch.testing.assert_close(cached_logits[row, :steps], logits[row, :steps], rtol=1e-4, atol=1e-4)
 
 
 def test_every_pair_of_the_hand_made_case_is_counted_once():

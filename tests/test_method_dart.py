@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from test_engine import STEPS, Recording, Replay, _steps_until_eos, greedy, recompute_without_cache
 from test_methods import Recording as SelectionRecording
 
 import pruning_zoo
@@ -119,28 +118,3 @@ def test_dart_reads_the_models_own_keys_and_final_normed_states(family_model):
         after = torch.arange(int(rows.max()) + 1, image.shape[1])
         assert stage.after_layer == 1
         assert selection.keep.tolist() == expected_selection(keys[sample], states[sample], rows, after, stage.keep)
-
-
-def test_dart_keeps_all_exactly(family_model):
-    family, model = family_model
-    inputs = family.inputs(3)
-    with torch.no_grad():
-        reference = model(**inputs).logits
-        with prune(model, pruning_zoo.get_strategy("dart"), 1.0):
-            assert torch.equal(model(**inputs).logits, reference)
-
-
-def test_dart_cached_generation_equals_recomputing_the_pruned_sequence(family_model):
-    family, model = family_model
-    inputs = family.inputs(3)
-    recording = Recording(pruning_zoo.get_strategy("dart"))
-    with torch.no_grad():
-        with prune(model, recording, 0.5):
-            generated = model.generate(**inputs, generation_config=greedy(model), output_logits=True,
-                                       return_dict_in_generate=True)
-        tokens, logits = recompute_without_cache(model, family, inputs, Replay(recording), 0.5, STEPS)
-    cached_tokens, cached_logits = generated.sequences[:, -STEPS:], torch.stack(generated.logits, 1)
-    for row in range(cached_tokens.shape[0]):
-        steps = _steps_until_eos(cached_tokens[row], model.generation_config.eos_token_id)
-        assert torch.equal(cached_tokens[row, :steps], tokens[row, :steps])
-        torch.testing.assert_close(cached_logits[row, :steps], logits[row, :steps], rtol=1e-4, atol=1e-4)

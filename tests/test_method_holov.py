@@ -6,10 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from pruning_zoo.strategies.holov import crop_index
-from test_engine import STEPS, Recording, Replay, _steps_until_eos, greedy, recompute_without_cache
 
 import pruning_zoo
-from pruning_zoo.engine.run import prune
 from pruning_zoo.strategy import ScoreContext, Stage
 
 
@@ -105,32 +103,3 @@ def test_the_default_crop_count_follows_the_qwen_code():
 def test_holov_refuses_parameters_out_of_bounds(values):
     with pytest.raises(pruning_zoo.InvalidParameterError):
         pruning_zoo.get_strategy("holov", **values)
-
-
-def test_holov_keeps_all_exactly(family_model):
-    family, model = family_model
-    inputs = family.inputs(3)
-    with torch.no_grad():
-        reference_logits = model(**inputs).logits
-        with prune(model, pruning_zoo.get_strategy("holov", partition="grid"), 1.0):
-            assert torch.equal(model(**inputs).logits, reference_logits)
-
-
-@pytest.mark.parametrize("partition", ["sequence", "grid"])
-def test_holov_cached_generation_equals_recomputing_the_pruned_sequence(family_model, partition):
-    family, model = family_model
-    inputs = family.inputs(3)
-    recording = Recording(pruning_zoo.get_strategy("holov", partition=partition))
-    recording.observes = recording.inner.observes  # the wrapper asks for what HoloV reads
-    with torch.no_grad():
-        with prune(model, recording, 0.5):
-            generated = model.generate(**inputs, generation_config=greedy(model), output_logits=True,
-                                       return_dict_in_generate=True)
-        replay = Replay(recording)
-        replay.observes = recording.observes
-        tokens, logits = recompute_without_cache(model, family, inputs, replay, 0.5, STEPS)
-    cached_tokens, cached_logits = generated.sequences[:, -STEPS:], torch.stack(generated.logits, 1)
-    for row in range(cached_tokens.shape[0]):
-        steps = _steps_until_eos(cached_tokens[row], model.generation_config.eos_token_id)
-        assert torch.equal(cached_tokens[row, :steps], tokens[row, :steps])
-        torch.testing.assert_close(cached_logits[row, :steps], logits[row, :steps], rtol=1e-4, atol=1e-4)

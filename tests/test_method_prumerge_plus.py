@@ -11,7 +11,6 @@ import tiny_models
 import torch
 from pruning_zoo.strategies import prumerge_plus
 from pruning_zoo.strategies.prumerge_plus import cls_attention, iqr_outliers, kept_tokens
-from test_engine import STEPS, Recording, Replay, _steps_until_eos, greedy, recompute_without_cache
 
 import pruning_zoo
 from pruning_zoo.engine.run import prune
@@ -106,30 +105,3 @@ def test_code_attention_on_llava_is_the_last_blocks_one_head_attention(tmp_path,
 def test_prumerge_plus_refuses_parameters_out_of_bounds(values):
     with pytest.raises(pruning_zoo.InvalidParameterError):
         pruning_zoo.get_strategy("prumerge_plus", **values)
-
-
-def test_prumerge_plus_keeps_all_exactly(family_model):
-    family, model = family_model
-    inputs = family.inputs(3)
-    with torch.no_grad():
-        reference = model(**inputs).logits
-        with prune(model, pruning_zoo.get_strategy("prumerge_plus"), 1.0):
-            assert torch.equal(model(**inputs).logits, reference)
-
-
-def test_prumerge_plus_cached_generation_equals_recomputing_the_pruned_sequence(family_model):
-    family, model = family_model
-    inputs = family.inputs(3)
-    recording = Recording(pruning_zoo.get_strategy("prumerge_plus"))
-    replay = Replay(recording)
-    recording.observes = replay.observes = recording.inner.observes  # the wrappers score through the strategy
-    with torch.no_grad():
-        with prune(model, recording, 0.5):
-            generated = model.generate(**inputs, generation_config=greedy(model), output_logits=True,
-                                       return_dict_in_generate=True)
-        tokens, logits = recompute_without_cache(model, family, inputs, replay, 0.5, STEPS)
-    cached_tokens, cached_logits = generated.sequences[:, -STEPS:], torch.stack(generated.logits, 1)
-    for row in range(cached_tokens.shape[0]):
-        steps = _steps_until_eos(cached_tokens[row], model.generation_config.eos_token_id)
-        assert torch.equal(cached_tokens[row, :steps], tokens[row, :steps])
-        torch.testing.assert_close(cached_logits[row, :steps], logits[row, :steps], rtol=1e-4, atol=1e-4)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_engine import STEPS, Recording, Replay, _steps_until_eos, greedy, recompute_without_cache
 from test_methods import Recording as SelectionRecording
 from test_methods import eager_outputs
 
@@ -81,28 +80,3 @@ def test_pyramiddrop_ranks_by_the_eager_attention_of_the_layer_after_the_drop(fa
         n = image_record.num_visual
         stages = recording.strategy.plan(1, n, 4)
         assert image_record.kept_per_layer == [n] + [stage.keep for stage in stages] and stages[-1].keep == 1
-
-
-def test_pyramiddrop_keeps_all_exactly(family_model):
-    family, model = family_model
-    inputs = family.inputs(3)
-    with torch.no_grad():
-        reference = model(**inputs).logits
-        with prune(model, pruning_zoo.get_strategy("pyramiddrop"), 1.0):
-            assert torch.equal(model(**inputs).logits, reference)
-
-
-def test_pyramiddrop_cached_generation_equals_recomputing_the_pruned_sequence(family_model):
-    family, model = family_model
-    inputs = family.inputs(3)
-    recording = Recording(pruning_zoo.get_strategy("pyramiddrop"))
-    with torch.no_grad():
-        with prune(model, recording, 1):
-            generated = model.generate(**inputs, generation_config=greedy(model), output_logits=True,
-                                       return_dict_in_generate=True)
-        tokens, logits = recompute_without_cache(model, family, inputs, Replay(recording), 1, STEPS)
-    cached_tokens, cached_logits = generated.sequences[:, -STEPS:], torch.stack(generated.logits, 1)
-    for row in range(cached_tokens.shape[0]):
-        steps = _steps_until_eos(cached_tokens[row], model.generation_config.eos_token_id)
-        assert torch.equal(cached_tokens[row, :steps], tokens[row, :steps])
-        torch.testing.assert_close(cached_logits[row, :steps], logits[row, :steps], rtol=1e-4, atol=1e-4)
